@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# The local test environment: etcd, kube-apiserver and kube-controller-manager (garbage collector,
+# namespaces, service accounts) with Istio's and our CRDs, plus a real OCI registry, all on
+# 127.0.0.1. No kubelet: tests create pods as API objects.
+#
+#   e2e/env.sh up     start it (or reuse a healthy one) and print the env file to source
+#   e2e/env.sh down   stop it and delete its state
+#
+# State lives in $WASMFILTER_ENV_DIR (default target/e2e-env); its `env` file exports
+# KUBECONFIG, WASMFILTER_REGISTRY, WASMFILTER_ENVOY_DIR and a PATH with kubectl.
+source "$(dirname "$0")/lib/common.sh"
+
+ENV_DIR=${WASMFILTER_ENV_DIR:-$ROOT/target/e2e-env}
+
+stop_all() {
+  for f in "$ENV_DIR"/pids/*.pid; do
+    [ -e "$f" ] || continue
+    kill "$(cat "$f")" 2>/dev/null || true
+  done
+  # Give them a moment to exit, bounded.
+  for _ in $(seq 1 20); do
+    alive=0
+    for f in "$ENV_DIR"/pids/*.pid; do
+      [ -e "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 0.25
+  done
+  for f in "$ENV_DIR"/pids/*.pid; do
+    [ -e "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+  done
+}
+
+healthy() {
+  [ -s "$ENV_DIR/env" ] || return 1
+  # shellcheck disable=SC1091
+  ( source "$ENV_DIR/env" && kubectl get --raw /readyz >/dev/null 2>&1 \
+      && curl -fsS "http://$WASMFILTER_REGISTRY/v2/" >/dev/null 2>&1 )
+}
+
+start() { # start NAME CMD...: runs CMD in the background, logging to $ENV_DIR/logs/NAME.log
+  local name=$1; shift
+  nohup "$@" >"$ENV_DIR/logs/$name.log" 2>&1 &
+  echo $! >"$ENV_DIR/pids/$name.pid"
+}
+
+pki() {
+  local d=$ENV_DIR/pki
+  mkdir -p "$d"
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/ca.key" 2>/dev/null
+  openssl req -x509 -new -key "$d/ca.key" -subj "/CN=wasmfilter-test-ca" -days 30 -out "$d/ca.crt" 2>/dev/null
+  # name CN O SAN
+  cert() {
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$d/$1.key" 2>/dev/null
+    openssl req -new -key "$d/$1.key" -subj "/CN=$2${3:+/O=$3}" -out "$d/$1.csr" 2>/dev/null
+    local ext="$d/$1.ext"
+    if [ -n "${4:-}" ]; then printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\n' "$4" >"$ext"
+    else printf 'extendedKeyUsage=clientAuth\n' >"$ext"; fi
+    openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+      -days 30 -extfile "$ext" -out "$d/$1.crt" 2>/dev/null
+  }
+  cert apiserver kube-apiserver "" "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc"
+  cert admin admin system:masters
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/sa.key" 2>/dev/null
+  openssl pkey -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+}
+
+kubeconfig() { # kubeconfig FILE PORT
+  local d=$ENV_DIR/pki
+  cat >"$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: https://127.0.0.1:$2
+    certificate-authority-data: $(base64 -w0 "$d/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 "$d/admin.crt")
+    client-key-data: $(base64 -w0 "$d/admin.key")
+contexts:
+- name: local
+  context: {cluster: local, user: admin}
+current-context: local
+KC
+}
+
+up() {
+  if healthy; then
+    log "test environment already up ($ENV_DIR/env)"
+    echo "$ENV_DIR/env"
+    return
+  fi
+  "$ROOT/e2e/setup.sh"
+  stop_all
+  rm -rf "$ENV_DIR"
+  mkdir -p "$ENV_DIR"/{logs,pids,etcd,registry}
+  pki
+
+  local etcd_port peer_port api_port reg_port
+  etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); reg_port=$(free_port)
+
+  log "starting etcd on 127.0.0.1:$etcd_port"
+  start etcd "$K8S_BIN/etcd" --name default --data-dir "$ENV_DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
+    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
+    --initial-cluster "default=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
+  wait_for etcd 30 curl -fsS "http://127.0.0.1:$etcd_port/health"
+
+  log "starting kube-apiserver on https://127.0.0.1:$api_port"
+  local d=$ENV_DIR/pki
+  start kube-apiserver "$K8S_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$etcd_port" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --tls-cert-file "$d/apiserver.crt" --tls-private-key-file "$d/apiserver.key" \
+    --client-ca-file "$d/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --authorization-mode RBAC \
+    --disable-admission-plugins ServiceAccount \
+    --enable-priority-and-fairness=false --profiling=false -v=1
+  kubeconfig "$ENV_DIR/kubeconfig" "$api_port"
+  wait_for kube-apiserver 90 "$K8S_BIN/kubectl" --kubeconfig "$ENV_DIR/kubeconfig" get --raw /readyz
+
+  log "starting kube-controller-manager (garbage collector, namespaces)"
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$ENV_DIR/kubeconfig" --secure-port 0 --leader-elect=false \
+    --controllers garbagecollector,namespace \
+    --concurrent-gc-syncs 5 --namespace-sync-period 10s -v=1
+
+  log "starting OCI registry (docker-registry) on 127.0.0.1:$reg_port"
+  cat >"$ENV_DIR/registry.yml" <<RC
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $ENV_DIR/registry}
+  delete: {enabled: true}
+http:
+  addr: 127.0.0.1:$reg_port
+RC
+  start registry /usr/bin/docker-registry serve "$ENV_DIR/registry.yml"
+  wait_for registry 30 curl -fsS "http://127.0.0.1:$reg_port/v2/"
+
+  log "installing Istio $ISTIO_API_VERSION CRDs and the WasmFilter CRD"
+  local kc=("$K8S_BIN/kubectl" --kubeconfig "$ENV_DIR/kubeconfig")
+  "${kc[@]}" apply --server-side -f "$ISTIO_CRDS" >/dev/null
+  "${kc[@]}" apply --server-side -f "$ROOT/crds/wasmfilter.dev_wasmfilters.yaml" >/dev/null
+  "${kc[@]}" wait --for condition=Established --timeout 60s crd --all >/dev/null
+
+  cat >"$ENV_DIR/env" <<ENV
+export KUBECONFIG=$ENV_DIR/kubeconfig
+export WASMFILTER_REGISTRY=127.0.0.1:$reg_port
+export WASMFILTER_REGISTRY_ROOT=$ENV_DIR/registry
+export WASMFILTER_ENVOY_DIR=$WASMFILTER_CACHE/envoy
+export WASMFILTER_ENVOY_VERSIONS="$ENVOY_VERSIONS"
+export PATH=$K8S_BIN:\$PATH
+ENV
+  log "test environment up: source $ENV_DIR/env"
+  echo "$ENV_DIR/env"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) stop_all; rm -rf "$ENV_DIR"; log "test environment stopped" ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

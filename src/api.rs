@@ -1,0 +1,289 @@
+//! The `WasmFilter` API: group `wasmfilter.dev`, version `v1alpha1`, short name `wf`.
+//!
+//! Every field carries a `///` doc: they become `kubectl explain wasmfilter.spec`. What the API
+//! server can check (enums, ranges, reference and digest syntax, a non-empty selector) is in the
+//! schema and its CEL rules, so a malformed spec is refused before the operator sees it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// An OCI reference: optional `oci://`, optional registry host[:port], a repository path, then a
+/// tag and/or a `@sha256:` digest. The same grammar as the distribution reference, written for RE2.
+pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]+)?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
+
+/// Desired state: which module to deploy, to which workloads, and how.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "wasmfilter.dev",
+    version = "v1alpha1",
+    kind = "WasmFilter",
+    namespaced,
+    shortname = "wf",
+    status = "WasmFilterStatus",
+    category = "wasm",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.target"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.artifact.shortDigest"}"#,
+    printcolumn = r#"{"name":"ABI","type":"string","jsonPath":".status.artifact.abiVersion"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WasmFilterSpec {
+    /// The Wasm module to deploy, stored as an OCI artifact.
+    pub module: ModuleSource,
+    /// Selects the pods whose proxies get the filter, by label. At least one label is required:
+    /// an empty selector would put the filter on every workload in the namespace.
+    pub selector: WorkloadSelector,
+    /// What the operator writes: an Istio `WasmPlugin` (default), an Istio `EnvoyFilter`, or
+    /// `Ecds` (served to plain Envoys over the extension config discovery service).
+    #[serde(default)]
+    pub target: Target,
+    /// The plugin's root id, handed to the module as `root_id` (Istio calls it `pluginName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub root_id: Option<String>,
+    /// Configuration handed to the plugin, as JSON. Any object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Where in the filter chain the plugin goes: `AUTHN`, `AUTHZ`, `STATS`, or `Unspecified`
+    /// (just before the router).
+    #[serde(default)]
+    pub phase: Phase,
+    /// Order among plugins in the same phase; higher runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// What the proxy does when the plugin fails: `FailClosed` (default: reject traffic),
+    /// `FailOpen` (skip the plugin), `FailReload` (restart the VM and retry).
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// `HTTP` (default) for an HTTP filter, `NETWORK` for a network (L4) filter.
+    #[serde(default, rename = "type")]
+    pub filter_type: FilterType,
+    /// Which traffic the plugin applies to; empty means all.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub traffic: Vec<TrafficSelector>,
+    /// What to do when a selected workload's Envoy would refuse the module: `Block` (default:
+    /// deploy nothing new and keep what runs) or `Warn` (deploy and report).
+    #[serde(default)]
+    pub on_incompatible: OnIncompatible,
+}
+
+/// Where the module is stored and how to fetch it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModuleSource {
+    /// OCI reference of the module artifact, by tag or by manifest digest, e.g.
+    /// `registry.example.com/filters/add-header:1.2.0` or `...@sha256:<manifest digest>`.
+    /// An `oci://` prefix is accepted.
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = image_rule())]
+    pub image: String,
+    /// Name of a `kubernetes.io/dockerconfigjson` Secret in this namespace holding credentials
+    /// for the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pull_secret: Option<String>,
+    /// `IfNotPresent` (default) pins the digest the tag resolved to first; `Always` re-resolves
+    /// the tag on every resync and rolls out a moved tag once the new module passes every check.
+    #[serde(default)]
+    pub pull_policy: PullPolicy,
+    /// Optional pin of the module's own bytes (sha256 of the `.wasm`, 64 lowercase hex
+    /// characters). A module with other bytes is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-f0-9]{64}$')")
+        .message("must be the module's sha256: 64 lowercase hex characters"))]
+    #[schemars(length(min = 64, max = 64))]
+    pub sha256: Option<String>,
+}
+
+/// Label selector for the workloads that get the filter.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("size(self.matchLabels) > 0")
+    .message("selector.matchLabels must name at least one label; an empty selector would match every workload"))]
+pub struct WorkloadSelector {
+    /// Pods whose labels include all of these get the filter.
+    #[schemars(extend("maxProperties" = 64))]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// Which traffic of a workload the plugin applies to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSelector {
+    /// `SERVER` (inbound), `CLIENT` (outbound) or `CLIENT_AND_SERVER` (default).
+    #[serde(default)]
+    pub mode: TrafficMode,
+    /// Ports the plugin applies to; empty means every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
+}
+
+/// The kind of object the operator writes for a `WasmFilter`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Target {
+    #[default]
+    WasmPlugin,
+    EnvoyFilter,
+    Ecds,
+}
+
+/// Filter-chain phase.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    #[serde(rename = "AUTHN")]
+    Authn,
+    #[serde(rename = "AUTHZ")]
+    Authz,
+    #[serde(rename = "STATS")]
+    Stats,
+    #[default]
+    Unspecified,
+}
+
+/// Behaviour when the plugin fails at runtime.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailurePolicy {
+    #[default]
+    FailClosed,
+    FailOpen,
+    FailReload,
+}
+
+/// HTTP or network filter.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FilterType {
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "NETWORK")]
+    Network,
+}
+
+/// Traffic direction.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TrafficMode {
+    #[serde(rename = "CLIENT")]
+    Client,
+    #[serde(rename = "SERVER")]
+    Server,
+    #[default]
+    #[serde(rename = "CLIENT_AND_SERVER")]
+    ClientAndServer,
+}
+
+/// When to resolve the tag again.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    #[default]
+    IfNotPresent,
+    Always,
+}
+
+/// What to do with a module some selected Envoy would refuse.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OnIncompatible {
+    #[default]
+    Block,
+    Warn,
+}
+
+/// Observed state, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WasmFilterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Resolved` and `Deployed`, each with a reason a person can act on.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The module that is deployed now (the last one that passed every check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactStatus>,
+}
+
+/// The resolved, verified module.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactStatus {
+    /// The reference as written in the spec when it was resolved.
+    pub image: String,
+    /// Digest of the OCI manifest the reference resolved to (`sha256:...`).
+    pub manifest_digest: String,
+    /// First 12 hex characters of the manifest digest, for display.
+    pub short_digest: String,
+    /// sha256 of the module bytes, as served by the cache and pinned in children.
+    pub module_sha256: String,
+    /// Size of the module in bytes.
+    pub size: u64,
+    /// Artifact format the module was found in (`solo-oci`, ...).
+    pub format: String,
+    /// proxy-wasm ABI version the module declares by its exports, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abi_version: Option<String>,
+}
+
+/// CEL for `spec.module.image`, built from [`IMAGE_REFERENCE_RE`] so the schema and the
+/// operator's own parsing agree on one grammar.
+fn image_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!(
+        "self.matches('{}')",
+        IMAGE_REFERENCE_RE.replace('\\', "\\\\")
+    ))
+    .message(
+        "must be an OCI reference such as registry.example.com/filters/add-header:1.2.0 \
+         or registry.example.com/filters/add-header@sha256:<64 hex digits>",
+    )
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+impl WasmFilter {
+    /// The image reference without an `oci://` prefix.
+    pub fn image(&self) -> &str {
+        let image = self.spec.module.image.as_str();
+        image.strip_prefix("oci://").unwrap_or(image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_reference_grammar_accepts_what_registries_accept() {
+        let re = regex::Regex::new(IMAGE_REFERENCE_RE).unwrap();
+        for ok in [
+            "registry.example.com/filters/add-header:1.2.0",
+            "127.0.0.1:5000/f/a@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "oci://ghcr.io/org/filter:v1",
+            "busybox",
+            "localhost:5000/a__b/c-d:tag",
+        ] {
+            assert!(re.is_match(ok), "{ok} should be accepted");
+        }
+        for bad in [
+            "",
+            "Registry/UPPER:1",
+            "http://example.com/a:1",
+            "a:b:c",
+            "a@sha256:123",
+            "a b",
+        ] {
+            assert!(!re.is_match(bad), "{bad} should be refused");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Conditions and the status document, computed from values (no client).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus};
+use crate::error::Error;
+use crate::names::{condition, reason};
+use crate::oci::Artifact;
+
+/// A condition as the operator means it; `lastTransitionTime` is filled in against the previous
+/// status so it only moves when the status does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Self {
+        Cond {
+            type_,
+            ok,
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Turns `conds` into API conditions, keeping each one's transition time when its status did
+/// not change.
+pub fn conditions(
+    previous: &[Condition],
+    conds: &[Cond],
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let now = Time(jiff::Timestamp::now());
+    conds
+        .iter()
+        .map(|c| {
+            let status = if c.ok { "True" } else { "False" };
+            let last_transition_time = previous
+                .iter()
+                .find(|p| p.type_ == c.type_ && p.status == status)
+                .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
+            Condition {
+                type_: c.type_.to_string(),
+                status: status.to_string(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
+    let hex = a.manifest_digest.trim_start_matches("sha256:");
+    ArtifactStatus {
+        image: a.image.clone(),
+        manifest_digest: a.manifest_digest.clone(),
+        short_digest: hex.chars().take(12).collect(),
+        module_sha256: a.module_sha256.clone(),
+        size: a.size,
+        format: a.format.as_str().to_string(),
+        abi_version: a.abi_version.clone(),
+    }
+}
+
+/// Status after a successful reconcile.
+pub fn ready(
+    wf: &WasmFilter,
+    artifact: &Artifact,
+    child_kind: &str,
+    notes: &[String],
+) -> WasmFilterStatus {
+    let previous = wf
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let short = &artifact.module_sha256[..12.min(artifact.module_sha256.len())];
+    let mut deployed = format!(
+        "{child_kind} {} points at module sha256:{short}",
+        wf.metadata.name.as_deref().unwrap_or_default()
+    );
+    for n in notes {
+        deployed.push_str("; note: ");
+        deployed.push_str(n);
+    }
+    let conds = [
+        Cond::new(
+            condition::RESOLVED,
+            true,
+            reason::RESOLVED,
+            format!(
+                "{} resolved to {} ({}, {} bytes, module sha256:{})",
+                artifact.image,
+                artifact.manifest_digest,
+                artifact.format,
+                artifact.size,
+                artifact.module_sha256
+            ),
+        ),
+        Cond::new(condition::DEPLOYED, true, reason::DEPLOYED, deployed),
+        Cond::new(
+            condition::READY,
+            true,
+            reason::READY,
+            "module verified and deployed",
+        ),
+    ];
+    WasmFilterStatus {
+        observed_generation: wf.metadata.generation,
+        conditions: conditions(previous, &conds, wf.metadata.generation),
+        artifact: Some(artifact_status(artifact)),
+    }
+}
+
+/// Status after a failed reconcile: says what failed and why, and that whatever was deployed
+/// before is still what runs. `status.artifact` is left as it was (the deployed module).
+pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
+    let old = wf.status.clone().unwrap_or_default();
+    let kept = old.artifact.as_ref().map(|a| {
+        format!(
+            "the previous module sha256:{} ({}) stays deployed",
+            &a.module_sha256[..12.min(a.module_sha256.len())],
+            a.image
+        )
+    });
+    let message = match &kept {
+        Some(k) => format!("{err}; {k}"),
+        None => err.to_string(),
+    };
+    let previous_deployed = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::DEPLOYED);
+    let mut conds = Vec::new();
+    if err.is_resolve_failure() {
+        conds.push(Cond::new(
+            condition::RESOLVED,
+            false,
+            err.reason(),
+            err.to_string(),
+        ));
+        conds.push(match (&kept, previous_deployed) {
+            (Some(k), Some(p)) if p.status == "True" => {
+                Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
+            }
+            _ => Cond::new(
+                condition::DEPLOYED,
+                false,
+                reason::NOT_ATTEMPTED,
+                "nothing deployed: the module did not resolve",
+            ),
+        });
+    } else {
+        if let Some(r) = old
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::RESOLVED)
+        {
+            conds.push(Cond::new(
+                condition::RESOLVED,
+                r.status == "True",
+                &r.reason,
+                r.message.clone(),
+            ));
+        }
+        conds.push(Cond::new(
+            condition::DEPLOYED,
+            false,
+            err.reason(),
+            err.to_string(),
+        ));
+    }
+    conds.push(Cond::new(condition::READY, false, err.reason(), message));
+    WasmFilterStatus {
+        observed_generation: wf.metadata.generation,
+        conditions: conditions(&old.conditions, &conds, wf.metadata.generation),
+        artifact: old.artifact,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Format;
+
+    fn wf() -> WasmFilter {
+        let mut wf: WasmFilter = serde_norway::from_str(
+            "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {name: f, namespace: n, generation: 2}\nspec:\n  module: {image: r/f:1}\n  selector: {matchLabels: {a: b}}\n",
+        )
+        .unwrap();
+        wf.metadata.generation = Some(2);
+        wf
+    }
+
+    fn artifact() -> Artifact {
+        Artifact {
+            image: "r/f:1".into(),
+            manifest_digest: format!("sha256:{}", "c".repeat(64)),
+            format: Format::SoloOci,
+            module_sha256: "a".repeat(64),
+            size: 10,
+            abi_version: Some("0.2.1".into()),
+        }
+    }
+
+    fn cond<'a>(s: &'a WasmFilterStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn ready_sets_every_condition_and_the_generation() {
+        let s = ready(&wf(), &artifact(), "WasmPlugin", &[]);
+        assert_eq!(s.observed_generation, Some(2));
+        for t in ["Resolved", "Deployed", "Ready"] {
+            assert_eq!(cond(&s, t).status, "True", "{t}");
+            assert_eq!(cond(&s, t).observed_generation, Some(2));
+        }
+        assert_eq!(s.artifact.unwrap().short_digest, "cccccccccccc");
+    }
+
+    #[test]
+    fn failure_after_success_keeps_the_deployed_artifact_and_says_so() {
+        let mut w = wf();
+        w.status = Some(ready(&w, &artifact(), "WasmPlugin", &[]));
+        let err = Error::ManifestNotFound {
+            reference: "r/f:2".into(),
+        };
+        let s = failed(&w, &err);
+        assert_eq!(s.artifact, w.status.as_ref().unwrap().artifact);
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Ready").reason, "ManifestNotFound");
+        assert!(cond(&s, "Ready").message.contains("previous module"));
+        assert_eq!(cond(&s, "Resolved").status, "False");
+        assert_eq!(cond(&s, "Deployed").status, "True");
+        assert_eq!(cond(&s, "Deployed").reason, "KeptPreviousModule");
+    }
+
+    #[test]
+    fn transition_time_only_moves_on_change() {
+        let mut w = wf();
+        let first = ready(&w, &artifact(), "WasmPlugin", &[]);
+        let t0 = cond(&first, "Ready").last_transition_time.clone();
+        w.status = Some(first);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let again = ready(&w, &artifact(), "WasmPlugin", &[]);
+        assert_eq!(cond(&again, "Ready").last_transition_time, t0);
+        w.status = Some(again);
+        let failed = failed(&w, &Error::MissingNamespace);
+        assert_ne!(cond(&failed, "Ready").last_transition_time, t0);
+    }
+}

@@ -1,0 +1,241 @@
+//! The one error type of the library. Each variant is named after the step that failed and has a
+//! stable reason string, used alike for conditions, Events and metric labels.
+
+use std::time::Duration;
+
+/// How the controller should come back to an object after an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Something outside the spec may recover by itself (registry down, conflict): back off.
+    Transient,
+    /// The input is wrong as it stands: wait for a change, but look again now and then, since
+    /// the registry's content can be fixed without the spec changing.
+    Invalid,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("spec.module.image {image:?} is not a valid OCI reference: {message}")]
+    InvalidReference { image: String, message: String },
+
+    #[error("registry {registry} could not be reached: {message}")]
+    RegistryUnavailable { registry: String, message: String },
+
+    #[error("{reference}: not found in the registry (does the tag exist? was it pushed?)")]
+    ManifestNotFound { reference: String },
+
+    #[error(
+        "registry refused {reference} ({message}); set spec.module.pullSecret if it needs credentials"
+    )]
+    RegistryDenied { reference: String, message: String },
+
+    #[error("resolving {reference}: {message}")]
+    ResolveDigest { reference: String, message: String },
+
+    #[error(
+        "manifest of {reference} does not match its digest: expected {expected}, content hashes to {actual}"
+    )]
+    ManifestDigestMismatch {
+        reference: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("{reference} holds no Wasm module: {found}")]
+    NotAWasmArtifact { reference: String, found: String },
+
+    #[error(
+        "module of {reference} is {size} bytes, over the operator's {limit}-byte cap (--max-module-size)"
+    )]
+    ModuleTooLarge {
+        reference: String,
+        size: u64,
+        limit: u64,
+    },
+
+    #[error("fetching blob {digest}: {message}")]
+    FetchBlob { digest: String, message: String },
+
+    #[error(
+        "blob served for {expected} does not match that digest (content hashes to sha256:{actual}); refusing it"
+    )]
+    BlobDigestMismatch { expected: String, actual: String },
+
+    #[error("module of {reference} is not valid Wasm: {message}")]
+    InvalidModule { reference: String, message: String },
+
+    #[error("module sha256 {actual} does not match spec.module.sha256 {expected}")]
+    ModuleSha256Mismatch { expected: String, actual: String },
+
+    #[error("writing module to the cache: {0}")]
+    CacheWrite(#[source] std::io::Error),
+
+    #[error("{field} is not supported by this version of the operator yet: {detail}")]
+    Unsupported { field: &'static str, detail: String },
+
+    #[error("applying {kind} {name}: {source}")]
+    ApplyChild {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("removing stale {kind} {name}: {source}")]
+    DeleteChild {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+
+    #[error("updating status: {0}")]
+    UpdateStatus(#[source] kube::Error),
+
+    #[error("rendering {kind}: {message}")]
+    Render { kind: &'static str, message: String },
+
+    #[error("WasmFilter has no namespace")]
+    MissingNamespace,
+
+    #[error("pushing {reference}: {message}")]
+    PushModule { reference: String, message: String },
+}
+
+impl Error {
+    /// Stable, CamelCase reason: the condition reason, the Event reason and the metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidReference { .. } => "InvalidReference",
+            Error::RegistryUnavailable { .. } => "RegistryUnavailable",
+            Error::ManifestNotFound { .. } => "ManifestNotFound",
+            Error::RegistryDenied { .. } => "RegistryDenied",
+            Error::ResolveDigest { .. } => "ResolveDigest",
+            Error::ManifestDigestMismatch { .. } => "ManifestDigestMismatch",
+            Error::NotAWasmArtifact { .. } => "NotAWasmArtifact",
+            Error::ModuleTooLarge { .. } => "ModuleTooLarge",
+            Error::FetchBlob { .. } => "FetchBlob",
+            Error::BlobDigestMismatch { .. } => "BlobDigestMismatch",
+            Error::InvalidModule { .. } => "InvalidModule",
+            Error::ModuleSha256Mismatch { .. } => "ModuleSha256Mismatch",
+            Error::CacheWrite(_) => "CacheWrite",
+            Error::Unsupported { .. } => "Unsupported",
+            Error::ApplyChild { kind, .. } => match kind.as_str() {
+                crate::names::istio::WASM_PLUGIN => "ApplyWasmPlugin",
+                _ => "ApplyEnvoyFilter",
+            },
+            Error::DeleteChild { .. } => "DeleteChild",
+            Error::UpdateStatus(_) => "UpdateStatus",
+            Error::Render { .. } => "Render",
+            Error::MissingNamespace => "MissingNamespace",
+            Error::PushModule { .. } => "PushModule",
+        }
+    }
+
+    /// Whether the failure belongs to resolving the module (condition `Resolved`) rather than to
+    /// writing children (condition `Deployed`).
+    pub fn is_resolve_failure(&self) -> bool {
+        !matches!(
+            self,
+            Error::ApplyChild { .. }
+                | Error::DeleteChild { .. }
+                | Error::UpdateStatus(_)
+                | Error::Render { .. }
+                | Error::MissingNamespace
+        )
+    }
+
+    pub fn retry(&self) -> Retry {
+        match self {
+            Error::RegistryUnavailable { .. }
+            | Error::ResolveDigest { .. }
+            | Error::FetchBlob { .. }
+            | Error::BlobDigestMismatch { .. }
+            | Error::ManifestDigestMismatch { .. }
+            | Error::CacheWrite(_)
+            | Error::ApplyChild { .. }
+            | Error::DeleteChild { .. }
+            | Error::UpdateStatus(_)
+            | Error::PushModule { .. } => Retry::Transient,
+            Error::InvalidReference { .. }
+            | Error::ManifestNotFound { .. }
+            | Error::RegistryDenied { .. }
+            | Error::NotAWasmArtifact { .. }
+            | Error::ModuleTooLarge { .. }
+            | Error::InvalidModule { .. }
+            | Error::ModuleSha256Mismatch { .. }
+            | Error::Unsupported { .. }
+            | Error::Render { .. }
+            | Error::MissingNamespace => Retry::Invalid,
+        }
+    }
+}
+
+/// Per-object retry delays: exponential with full jitter for transient failures, a long fixed
+/// look-again for invalid input.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+    pub invalid: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            invalid: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Backoff {
+    /// Delay before attempt number `failures` (1 = first failure). `jitter` is in [0, 1).
+    pub fn delay(&self, retry: Retry, failures: u32, jitter: f64) -> Duration {
+        match retry {
+            Retry::Invalid => self.invalid,
+            Retry::Transient => {
+                let exp = self
+                    .base
+                    .saturating_mul(1u32 << failures.saturating_sub(1).min(20));
+                let cap = exp.min(self.max);
+                // Half fixed, half jittered: never a hot loop, never a thundering herd.
+                cap / 2 + cap.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_backoff_grows_and_is_capped() {
+        let b = Backoff::default();
+        let d1 = b.delay(Retry::Transient, 1, 0.0);
+        let d4 = b.delay(Retry::Transient, 4, 0.0);
+        assert_eq!(d1, Duration::from_millis(500));
+        assert_eq!(d4, Duration::from_secs(4));
+        assert_eq!(b.delay(Retry::Transient, 40, 0.999).as_secs(), 299);
+        assert!(b.delay(Retry::Transient, 40, 0.0) >= Duration::from_secs(150));
+    }
+
+    #[test]
+    fn invalid_input_waits_long() {
+        let b = Backoff::default();
+        assert_eq!(b.delay(Retry::Invalid, 1, 0.5), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn reasons_are_distinct_per_apply_kind() {
+        let e = |kind: &str| Error::ApplyChild {
+            kind: kind.into(),
+            name: "x".into(),
+            source: kube::Error::LinesCodecMaxLineLengthExceeded,
+        };
+        assert_eq!(e("WasmPlugin").reason(), "ApplyWasmPlugin");
+        assert_eq!(e("EnvoyFilter").reason(), "ApplyEnvoyFilter");
+    }
+}

@@ -1,0 +1,19 @@
+//! wasmfilter-operator: deploys proxy-wasm filters into Envoy and Istio.
+//!
+//! The reconcile pipeline, one module per stage: [`oci`] resolves and fetches, [`cache`] stores
+//! and serves, [`abi`] inspects, [`render`] builds children, [`controller`] applies them and
+//! writes status.
+#![forbid(unsafe_code)]
+
+pub mod abi;
+pub mod api;
+pub mod cache;
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod metrics;
+pub mod names;
+pub mod oci;
+pub mod render;
+
+pub use error::Error;

@@ -1,0 +1,159 @@
+//! Prometheus metrics and the admin endpoints: `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ReasonLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub module_pulls: Family<ResultLabels, Counter>,
+    pub module_pull_duration: Histogram,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wasmfilter");
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let module_pulls = Family::<ResultLabels, Counter>::default();
+        let module_pull_duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "reconciles",
+            "Reconciliations of WasmFilters, by result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciliations, by reason",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of a reconciliation",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "module_pulls",
+            "Module resolutions, by result (pulled, error)",
+            module_pulls.clone(),
+        );
+        registry.register(
+            "module_pull_duration_seconds",
+            "Duration of resolving and fetching a module",
+            module_pull_duration.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            module_pulls,
+            module_pull_duration,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn reconciled(&self, result: Result<(), &str>, took: Duration) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+        match result {
+            Ok(()) => {
+                self.reconciles
+                    .get_or_create(&ResultLabels {
+                        result: "ok".into(),
+                    })
+                    .inc();
+            }
+            Err(reason) => {
+                self.reconciles
+                    .get_or_create(&ResultLabels {
+                        result: "error".into(),
+                    })
+                    .inc();
+                self.reconcile_errors
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.into(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    pub fn pulled(&self, ok: bool, took: Duration) {
+        self.module_pull_duration.observe(took.as_secs_f64());
+        let result = if ok { "pulled" } else { "error" };
+        self.module_pulls
+            .get_or_create(&ResultLabels {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Marks the operator ready: its watches have synced.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// `/metrics`, `/healthz` (alive) and `/readyz` (watches synced).
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(serve_metrics))
+        .with_state(metrics)
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "watches not synced yet\n")
+    }
+}
+
+async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}

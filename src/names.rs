@@ -1,0 +1,47 @@
+//! Every name the operator writes into the cluster, in one place, derived from the API group.
+
+/// The API group of the `WasmFilter` resource.
+pub const GROUP: &str = "wasmfilter.dev";
+
+/// The one field manager for everything the operator applies (children and status).
+pub const FIELD_MANAGER: &str = "wasmfilter.dev/operator";
+
+/// Name the operator reports Events under.
+pub const CONTROLLER_NAME: &str = "wasmfilter-operator";
+
+/// Label put on every child, naming the WasmFilter it renders.
+pub const LABEL_FILTER: &str = "wasmfilter.dev/filter";
+
+/// Label put on every child, naming the operator that manages it.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// Annotation on children recording the module sha256 they point at.
+pub const ANNOTATION_MODULE_SHA256: &str = "wasmfilter.dev/module-sha256";
+
+/// Condition types (kstatus-compatible: `Ready` plus `observedGeneration`).
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const RESOLVED: &str = "Resolved";
+    pub const DEPLOYED: &str = "Deployed";
+}
+
+/// Reasons used in conditions when things went well. Failure reasons come from
+/// [`crate::Error::reason`].
+pub mod reason {
+    pub const RESOLVED: &str = "Resolved";
+    pub const DEPLOYED: &str = "Deployed";
+    pub const READY: &str = "Ready";
+    pub const NOT_ATTEMPTED: &str = "NotAttempted";
+    pub const KEPT_PREVIOUS: &str = "KeptPreviousModule";
+}
+
+/// Istio's API groups and kinds the operator writes.
+pub mod istio {
+    pub const EXTENSIONS_GROUP: &str = "extensions.istio.io";
+    pub const NETWORKING_GROUP: &str = "networking.istio.io";
+    pub const VERSION: &str = "v1alpha1";
+    pub const WASM_PLUGIN: &str = "WasmPlugin";
+    pub const WASM_PLUGIN_PLURAL: &str = "wasmplugins";
+    pub const ENVOY_FILTER: &str = "EnvoyFilter";
+    pub const ENVOY_FILTER_PLURAL: &str = "envoyfilters";
+}
