@@ -39,7 +39,8 @@ pub mod reason {
 pub mod istio {
     pub const EXTENSIONS_GROUP: &str = "extensions.istio.io";
     pub const NETWORKING_GROUP: &str = "networking.istio.io";
-    pub const VERSION: &str = "v1alpha1";
+    pub const WASM_PLUGIN_VERSION: &str = "v1alpha1";
+    pub const ENVOY_FILTER_VERSION: &str = "v1alpha3";
     pub const WASM_PLUGIN: &str = "WasmPlugin";
     pub const WASM_PLUGIN_PLURAL: &str = "wasmplugins";
     pub const ENVOY_FILTER: &str = "EnvoyFilter";

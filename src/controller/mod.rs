@@ -12,8 +12,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -180,7 +180,15 @@ pub async fn run(ctx: Arc<Context>) {
     ));
     let wp = render::wasm_plugin_resource();
     let ef = render::envoy_filter_resource();
-    let controller = Controller::new(filters, watcher::Config::default())
+    // Reconcile on spec changes (generation) and owned-child changes, not on our own status
+    // writes, which would otherwise echo straight back as a new reconcile.
+    let (reader, writer) = reflector::store();
+    let trigger = watcher(filters, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let controller = Controller::for_stream(trigger, reader)
         .owns_with(children(&wp), wp, owned.clone())
         .owns_with(children(&ef), ef, owned)
         .shutdown_on_signal();

@@ -61,14 +61,22 @@ pub struct Child {
 
 pub fn wasm_plugin_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(istio::EXTENSIONS_GROUP, istio::VERSION, istio::WASM_PLUGIN),
+        &GroupVersionKind::gvk(
+            istio::EXTENSIONS_GROUP,
+            istio::WASM_PLUGIN_VERSION,
+            istio::WASM_PLUGIN,
+        ),
         istio::WASM_PLUGIN_PLURAL,
     )
 }
 
 pub fn envoy_filter_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk(istio::NETWORKING_GROUP, istio::VERSION, istio::ENVOY_FILTER),
+        &GroupVersionKind::gvk(
+            istio::NETWORKING_GROUP,
+            istio::ENVOY_FILTER_VERSION,
+            istio::ENVOY_FILTER,
+        ),
         istio::ENVOY_FILTER_PLURAL,
     )
 }
