@@ -194,10 +194,19 @@ pub async fn run(ctx: Arc<Context>) {
         .shutdown_on_signal();
     let store = controller.store();
     let metrics = ctx.metrics.clone();
+    // The store's readiness signal keeps one waker, which the controller's own wait takes; so
+    // poll it again every second rather than wait on it once.
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            metrics.set_ready();
-            tracing::info!("watches synced; ready");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    metrics.set_ready();
+                    tracing::info!("watches synced; ready");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
         }
     });
     controller

@@ -259,11 +259,6 @@ pub fn envoy_filter(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> 
 pub fn filter_config(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Value {
     let s = &wf.spec;
     let name = format!("{}.{}", wf.namespace().unwrap_or_default(), wf.name_any());
-    let configuration = s
-        .config
-        .as_ref()
-        .map(|c| serde_json::to_string(c).unwrap_or_default())
-        .unwrap_or_default();
     let type_url = match s.filter_type {
         FilterType::Http => "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         FilterType::Network => "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm",
@@ -272,39 +267,41 @@ pub fn filter_config(wf: &WasmFilter, module: &Module, server: &ModuleServer) ->
         FilterType::Http => "envoy.filters.http.wasm",
         FilterType::Network => "envoy.filters.network.wasm",
     };
+    let mut config = json!({
+        "name": name,
+        "vm_config": {
+            "vm_id": name,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"remote": {
+                "http_uri": {
+                    "uri": server.module_url(&module.sha256),
+                    "cluster": server.cluster,
+                    "timeout": "30s",
+                },
+                "sha256": module.sha256,
+                "retry_policy": {"num_retries": 5},
+            }},
+        },
+        // failure_policy exists from Envoy 1.33 (Istio 1.25) on; older proxies only know
+        // fail_open.
+        "failure_policy": match s.failure_policy {
+            FailurePolicy::FailClosed => "FAIL_CLOSED",
+            FailurePolicy::FailOpen => "FAIL_OPEN",
+            FailurePolicy::FailReload => "FAIL_RELOAD",
+        },
+    });
+    if let Some(root_id) = &s.root_id {
+        config["root_id"] = json!(root_id);
+    }
+    if let Some(c) = &s.config {
+        config["configuration"] = json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": serde_json::to_string(c).unwrap_or_default(),
+        });
+    }
     json!({
         "name": format!("{filter_name}.{name}"),
-        "typed_config": {
-            "@type": type_url,
-            "config": {
-                "name": name,
-                "root_id": s.root_id.clone().unwrap_or_default(),
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": configuration,
-                },
-                "vm_config": {
-                    "vm_id": name,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"remote": {
-                        "http_uri": {
-                            "uri": server.module_url(&module.sha256),
-                            "cluster": server.cluster,
-                            "timeout": "30s",
-                        },
-                        "sha256": module.sha256,
-                        "retry_policy": {"num_retries": 5},
-                    }},
-                },
-                // failure_policy exists from Envoy 1.33 (Istio 1.25) on; older proxies only
-                // know fail_open.
-                "failure_policy": match s.failure_policy {
-                    FailurePolicy::FailClosed => "FAIL_CLOSED",
-                    FailurePolicy::FailOpen => "FAIL_OPEN",
-                    FailurePolicy::FailReload => "FAIL_RELOAD",
-                },
-            },
-        },
+        "typed_config": {"@type": type_url, "config": config},
     })
 }
 

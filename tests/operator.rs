@@ -1,0 +1,449 @@
+//! The operator binary against the real API server, registry and Envoy: what a user sees after
+//! `kubectl apply` of a WasmFilter, for good modules and for every kind of bad one.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use kube::Api;
+use kube::api::{DeleteParams, DynamicObject};
+use sha2::{Digest, Sha256};
+use support::*;
+use wasmfilter::api::WasmFilter;
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn cache_url(op: &Operator, sha: &str) -> String {
+    format!(
+        "http://127.0.0.1:{}/modules/sha256/{sha}.wasm",
+        op.cache_port
+    )
+}
+
+#[tokio::test]
+async fn wasm_plugin_points_at_the_cached_module_and_is_collected_with_its_filter() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("wp");
+    let op = Operator::start(&ns.name, &[]).await;
+    let module = module("wasm-plugin");
+    let image = format!("{}/filters/wp-{}:v1", env.registry, ns.name);
+    let manifest_digest = push_module(&image, module.clone()).await;
+
+    // No `target`: WasmPlugin is the default.
+    apply_ok(
+        &wasm_filter_yaml(&ns.name, "add-header", &image, "WasmPlugin")
+            .replace("  target: WasmPlugin\n", ""),
+    );
+    let out = kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "wf/add-header",
+        "-n",
+        &ns.name,
+        "--timeout=60s",
+    ]);
+    assert!(
+        out.status.success(),
+        "kubectl wait: {}\n{}",
+        stderr(&out),
+        op.logs()
+    );
+
+    let table = stdout(&kubectl(&["get", "wf", "-n", &ns.name]));
+    let short = &manifest_digest["sha256:".len().."sha256:".len() + 12];
+    assert!(
+        table.contains("READY") && table.contains("DIGEST") && table.contains("ABI"),
+        "{table}"
+    );
+    let row = table.lines().find(|l| l.starts_with("add-header")).unwrap();
+    for cell in ["True", "WasmPlugin", short, "0.2.1"] {
+        assert!(
+            row.contains(cell),
+            "`kubectl get wf` row lacks {cell}: {row}"
+        );
+    }
+
+    let sha = sha256_hex(&module);
+    let wf: WasmFilter = Api::namespaced(client.clone(), &ns.name)
+        .get("add-header")
+        .await
+        .unwrap();
+    let artifact = wf.status.as_ref().unwrap().artifact.clone().unwrap();
+    assert_eq!(artifact.manifest_digest, manifest_digest);
+    assert_eq!(artifact.module_sha256, sha);
+    assert_eq!(artifact.format, "solo-oci");
+    assert_eq!(artifact.size, module.len() as u64);
+
+    let wp = child_api(&client, &ns.name, "WasmPlugin")
+        .get("add-header")
+        .await
+        .unwrap();
+    assert_eq!(
+        wp.data["spec"]["url"],
+        format!("{CACHE_URL}/modules/sha256/{sha}.wasm")
+    );
+    assert_eq!(wp.data["spec"]["sha256"], sha);
+    assert_eq!(wp.data["spec"]["pluginName"], "add_header");
+    assert_eq!(wp.data["spec"]["pluginConfig"]["greeting"], "hello");
+    assert_eq!(wp.data["spec"]["selector"]["matchLabels"]["app"], "web");
+    let owner = &wp.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("WasmFilter", Some(true))
+    );
+
+    // The cache serves exactly those bytes, with HEAD, ETag and ranges.
+    let http = reqwest::Client::new();
+    let r = http.get(cache_url(&op, &sha)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(etag, format!("\"sha256:{sha}\""));
+    assert_eq!(r.headers()["content-type"], "application/wasm");
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
+    let r = http.head(cache_url(&op, &sha)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-length"],
+        module.len().to_string().as_str()
+    );
+    let r = http
+        .get(cache_url(&op, &sha))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = http
+        .get(cache_url(&op, &sha))
+        .header("range", "bytes=0-3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], b"\0asm");
+    let r = http
+        .get(cache_url(&op, &"0".repeat(64)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .get(format!(
+            "http://127.0.0.1:{}/modules/sha256/..%2F..%2Fetc%2Fpasswd.wasm",
+            op.cache_port
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Deleting the filter garbage-collects its child (kube-controller-manager's collector).
+    let out = kubectl(&["delete", "wf/add-header", "-n", &ns.name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let wps = child_api(&client, &ns.name, "WasmPlugin");
+    wait_for(
+        "WasmPlugin garbage-collected",
+        Duration::from_secs(60),
+        || async { matches!(wps.get_opt("add-header").await, Ok(None)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn envoy_filter_patch_loads_in_real_envoy_and_acts_on_requests() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("ef");
+    let op = Operator::start(&ns.name, &[]).await;
+    let image = format!("{}/filters/ef-{}:v1", env.registry, ns.name);
+    push_module(&image, module("envoy-filter")).await;
+    apply_ok(&wasm_filter_yaml(
+        &ns.name,
+        "add-header",
+        &image,
+        "EnvoyFilter",
+    ));
+    wait_ready(&client, &ns.name, "add-header", "True").await;
+
+    let ef = child_api(&client, &ns.name, "EnvoyFilter")
+        .get("add-header")
+        .await
+        .unwrap();
+    let patch = &ef.data["spec"]["configPatches"][0];
+    assert_eq!(patch["applyTo"], "HTTP_FILTER");
+    assert_eq!(patch["patch"]["operation"], "INSERT_BEFORE");
+    let filter = patch["patch"]["value"].clone();
+    let remote = &filter["typed_config"]["config"]["vm_config"]["code"]["remote"];
+    let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_string();
+    assert_eq!(
+        cluster,
+        "outbound|8080||wasmfilter-cache.wasmfilter-system.svc"
+    );
+
+    for version in &env.envoy_versions {
+        let envoy = Envoy::start(version, &filter, &cluster, op.cache_port);
+        envoy.wait_live().await;
+        let r = reqwest::get(format!("http://127.0.0.1:{}/", envoy.listen_port))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "envoy {version}:\n{}", envoy.logs());
+        assert_eq!(
+            r.headers().get("x-wasmfilter").map(|v| v.to_str().unwrap()),
+            Some("on"),
+            "envoy {version} did not run the filter:\n{}",
+            envoy.logs()
+        );
+        assert_eq!(
+            r.headers()["x-wasmfilter-config"],
+            r#"{"greeting":"hello"}"#
+        );
+        assert_eq!(r.text().await.unwrap(), "hello from envoy\n");
+    }
+}
+
+/// Every bad module gives `Ready=False` with its own reason and a Warning Event, and no child.
+#[tokio::test]
+async fn bad_modules_are_reported_and_never_deployed() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("bad");
+    let op = Operator::start(&ns.name, &[]).await;
+    let repo = format!("{}/filters/bad-{}", env.registry, ns.name);
+
+    // A blob whose bytes no longer match its digest: corrupt it in the registry's storage.
+    let corrupt = module("corrupt-blob");
+    let corrupt_sha = sha256_hex(&corrupt);
+    push_module(&format!("{repo}/corrupt:v1"), corrupt.clone()).await;
+    let data = env
+        .registry_root
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&corrupt_sha[..2])
+        .join(&corrupt_sha)
+        .join("data");
+    let mut tampered = corrupt.clone();
+    let last = tampered.len() - 2;
+    tampered[last] ^= 0xff;
+    std::fs::write(&data, &tampered).unwrap();
+
+    push_raw(
+        &format!("{repo}/text:v1"),
+        "application/vnd.module.wasm.config.v1+json",
+        &[(
+            b"this is not wasm",
+            "application/vnd.module.wasm.content.layer.v1+wasm",
+        )],
+    )
+    .await;
+    push_raw(
+        &format!("{repo}/image:v1"),
+        "application/vnd.oci.image.config.v1+json",
+        &[(b"layer", "application/vnd.oci.image.layer.v1.tar")],
+    )
+    .await;
+    let good = module("pinned");
+    push_module(&format!("{repo}/pinned:v1"), good).await;
+    let down = format!("127.0.0.1:{}/filters/x:v1", free_port());
+
+    let cases = [
+        (
+            "missing-tag",
+            format!("{repo}/corrupt:nope"),
+            "ManifestNotFound",
+            "not found",
+        ),
+        (
+            "registry-down",
+            down,
+            "RegistryUnavailable",
+            "could not be reached",
+        ),
+        (
+            "not-wasm",
+            format!("{repo}/text:v1"),
+            "NotAWasmArtifact",
+            "Wasm magic",
+        ),
+        (
+            "not-a-wasm-artifact",
+            format!("{repo}/image:v1"),
+            "NotAWasmArtifact",
+            "application/vnd.oci.image.layer.v1.tar",
+        ),
+        (
+            "corrupt",
+            format!("{repo}/corrupt:v1"),
+            "BlobDigestMismatch",
+            "does not match",
+        ),
+        (
+            "wrong-pin",
+            format!("{repo}/pinned:v1"),
+            "ModuleSha256Mismatch",
+            "does not match spec.module.sha256",
+        ),
+    ];
+    for (name, image, _, _) in &cases {
+        let mut yaml = wasm_filter_yaml(&ns.name, name, image, "WasmPlugin");
+        if *name == "wrong-pin" {
+            yaml = yaml.replace("\"}\n", &format!("\", sha256: \"{}\"}}\n", "0".repeat(64)));
+        }
+        apply_ok(&yaml);
+    }
+    let wps = child_api(&client, &ns.name, "WasmPlugin");
+    for (name, _, reason, words) in &cases {
+        let wf = wait_ready(&client, &ns.name, name, "False").await;
+        let ready = condition(&wf, "Ready").unwrap();
+        assert_eq!(ready.reason, *reason, "{name}: {}", ready.message);
+        assert!(
+            ready.message.contains(words),
+            "{name}: {:?} lacks {words:?}",
+            ready.message
+        );
+        assert_eq!(condition(&wf, "Resolved").unwrap().status, "False");
+        assert_eq!(condition(&wf, "Deployed").unwrap().status, "False");
+        assert!(wf.status.as_ref().unwrap().artifact.is_none(), "{name}");
+        assert!(
+            wps.get_opt(name).await.unwrap().is_none(),
+            "{name}: a child was written"
+        );
+        wait_for(
+            &format!("{name}: Warning Event {reason}"),
+            Duration::from_secs(30),
+            || async {
+                warning_events(&ns.name, name)
+                    .iter()
+                    .any(|(r, _)| r == reason)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    // A corrupt blob is never served from the cache either.
+    let r = reqwest::get(cache_url(&op, &corrupt_sha)).await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(!op.logs().contains("panicked"), "{}", op.logs());
+}
+
+#[tokio::test]
+async fn module_over_the_size_cap_is_refused() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("cap");
+    let _op = Operator::start(&ns.name, &["--max-module-size", "256"]).await;
+    let image = format!("{}/filters/cap-{}:v1", env.registry, ns.name);
+    push_module(&image, module("too-big")).await;
+    apply_ok(&wasm_filter_yaml(&ns.name, "big", &image, "WasmPlugin"));
+    let wf = wait_ready(&client, &ns.name, "big", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "ModuleTooLarge");
+    assert!(ready.message.contains("256-byte cap"), "{}", ready.message);
+    assert!(
+        child_api(&client, &ns.name, "WasmPlugin")
+            .get_opt("big")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("keep");
+    let _op = Operator::start(&ns.name, &[]).await;
+    let image = format!("{}/filters/keep-{}:v1", env.registry, ns.name);
+    let good = module("keep");
+    push_module(&image, good.clone()).await;
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "EnvoyFilter"));
+    let before_wf = wait_ready(&client, &ns.name, "f", "True").await;
+    let efs = child_api(&client, &ns.name, "EnvoyFilter");
+    let before: DynamicObject = efs.get("f").await.unwrap();
+
+    let missing = image.replace(":v1", ":v2-never-pushed");
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &missing, "EnvoyFilter"));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    assert_eq!(wf.metadata.generation, Some(2));
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "ManifestNotFound");
+    assert!(
+        ready.message.contains("stays deployed"),
+        "{}",
+        ready.message
+    );
+    let deployed = condition(&wf, "Deployed").unwrap();
+    assert_eq!(
+        (deployed.status.as_str(), deployed.reason.as_str()),
+        ("True", "KeptPreviousModule")
+    );
+    assert_eq!(
+        wf.status.as_ref().unwrap().artifact,
+        before_wf.status.as_ref().unwrap().artifact,
+        "status.artifact must still describe the deployed module"
+    );
+    // Give the operator a few retries' time, then check nothing touched the child.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: DynamicObject = efs.get("f").await.unwrap();
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    assert_eq!(after.data, before.data);
+    assert!(
+        after.data.to_string().contains(&sha256_hex(&good)),
+        "child must still pin the good module"
+    );
+}
+
+#[tokio::test]
+async fn changing_the_target_replaces_the_child() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("switch");
+    let _op = Operator::start(&ns.name, &[]).await;
+    let image = format!("{}/filters/switch-{}:v1", env.registry, ns.name);
+    push_module(&image, module("switch")).await;
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin"));
+    wait_ready(&client, &ns.name, "f", "True").await;
+    let wps = child_api(&client, &ns.name, "WasmPlugin");
+    assert!(wps.get_opt("f").await.unwrap().is_some());
+
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "EnvoyFilter"));
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
+    wait_for("Ready at generation 2", Duration::from_secs(60), || async {
+        let wf = api.get("f").await.ok()?;
+        let c = condition(&wf, "Ready")?;
+        (c.status == "True" && c.observed_generation == Some(2)).then_some(())
+    })
+    .await;
+    assert!(
+        child_api(&client, &ns.name, "EnvoyFilter")
+            .get_opt("f")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        wps.get_opt("f").await.unwrap().is_none(),
+        "old WasmPlugin must be removed"
+    );
+
+    // Ecds is part of the API but not built yet: said so, not ignored.
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "Ecds"));
+    let wf = wait_for(
+        "Ready=False at generation 3",
+        Duration::from_secs(60),
+        || async {
+            let wf = api.get("f").await.ok()?;
+            let c = condition(&wf, "Ready")?;
+            (c.status == "False" && c.observed_generation == Some(3)).then_some(wf)
+        },
+    )
+    .await;
+    assert_eq!(condition(&wf, "Ready").unwrap().reason, "Unsupported");
+    let _ = api.delete("f", &DeleteParams::default()).await;
+}

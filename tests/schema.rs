@@ -1,0 +1,162 @@
+//! The API server itself refuses malformed WasmFilters (OpenAPI schema + CEL), and documents
+//! every field for `kubectl explain`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use support::*;
+
+fn filter(ns: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: f, namespace: {ns}}}\nspec:\n{spec}"
+    )
+}
+
+const VALID: &str = "  module: {image: \"registry.example.com/filters/add-header:1.2.0\"}\n  selector: {matchLabels: {app: web}}\n";
+
+fn dry_run(yaml: &str) -> std::process::Output {
+    let mut child = std::process::Command::new("kubectl")
+        .args(["apply", "--dry-run=server", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn api_server_refuses_malformed_specs_with_a_clear_message() {
+    let ns = TestNamespace::new("schema");
+    let ok = dry_run(&filter(&ns.name, VALID));
+    assert!(ok.status.success(), "valid spec refused: {}", stderr(&ok));
+    let digest_ref = format!(
+        "  module: {{image: \"oci://127.0.0.1:5000/f/a@sha256:{}\", sha256: \"{}\"}}\n  selector: {{matchLabels: {{app: web}}}}\n  match: [{{mode: SERVER, ports: [1, 65535]}}]\n",
+        "0".repeat(64),
+        "a".repeat(64)
+    );
+    let ok = dry_run(&filter(&ns.name, &digest_ref));
+    assert!(ok.status.success(), "valid spec refused: {}", stderr(&ok));
+
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "image that is not an OCI reference",
+            VALID.replace(
+                "registry.example.com/filters/add-header:1.2.0",
+                "Not A Reference!",
+            ),
+            "must be an OCI reference",
+        ),
+        (
+            "image with a short digest",
+            VALID.replace(":1.2.0", "@sha256:abc"),
+            "must be an OCI reference",
+        ),
+        (
+            "sha256 that is not 64 hex characters",
+            VALID.replace("1.2.0\"}", "1.2.0\", sha256: \"ABCDEF\"}"),
+            "64 lowercase hex characters",
+        ),
+        (
+            "unknown target",
+            format!("{VALID}  target: Gateway\n"),
+            "Unsupported value: \"Gateway\"",
+        ),
+        (
+            "unknown phase",
+            format!("{VALID}  phase: LATE\n"),
+            "Unsupported value: \"LATE\"",
+        ),
+        (
+            "unknown failure policy",
+            format!("{VALID}  failurePolicy: Retry\n"),
+            "Unsupported value: \"Retry\"",
+        ),
+        (
+            "unknown type",
+            format!("{VALID}  type: UDP\n"),
+            "Unsupported value: \"UDP\"",
+        ),
+        (
+            "unknown pull policy",
+            VALID.replace("1.2.0\"}", "1.2.0\", pullPolicy: Never}"),
+            "Unsupported value: \"Never\"",
+        ),
+        (
+            "port 0",
+            format!("{VALID}  match: [{{mode: SERVER, ports: [0]}}]\n"),
+            "should be greater than or equal to 1",
+        ),
+        (
+            "port 65536",
+            format!("{VALID}  match: [{{mode: SERVER, ports: [65536]}}]\n"),
+            "should be less than or equal to 65535",
+        ),
+        (
+            "empty selector",
+            VALID.replace("{matchLabels: {app: web}}", "{matchLabels: {}}"),
+            "must name at least one label",
+        ),
+        (
+            "selector without matchLabels",
+            VALID.replace("{matchLabels: {app: web}}", "{}"),
+            "spec.selector.matchLabels: Required value",
+        ),
+        (
+            "missing module",
+            "  selector: {matchLabels: {app: web}}\n".to_string(),
+            "spec.module: Required value",
+        ),
+    ];
+    for (what, spec, expected) in cases {
+        let out = dry_run(&filter(&ns.name, spec));
+        assert!(
+            !out.status.success(),
+            "{what}: accepted but must be refused"
+        );
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected),
+            "{what}: expected {expected:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn kubectl_explain_documents_every_field() {
+    env();
+    let out = kubectl(&["explain", "wasmfilter.spec"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for field in [
+        "module",
+        "selector",
+        "target",
+        "rootId",
+        "config",
+        "phase",
+        "priority",
+        "failurePolicy",
+        "type",
+        "match",
+        "onIncompatible",
+    ] {
+        assert!(
+            text.contains(&format!("  {field}\t")),
+            "explain lacks spec.{field}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("Selects the pods whose proxies get the filter"),
+        "{text}"
+    );
+    let out = kubectl(&["explain", "wasmfilter.spec.module"]);
+    let text = stdout(&out);
+    for field in ["image", "pullSecret", "pullPolicy", "sha256"] {
+        assert!(
+            text.contains(&format!("  {field}\t")),
+            "explain lacks spec.module.{field}:\n{text}"
+        );
+    }
+}

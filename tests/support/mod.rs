@@ -1,0 +1,440 @@
+//! Shared by the integration tests: the real test environment (`e2e/env.sh up`), the operator
+//! binary run per test in its own namespace, pushes to the real registry, real Envoys.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::DynamicObject;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde_json::{Value, json};
+use wasmfilter::api::WasmFilter;
+
+/// URL the tests' operators advertise for their cache (as a Service would be named).
+pub const CACHE_URL: &str = "http://wasmfilter-cache.wasmfilter-system.svc:8080";
+
+pub struct Env {
+    pub registry: String,
+    pub registry_root: PathBuf,
+    pub envoy_dir: PathBuf,
+    pub envoy_versions: Vec<String>,
+}
+
+/// The environment `e2e/env.sh up` started. Tests need it and say so plainly when it is absent.
+pub fn env() -> Env {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!(
+                "{k} is not set: these tests run against the real test environment; \
+                 run `e2e/test.sh`, or `source $(e2e/env.sh up)` then `cargo test`"
+            )
+        })
+    };
+    Env {
+        registry: var("WASMFILTER_REGISTRY"),
+        registry_root: var("WASMFILTER_REGISTRY_ROOT").into(),
+        envoy_dir: var("WASMFILTER_ENVOY_DIR").into(),
+        envoy_versions: var("WASMFILTER_ENVOY_VERSIONS")
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    }
+}
+
+pub async fn client() -> kube::Client {
+    env();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    kube::Client::try_default().await.expect("kube client")
+}
+
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("run kubectl")
+}
+
+/// `kubectl apply -f -` with `yaml` on stdin.
+pub fn kubectl_apply(yaml: &str) -> Output {
+    let mut child = Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run kubectl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A namespace of one test's own, deleted when the test ends.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    pub fn new(prefix: &str) -> Self {
+        env();
+        let name = format!("{prefix}-{:08x}", fastrand::u32(..));
+        let out = kubectl(&["create", "namespace", &name]);
+        assert!(out.status.success(), "create namespace: {}", stderr(&out));
+        TestNamespace { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it yields a value, at most `timeout`; panics naming `what` otherwise.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The operator binary, watching one namespace, with its own cache dir and ports.
+pub struct Operator {
+    child: Child,
+    pub cache_port: u16,
+    pub admin_port: u16,
+    pub cache_dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Operator {
+    pub async fn start(namespace: &str, extra: &[&str]) -> Self {
+        let env = env();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let (cache_port, admin_port) = (free_port(), free_port());
+        let log = cache_dir.path().join("operator.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+            .args([
+                "operator",
+                "--namespace",
+                namespace,
+                "--cache-url",
+                CACHE_URL,
+            ])
+            .args(["--cache-listen", &format!("127.0.0.1:{cache_port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--insecure-registry", &env.registry])
+            .arg("--cache-dir")
+            .arg(cache_dir.path().join("modules"))
+            .args(extra)
+            .env("RUST_LOG", "info,wasmfilter=debug")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start operator");
+        let op = Operator {
+            child,
+            cache_port,
+            admin_port,
+            cache_dir,
+            log,
+        };
+        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        wait_for("operator /readyz", Duration::from_secs(60), || async {
+            match reqwest::get(&url).await {
+                Ok(r) if r.status().is_success() => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        op
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- operator log ---\n{}", self.logs());
+        }
+    }
+}
+
+/// The add-header fixture filter, made unique by `marker` so each test pushes its own blob.
+pub fn module(marker: &str) -> Vec<u8> {
+    let src = include_str!("../fixtures/modules/add_header.wat");
+    let end = src.rfind(')').unwrap();
+    let unique = format!(
+        "{}  (data (i32.const 512) \"{}\")\n)\n",
+        &src[..end],
+        marker.replace('"', "")
+    );
+    wat::parse_str(unique).unwrap()
+}
+
+pub fn registry_client() -> Client {
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    })
+}
+
+/// Pushes a module in the Solo "oci" format with the product's own push code; returns the
+/// manifest digest.
+pub async fn push_module(reference: &str, module: Vec<u8>) -> String {
+    let r: Reference = reference.parse().unwrap();
+    let (_, digest) = wasmfilter::oci::push_module(
+        &registry_client(),
+        &RegistryAuth::Anonymous,
+        &r,
+        module,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    digest
+}
+
+/// Pushes arbitrary layers under an arbitrary config media type; returns the manifest digest.
+pub async fn push_raw(
+    reference: &str,
+    config_media_type: &str,
+    layers: &[(&[u8], &str)],
+) -> String {
+    let r: Reference = reference.parse().unwrap();
+    let client = registry_client();
+    let layers: Vec<ImageLayer> = layers
+        .iter()
+        .map(|(data, mt)| ImageLayer::new(data.to_vec(), (*mt).to_string(), None))
+        .collect();
+    let config = Config::new(b"{}".to_vec(), config_media_type.to_string(), None);
+    client
+        .push(&r, &layers, config, &RegistryAuth::Anonymous, None)
+        .await
+        .unwrap();
+    client
+        .fetch_manifest_digest(&r, &RegistryAuth::Anonymous)
+        .await
+        .unwrap()
+}
+
+pub fn wasm_filter_yaml(ns: &str, name: &str, image: &str, target: &str) -> String {
+    format!(
+        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  module: {{image: \"{image}\"}}\n  selector: {{matchLabels: {{app: web}}}}\n  \
+         target: {target}\n  rootId: add_header\n  config: {{greeting: hello}}\n"
+    )
+}
+
+pub fn apply_ok(yaml: &str) {
+    let out = kubectl_apply(yaml);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed: {}",
+        stderr(&out)
+    );
+}
+
+pub fn condition<'a>(
+    wf: &'a WasmFilter,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    wf.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+/// Waits until the filter's `Ready` condition has `status` for its current generation.
+pub async fn wait_ready(client: &kube::Client, ns: &str, name: &str, status: &str) -> WasmFilter {
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
+    wait_for(
+        &format!("WasmFilter {ns}/{name} Ready={status}"),
+        Duration::from_secs(60),
+        || async {
+            let wf = api.get_opt(name).await.ok()??;
+            let c = condition(&wf, "Ready")?;
+            (c.status == status && c.observed_generation == wf.metadata.generation).then_some(wf)
+        },
+    )
+    .await
+}
+
+pub fn child_api(client: &kube::Client, ns: &str, kind: &str) -> Api<DynamicObject> {
+    let ar = match kind {
+        "WasmPlugin" => wasmfilter::render::wasm_plugin_resource(),
+        _ => wasmfilter::render::envoy_filter_resource(),
+    };
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+/// Warning Events about the filter, as `(reason, message)`.
+pub fn warning_events(ns: &str, name: &str) -> Vec<(String, String)> {
+    let out = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "-o",
+        "json",
+        "--field-selector",
+        &format!("regarding.name={name},type=Warning"),
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({"items": []}));
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["note"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A real Envoy process.
+pub struct Envoy {
+    child: Child,
+    pub listen_port: u16,
+    pub admin_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy `version` with one listener whose HTTP filter chain is `filter` then the
+    /// router, answering every request itself, and a static cluster named `cluster` that reaches
+    /// the operator's cache on `cache_port`.
+    pub fn start(version: &str, filter: &Value, cluster: &str, cache_port: u16) -> Self {
+        let env = env();
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let bootstrap = json!({
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+            "static_resources": {
+                "listeners": [{
+                    "name": "inbound",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "inbound",
+                            "route_config": {"virtual_hosts": [{
+                                "name": "all", "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"},
+                                    "direct_response": {"status": 200, "body": {"inline_string": "hello from envoy\n"}}}],
+                            }]},
+                            "http_filters": [filter, {
+                                "name": "envoy.filters.http.router",
+                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                            }],
+                        },
+                    }]}],
+                }],
+                "clusters": [{
+                    "name": cluster, "type": "STATIC", "connect_timeout": "2s",
+                    "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": cache_port}}}}]}]},
+                }],
+            },
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(env.envoy_dir.join(version).join("envoy"))
+            .arg("-c")
+            .arg(&config)
+            .args(["--base-id", &fastrand::u32(1..1_000_000).to_string()])
+            .args(["--log-level", "info", "--concurrency", "1"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start envoy");
+        Envoy {
+            child,
+            listen_port,
+            admin_port,
+            dir,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Waits until the listener is serving (Envoy holds it until the module is fetched).
+    pub async fn wait_live(&self) {
+        let url = format!("http://127.0.0.1:{}/ready", self.admin_port);
+        let logs = || self.logs();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy not ready in 30s:\n{}",
+                logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- envoy log ---\n{}", self.logs());
+        }
+    }
+}
