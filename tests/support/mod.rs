@@ -336,6 +336,21 @@ pub fn warning_events(ns: &str, name: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Replaces every string value equal to a placeholder (as `e2e/envoy/bootstrap.py` does).
+fn fill(node: Value, values: &[(&str, Value)]) -> Value {
+    match node {
+        Value::String(s) => values
+            .iter()
+            .find(|(k, _)| *k == s)
+            .map_or(Value::String(s), |(_, v)| v.clone()),
+        Value::Array(a) => Value::Array(a.into_iter().map(|v| fill(v, values)).collect()),
+        Value::Object(o) => {
+            Value::Object(o.into_iter().map(|(k, v)| (k, fill(v, values))).collect())
+        }
+        other => other,
+    }
+}
+
 /// A real Envoy process.
 pub struct Envoy {
     child: Child,
@@ -345,42 +360,22 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Starts Envoy `version` with one listener whose HTTP filter chain is `filter` then the
-    /// router, answering every request itself, and a static cluster named `cluster` that reaches
-    /// the operator's cache on `cache_port`.
+    /// Starts Envoy `version` from `e2e/envoy/bootstrap.json`: one listener whose HTTP filter
+    /// chain is `filter` then the router, answering every request itself, and a static cluster
+    /// named `cluster` that reaches the operator's cache on `cache_port`.
     pub fn start(version: &str, filter: &Value, cluster: &str, cache_port: u16) -> Self {
         let env = env();
         let (listen_port, admin_port) = (free_port(), free_port());
-        let bootstrap = json!({
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-            "static_resources": {
-                "listeners": [{
-                    "name": "inbound",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                    "filter_chains": [{"filters": [{
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "inbound",
-                            "route_config": {"virtual_hosts": [{
-                                "name": "all", "domains": ["*"],
-                                "routes": [{"match": {"prefix": "/"},
-                                    "direct_response": {"status": 200, "body": {"inline_string": "hello from envoy\n"}}}],
-                            }]},
-                            "http_filters": [filter, {
-                                "name": "envoy.filters.http.router",
-                                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                            }],
-                        },
-                    }]}],
-                }],
-                "clusters": [{
-                    "name": cluster, "type": "STATIC", "connect_timeout": "2s",
-                    "load_assignment": {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [{"endpoint": {
-                        "address": {"socket_address": {"address": "127.0.0.1", "port_value": cache_port}}}}]}]},
-                }],
-            },
-        });
+        let bootstrap = fill(
+            serde_json::from_str(include_str!("../../e2e/envoy/bootstrap.json")).unwrap(),
+            &[
+                ("__ADMIN_PORT__", json!(admin_port)),
+                ("__LISTEN_PORT__", json!(listen_port)),
+                ("__CACHE_PORT__", json!(cache_port)),
+                ("__CACHE_CLUSTER__", json!(cluster)),
+                ("__WASM_FILTER__", filter.clone()),
+            ],
+        );
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.json");
         std::fs::write(&config, serde_json::to_vec(&bootstrap).unwrap()).unwrap();
