@@ -53,6 +53,13 @@ pub enum Error {
         limit: u64,
     },
 
+    #[error("module of {reference}: {source}")]
+    ExtractModule {
+        reference: String,
+        #[source]
+        source: crate::oci::ExtractError,
+    },
+
     #[error("fetching blob {digest}: {message}")]
     FetchBlob { digest: String, message: String },
 
@@ -92,9 +99,6 @@ pub enum Error {
     #[error("updating status: {0}")]
     UpdateStatus(#[source] kube::Error),
 
-    #[error("rendering {kind}: {message}")]
-    Render { kind: &'static str, message: String },
-
     #[error("WasmFilter has no namespace")]
     MissingNamespace,
 
@@ -114,6 +118,12 @@ impl Error {
             Error::ManifestDigestMismatch { .. } => "ManifestDigestMismatch",
             Error::NotAWasmArtifact { .. } => "NotAWasmArtifact",
             Error::ModuleTooLarge { .. } => "ModuleTooLarge",
+            Error::ExtractModule { source, .. } => match source {
+                crate::oci::ExtractError::TooLarge { .. } => "ModuleTooLarge",
+                crate::oci::ExtractError::UnsafePath { .. } => "UnsafeArchive",
+                crate::oci::ExtractError::NoModule { .. } => "NotAWasmArtifact",
+                crate::oci::ExtractError::Corrupt(_) => "CorruptLayer",
+            },
             Error::FetchBlob { .. } => "FetchBlob",
             Error::BlobDigestMismatch { .. } => "BlobDigestMismatch",
             Error::InvalidModule { .. } => "InvalidModule",
@@ -126,7 +136,6 @@ impl Error {
             },
             Error::DeleteChild { .. } => "DeleteChild",
             Error::UpdateStatus(_) => "UpdateStatus",
-            Error::Render { .. } => "Render",
             Error::MissingNamespace => "MissingNamespace",
             Error::PushModule { .. } => "PushModule",
         }
@@ -140,7 +149,6 @@ impl Error {
             Error::ApplyChild { .. }
                 | Error::DeleteChild { .. }
                 | Error::UpdateStatus(_)
-                | Error::Render { .. }
                 | Error::MissingNamespace
         )
     }
@@ -161,11 +169,11 @@ impl Error {
             | Error::ManifestNotFound { .. }
             | Error::RegistryDenied { .. }
             | Error::NotAWasmArtifact { .. }
+            | Error::ExtractModule { .. }
             | Error::ModuleTooLarge { .. }
             | Error::InvalidModule { .. }
             | Error::ModuleSha256Mismatch { .. }
             | Error::Unsupported { .. }
-            | Error::Render { .. }
             | Error::MissingNamespace => Retry::Invalid,
         }
     }

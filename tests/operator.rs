@@ -328,6 +328,79 @@ async fn bad_modules_are_reported_and_never_deployed() {
     assert!(!op.logs().contains("panicked"), "{}", op.logs());
 }
 
+/// Every accepted artifact format deploys, and status names the format it was found in.
+#[tokio::test]
+async fn every_artifact_format_is_accepted() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("formats");
+    let op = Operator::start(&ns.name, &[]).await;
+    let repo = format!("{}/filters/formats-{}", env.registry, ns.name);
+    let cases = [
+        (
+            "cncf",
+            "application/vnd.wasm.config.v0+json",
+            "application/wasm",
+            false,
+        ),
+        (
+            "wasm-to-oci",
+            "application/vnd.oci.image.config.v1+json",
+            "application/vnd.wasm.content.layer.v1+wasm",
+            false,
+        ),
+        (
+            "compat",
+            "application/vnd.oci.image.config.v1+json",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            true,
+        ),
+        (
+            "docker",
+            "application/vnd.docker.container.image.v1+json",
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            true,
+        ),
+    ];
+    for (format, config, layer_type, tarred) in &cases {
+        let module = module(format);
+        let layer = if *tarred {
+            plugin_layer(&module)
+        } else {
+            module.clone()
+        };
+        push_raw(
+            &format!("{repo}/{format}:v1"),
+            config,
+            &[(&layer, layer_type)],
+        )
+        .await;
+        apply_ok(&wasm_filter_yaml(
+            &ns.name,
+            format,
+            &format!("{repo}/{format}:v1"),
+            "WasmPlugin",
+        ));
+    }
+    for (format, ..) in &cases {
+        let wf = wait_ready(&client, &ns.name, format, "True").await;
+        let artifact = wf.status.unwrap().artifact.unwrap();
+        assert_eq!(artifact.format, *format);
+        let sha = sha256_hex(&module(format));
+        assert_eq!(
+            artifact.module_sha256, sha,
+            "{format}: the module, not the layer, is hashed"
+        );
+        let served = reqwest::get(cache_url(&op, &sha))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(sha256_hex(&served), sha);
+    }
+}
+
 #[tokio::test]
 async fn module_over_the_size_cap_is_refused() {
     let env = env();

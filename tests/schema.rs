@@ -15,15 +15,7 @@ fn filter(ns: &str, spec: &str) -> String {
 const VALID: &str = "  module: {image: \"registry.example.com/filters/add-header:1.2.0\"}\n  selector: {matchLabels: {app: web}}\n";
 
 fn dry_run(yaml: &str) -> std::process::Output {
-    let mut child = std::process::Command::new("kubectl")
-        .args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), yaml.as_bytes()).unwrap();
-    child.wait_with_output().unwrap()
+    kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], yaml)
 }
 
 #[test]

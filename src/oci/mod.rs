@@ -2,7 +2,7 @@
 //! cache. Uses `oci-client` for the distribution protocol (auth challenges, manifests, blob
 //! streams); every digest is checked here again, and sizes are capped before and while reading.
 
-mod format;
+pub mod format;
 mod push;
 
 use std::time::Duration;
@@ -15,7 +15,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
-pub use format::{Format, select_module_layer};
+pub use format::{ExtractError, Format, select_module_layer};
 pub use push::{PushOptions, push_module};
 
 use crate::abi;
@@ -156,7 +156,12 @@ impl Resolver {
             Some(bytes) if format.layer_is_module() => bytes,
             _ => self.fetch_blob(&reference, layer, size).await?,
         };
-        let module = format.extract_module(bytes)?;
+        let module = format
+            .extract_module(bytes, self.config.max_module_bytes)
+            .map_err(|source| Error::ExtractModule {
+                reference: reference.whole(),
+                source,
+            })?;
         let info = abi::inspect(&module).map_err(|e| match e {
             abi::ModuleError::NotWasm { .. } => Error::NotAWasmArtifact {
                 reference: reference.whole(),

@@ -60,10 +60,10 @@ pub fn kubectl(args: &[&str]) -> Output {
         .expect("run kubectl")
 }
 
-/// `kubectl apply -f -` with `yaml` on stdin.
-pub fn kubectl_apply(yaml: &str) -> Output {
+/// `kubectl ARGS` with `input` on stdin.
+pub fn kubectl_stdin(args: &[&str], input: &str) -> Output {
     let mut child = Command::new("kubectl")
-        .args(["apply", "-f", "-"])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -73,9 +73,14 @@ pub fn kubectl_apply(yaml: &str) -> Output {
         .stdin
         .take()
         .unwrap()
-        .write_all(yaml.as_bytes())
+        .write_all(input.as_bytes())
         .unwrap();
     child.wait_with_output().unwrap()
+}
+
+/// `kubectl apply -f -` with `yaml` on stdin.
+pub fn kubectl_apply(yaml: &str) -> Output {
+    kubectl_stdin(&["apply", "-f", "-"], yaml)
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -432,4 +437,16 @@ impl Drop for Envoy {
             eprintln!("--- envoy log ---\n{}", self.logs());
         }
     }
+}
+
+/// A tar+gzip layer holding `plugin.wasm` (Istio's image formats).
+pub fn plugin_layer(module: &[u8]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    let mut header = tar::Header::new_gnu();
+    header.set_size(module.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "plugin.wasm", module).unwrap();
+    tar.into_inner().unwrap().finish().unwrap()
 }
