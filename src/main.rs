@@ -1,6 +1,14 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    wasmfilter::cli::run(wasmfilter::cli::Cli::parse()).await
+async fn main() -> ExitCode {
+    match wasmfilter::cli::run(wasmfilter::cli::Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -38,6 +38,23 @@ pub enum Command {
     Crd,
     /// Publish a Wasm module (.wasm, or WebAssembly text .wat) to an OCI registry.
     Push(PushArgs),
+    /// Fetch and verify a module from any accepted artifact format.
+    Pull(PullArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The artifact, e.g. registry.example.com/filters/add-header:1.2.0
+    pub reference: String,
+    /// Where to write the module.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Talk plain HTTP to the registry (for local registries).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Largest module accepted, in bytes.
+    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
+    pub max_module_size: u64,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Push(args) => push(args).await,
+        Command::Pull(args) => pull(args).await,
     }
 }
 
@@ -208,6 +226,34 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     println!(
         "pushed {} ({format}, {size} bytes) digest {digest}",
         reference.whole()
+    );
+    Ok(())
+}
+
+async fn pull(args: PullArgs) -> anyhow::Result<()> {
+    let reference = oci::parse_reference(&args.reference)?;
+    let resolver = Resolver::new(RegistryConfig {
+        plain_http: if args.plain_http {
+            vec![reference.resolve_registry().to_string()]
+        } else {
+            Vec::new()
+        },
+        max_module_bytes: args.max_module_size,
+        ..Default::default()
+    });
+    let (artifact, module) = resolver.pull(&args.reference, None, None, None).await?;
+    let tmp = args.output.with_extension("wasm.partial");
+    std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!(
+        "pulled {} digest {} format {} size {} module sha256:{} -> {}",
+        artifact.image,
+        artifact.manifest_digest,
+        artifact.format,
+        artifact.size,
+        artifact.module_sha256,
+        args.output.display()
     );
     Ok(())
 }

@@ -104,9 +104,8 @@ impl Resolver {
         }
     }
 
-    /// Resolves `image` (or, when `pinned_digest` is given, that manifest of the same
-    /// repository), fetches its module, verifies every digest and the module itself, and stores
-    /// it in `cache`. Nothing reaches the cache unless every check passed.
+    /// Like [`Resolver::pull`], then stores the module in `cache`. Nothing reaches the cache
+    /// unless every check passed.
     #[tracing::instrument(skip(self, cache), fields(image))]
     pub async fn fetch(
         &self,
@@ -115,6 +114,23 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: &ModuleCache,
     ) -> Result<Artifact, Error> {
+        let (artifact, module) = self
+            .pull(image, pinned_digest, expected_module_sha256, Some(cache))
+            .await?;
+        cache.insert(&module).map_err(Error::CacheWrite)?;
+        Ok(artifact)
+    }
+
+    /// Resolves `image` (or, when `pinned_digest` is given, that manifest of the same
+    /// repository), fetches its module and verifies every digest, the module itself and, when
+    /// given, the expected module sha256. A module already in `cache` is not downloaded again.
+    pub async fn pull(
+        &self,
+        image: &str,
+        pinned_digest: Option<&str>,
+        expected_module_sha256: Option<&str>,
+        cache: Option<&ModuleCache>,
+    ) -> Result<(Artifact, Vec<u8>), Error> {
         let reference = parse_reference(image)?;
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
@@ -152,9 +168,15 @@ impl Resolver {
 
         // The raw-layer formats are content-addressed by the module's own hash: a module
         // already in the cache needs no download.
-        let bytes = match cache.read_verified(layer_hex).map_err(Error::CacheWrite)? {
-            Some(bytes) if format.layer_is_module() => bytes,
-            _ => self.fetch_blob(&reference, layer, size).await?,
+        let cached = match cache {
+            Some(c) if format.layer_is_module() => {
+                c.read_verified(layer_hex).map_err(Error::CacheWrite)?
+            }
+            _ => None,
+        };
+        let bytes = match cached {
+            Some(bytes) => bytes,
+            None => self.fetch_blob(&reference, layer, size).await?,
         };
         let module = format
             .extract_module(bytes, self.config.max_module_bytes)
@@ -181,15 +203,15 @@ impl Resolver {
                 actual: module_sha256,
             });
         }
-        cache.insert(&module).map_err(Error::CacheWrite)?;
-        Ok(Artifact {
+        let artifact = Artifact {
             image: image.strip_prefix("oci://").unwrap_or(image).to_string(),
             manifest_digest,
             format,
             module_sha256,
             size: module.len() as u64,
             abi_version: info.abi_version().map(str::to_string),
-        })
+        };
+        Ok((artifact, module))
     }
 
     /// Fetches the image manifest for `reference`, following an index to its Wasm entry, and
