@@ -41,9 +41,15 @@ run_with_heartbeat() {
   log "$label: done in $((SECONDS - start)) s"
 }
 
-# free_port: a port on 127.0.0.1 nobody listens on right now.
+# free_port: a port on 127.0.0.1 nobody listens on right now, drawn below the kernel's
+# ephemeral range (32768+) so no outgoing connection takes it before it is used.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  python3 -c 'import random, socket, sys
+for _ in range(1000):
+    p = random.randrange(10000, 30000); s = socket.socket()
+    try: s.bind(("127.0.0.1", p)); s.close(); print(p); sys.exit(0)
+    except OSError: s.close()
+sys.exit("no free port in 10000-30000")'
 }
 
 # wait_for LABEL SECONDS CMD...: polls CMD every 0.5 s until it succeeds, bounded in time.

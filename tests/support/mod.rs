@@ -112,12 +112,13 @@ impl Drop for TestNamespace {
     }
 }
 
+/// A free port on 127.0.0.1, drawn below the kernel's ephemeral range (32768+) so that no
+/// outgoing connection of another test takes it between this check and its use.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    (0..1000)
+        .map(|_| fastrand::u16(10_000..30_000))
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("no free port in 10000-30000")
 }
 
 /// Polls `f` until it yields a value, at most `timeout`; panics naming `what` otherwise.
@@ -149,7 +150,39 @@ pub struct Operator {
 }
 
 impl Operator {
+    /// Starts the operator; if another process took one of its ports first, tries again with
+    /// new ones (a few times).
     pub async fn start(namespace: &str, extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let mut op = Self::spawn(namespace, extra);
+            let url = format!("http://127.0.0.1:{}/readyz", op.admin_port);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(r) = reqwest::get(&url).await
+                    && r.status().is_success()
+                {
+                    return op;
+                }
+                if op.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "operator not ready in 60s:\n{}",
+                    op.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            assert!(
+                op.logs().contains("Address already in use"),
+                "operator exited:\n{}",
+                op.logs()
+            );
+        }
+        panic!("operator could not bind its ports in 5 attempts");
+    }
+
+    fn spawn(namespace: &str, extra: &[&str]) -> Self {
         let env = env();
         let cache_dir = tempfile::tempdir().unwrap();
         let (cache_port, admin_port) = (free_port(), free_port());
@@ -173,22 +206,13 @@ impl Operator {
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
             .expect("start operator");
-        let op = Operator {
+        Operator {
             child,
             cache_port,
             admin_port,
             cache_dir,
             log,
-        };
-        let url = format!("http://127.0.0.1:{admin_port}/readyz");
-        wait_for("operator /readyz", Duration::from_secs(60), || async {
-            match reqwest::get(&url).await {
-                Ok(r) if r.status().is_success() => Some(()),
-                _ => None,
-            }
-        })
-        .await;
-        op
+        }
     }
 
     pub fn logs(&self) -> String {
