@@ -520,3 +520,48 @@ async fn changing_the_target_replaces_the_child() {
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "Unsupported");
     let _ = api.delete("f", &DeleteParams::default()).await;
 }
+
+/// `pullPolicy: IfNotPresent` (the default) needs no registry once the module is cached: a spec
+/// change still deploys after the artifact vanished from the registry.
+#[tokio::test]
+async fn if_not_present_reuses_the_cached_module_without_the_registry() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("cached");
+    let _op = Operator::start(&ns.name, &[]).await;
+    let repo = format!("filters/cached-{}", ns.name);
+    let image = format!("{}/{repo}:v1", env.registry);
+    let digest = push_module(&image, module("cached")).await;
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin"));
+    wait_ready(&client, &ns.name, "f", "True").await;
+
+    let r = reqwest::Client::new()
+        .delete(format!(
+            "http://{}/v2/{repo}/manifests/{digest}",
+            env.registry
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "registry refused the manifest delete");
+
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin").replace("hello", "again"));
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
+    let wf = wait_for("Ready at generation 2", Duration::from_secs(60), || async {
+        let wf = api.get("f").await.ok()?;
+        let c = condition(&wf, "Ready")?;
+        (c.observed_generation == Some(2)).then_some(wf)
+    })
+    .await;
+    assert_eq!(
+        condition(&wf, "Ready").unwrap().status,
+        "True",
+        "{:?}",
+        wf.status
+    );
+    let wp = child_api(&client, &ns.name, "WasmPlugin")
+        .get("f")
+        .await
+        .unwrap();
+    assert_eq!(wp.data["spec"]["pluginConfig"]["greeting"], "again");
+}

@@ -282,22 +282,52 @@ fn pinned_digest(wf: &WasmFilter) -> Option<&str> {
         .map(|a| a.manifest_digest.as_str())
 }
 
+/// With `IfNotPresent`, the module already resolved for this image, when the cache still holds
+/// its verified bytes: no registry round trip, so a registry outage cannot fail a resync.
+fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
+    pinned_digest(wf)?;
+    let a = wf.status.as_ref()?.artifact.as_ref()?;
+    if wf
+        .spec
+        .module
+        .sha256
+        .as_ref()
+        .is_some_and(|pin| *pin != a.module_sha256)
+    {
+        return None;
+    }
+    cache.read_verified(&a.module_sha256).ok()??;
+    Some(Artifact {
+        image: a.image.clone(),
+        manifest_digest: a.manifest_digest.clone(),
+        format: serde_json::from_value(json!(a.format)).ok()?,
+        module_sha256: a.module_sha256.clone(),
+        size: a.size,
+        abi_version: a.abi_version.clone(),
+    })
+}
+
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
     check_supported(wf)?;
 
-    let pull_start = Instant::now();
-    let artifact = ctx
-        .resolver
-        .fetch(
-            wf.image(),
-            pinned_digest(wf),
-            wf.spec.module.sha256.as_deref(),
-            &ctx.cache,
-        )
-        .await;
-    ctx.metrics.pulled(artifact.is_ok(), pull_start.elapsed());
-    let artifact = artifact?;
+    let artifact = match cached_artifact(wf, &ctx.cache) {
+        Some(artifact) => artifact,
+        None => {
+            let pull_start = Instant::now();
+            let artifact = ctx
+                .resolver
+                .fetch(
+                    wf.image(),
+                    pinned_digest(wf),
+                    wf.spec.module.sha256.as_deref(),
+                    &ctx.cache,
+                )
+                .await;
+            ctx.metrics.pulled(artifact.is_ok(), pull_start.elapsed());
+            artifact?
+        }
+    };
 
     let module = Module {
         sha256: artifact.module_sha256.clone(),
