@@ -21,7 +21,7 @@ command -v go >/dev/null || die "Go is needed to build the test control plane (h
 command -v cargo >/dev/null || die "Rust is needed (https://rustup.rs)"
 
 if [ ! -x "$K8S_BIN/kube-apiserver" ]; then
-  log "building kube-apiserver, kube-controller-manager, kubectl and etcd $K8S_VERSION from Go modules (cold: ~15 min on 2 cores; cached in $K8S_BIN)"
+  log "building kube-apiserver, kube-controller-manager, kubectl and etcd $K8S_VERSION from Go modules (cold: ~9 min on 2 cores; cached in $K8S_BIN)"
   mkdir -p "$K8S_BIN.tmp"
   (cd "$ROOT/e2e/tools/k8s" && run_with_heartbeat "go mod download" go mod download)
   (cd "$ROOT/e2e/tools/k8s" && run_with_heartbeat "go build (k8s $K8S_VERSION)" \
