@@ -4,7 +4,7 @@
 mod server;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
@@ -42,10 +42,6 @@ impl ModuleCache {
             }
         }
         Ok(ModuleCache { dir })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Where the module with this sha256 lives (whether or not it is there).
