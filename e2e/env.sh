@@ -155,6 +155,7 @@ export WASMFILTER_REGISTRY=127.0.0.1:$reg_port
 export WASMFILTER_REGISTRY_ROOT=$ENV_DIR/registry
 export WASMFILTER_ENVOY_DIR=$WASMFILTER_CACHE/envoy
 export WASMFILTER_ENVOY_VERSIONS="$ENVOY_VERSIONS"
+export WASMFILTER_ORAS=$ORAS_BIN/oras
 export PATH=$K8S_BIN:\$PATH
 ENV
   log "test environment up: source $ENV_DIR/env"

@@ -31,6 +31,14 @@ if [ ! -x "$K8S_BIN/kube-apiserver" ]; then
   rm -rf "$K8S_BIN" && mv "$K8S_BIN.tmp" "$K8S_BIN"
 fi
 
+if [ ! -x "$ORAS_BIN/oras" ]; then
+  log "building oras $ORAS_VERSION from its Go module (cold: ~1 min; cached in $ORAS_BIN)"
+  mkdir -p "$ORAS_BIN.tmp"
+  (cd "$ROOT/e2e/tools/oras" && run_with_heartbeat "go build (oras $ORAS_VERSION)" \
+    go build -ldflags='-s -w' -o "$ORAS_BIN.tmp/" oras.land/oras/cmd/oras)
+  rm -rf "$ORAS_BIN" && mv "$ORAS_BIN.tmp" "$ORAS_BIN"
+fi
+
 if [ ! -s "$ISTIO_CRDS" ]; then
   log "fetching Istio CRDs from the istio.io/api $ISTIO_API_VERSION Go module"
   dir=$(cd "$ROOT/e2e/tools/k8s" && GOFLAGS=-mod=mod go mod download -json "istio.io/api@$ISTIO_API_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')

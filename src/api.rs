@@ -229,6 +229,16 @@ pub struct ArtifactStatus {
     /// proxy-wasm ABI version the module declares by its exports, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abi_version: Option<String>,
+    /// ABI versions the artifact's runtime config declares; the module's own marker
+    /// (`abiVersion`) is what counts when they disagree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub declared_abi_versions: Vec<String>,
+    /// Root ids the artifact's runtime config declares.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub root_ids: Vec<String>,
+    /// The manifest digest deployed before this one, when the tag moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_manifest_digest: Option<String>,
 }
 
 /// CEL for `spec.module.image`, built from [`IMAGE_REFERENCE_RE`] so the schema and the

@@ -29,6 +29,44 @@ pub enum Error {
     )]
     RegistryDenied { reference: String, message: String },
 
+    #[error("registry {registry} is throttling requests (HTTP 429{}); will retry with backoff", retry_after.map(|s| format!(", Retry-After {s} s")).unwrap_or_default())]
+    RegistryThrottled {
+        registry: String,
+        retry_after: Option<u64>,
+    },
+
+    #[error(
+        "registry {registry} asked for a token from {realm:?}, which the operator refuses to contact: {why}"
+    )]
+    TokenRealmRefused {
+        registry: String,
+        realm: String,
+        why: String,
+    },
+
+    #[error("registry client settings: {message}")]
+    RegistryConfig { message: String },
+
+    #[error(
+        "manifest of {reference} is too large ({size}; the cap is {limit} bytes); is this really a Wasm artifact?"
+    )]
+    ManifestTooLarge {
+        reference: String,
+        size: String,
+        limit: u64,
+    },
+
+    #[error("artifact config of {reference} is unusable: {message}")]
+    InvalidArtifactConfig { reference: String, message: String },
+
+    #[error("pull secret {name:?}: {message}")]
+    PullSecret {
+        name: String,
+        message: String,
+        /// The Secret does not exist (yet): worth retrying soon.
+        missing: bool,
+    },
+
     #[error("resolving {reference}: {message}")]
     ResolveDigest { reference: String, message: String },
 
@@ -115,6 +153,13 @@ impl Error {
             Error::ManifestNotFound { .. } => "ManifestNotFound",
             Error::RegistryDenied { .. } => "RegistryDenied",
             Error::ResolveDigest { .. } => "ResolveDigest",
+            Error::RegistryThrottled { .. } => "RegistryThrottled",
+            Error::TokenRealmRefused { .. } => "TokenRealmRefused",
+            Error::RegistryConfig { .. } => "RegistryConfig",
+            Error::ManifestTooLarge { .. } => "ManifestTooLarge",
+            Error::InvalidArtifactConfig { .. } => "InvalidArtifactConfig",
+            Error::PullSecret { missing: true, .. } => "PullSecretNotFound",
+            Error::PullSecret { .. } => "InvalidPullSecret",
             Error::ManifestDigestMismatch { .. } => "ManifestDigestMismatch",
             Error::NotAWasmArtifact { .. } => "NotAWasmArtifact",
             Error::ModuleTooLarge { .. } => "ModuleTooLarge",
@@ -153,9 +198,22 @@ impl Error {
         )
     }
 
+    /// The least time to wait before retrying, when the server said (HTTP 429 Retry-After).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RegistryThrottled {
+                retry_after: Some(s),
+                ..
+            } => Some(Duration::from_secs((*s).min(300))),
+            _ => None,
+        }
+    }
+
     pub fn retry(&self) -> Retry {
         match self {
             Error::RegistryUnavailable { .. }
+            | Error::RegistryThrottled { .. }
+            | Error::PullSecret { missing: true, .. }
             | Error::ResolveDigest { .. }
             | Error::FetchBlob { .. }
             | Error::BlobDigestMismatch { .. }
@@ -174,6 +232,11 @@ impl Error {
             | Error::InvalidModule { .. }
             | Error::ModuleSha256Mismatch { .. }
             | Error::Unsupported { .. }
+            | Error::TokenRealmRefused { .. }
+            | Error::RegistryConfig { .. }
+            | Error::ManifestTooLarge { .. }
+            | Error::InvalidArtifactConfig { .. }
+            | Error::PullSecret { .. }
             | Error::MissingNamespace => Retry::Invalid,
         }
     }

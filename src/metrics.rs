@@ -12,6 +12,7 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -33,6 +34,11 @@ pub struct Metrics {
     pub reconcile_duration: Histogram,
     pub module_pulls: Family<ResultLabels, Counter>,
     pub module_pull_duration: Histogram,
+    pub module_pull_bytes: Counter,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_evictions: Counter,
+    pub cache_bytes: Gauge,
     ready: AtomicBool,
 }
 
@@ -69,8 +75,43 @@ impl Default for Metrics {
             "Duration of resolving and fetching a module",
             module_pull_duration.clone(),
         );
+        let module_pull_bytes = Counter::default();
+        let cache_hits = Counter::default();
+        let cache_misses = Counter::default();
+        let cache_evictions = Counter::default();
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "module_pull_bytes",
+            "Bytes downloaded from registries for modules",
+            module_pull_bytes.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "Reconciles and proxy requests served from the module cache without a download",
+            cache_hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "Module fetches that had to download from a registry",
+            cache_misses.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Unused modules removed from the cache to stay under its size bound",
+            cache_evictions.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes held in the module cache after the last eviction pass",
+            cache_bytes.clone(),
+        );
         Metrics {
             registry,
+            module_pull_bytes,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            cache_bytes,
             reconciles,
             reconcile_errors,
             reconcile_duration,
@@ -107,14 +148,37 @@ impl Metrics {
         }
     }
 
-    pub fn pulled(&self, ok: bool, took: Duration) {
+    /// A resolve-and-fetch finished: `Ok(bytes downloaded)` or an error reason.
+    pub fn pulled<E>(&self, result: Result<u64, E>, took: Duration) {
         self.module_pull_duration.observe(took.as_secs_f64());
-        let result = if ok { "pulled" } else { "error" };
+        let label = match result {
+            Ok(0) => {
+                self.cache_hits.inc();
+                "pulled"
+            }
+            Ok(bytes) => {
+                self.cache_misses.inc();
+                self.module_pull_bytes.inc_by(bytes);
+                "pulled"
+            }
+            Err(_) => "error",
+        };
         self.module_pulls
             .get_or_create(&ResultLabels {
-                result: result.into(),
+                result: label.into(),
             })
             .inc();
+    }
+
+    /// A reconcile used the cached module without asking the registry.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    pub fn evicted(&self, modules: u64, remaining_bytes: u64) {
+        self.cache_evictions.inc_by(modules);
+        self.cache_bytes
+            .set(i64::try_from(remaining_bytes).unwrap_or(i64::MAX));
     }
 
     /// Marks the operator ready: its watches have synced.

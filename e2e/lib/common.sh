@@ -15,6 +15,9 @@ ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.40.0"}
 
 K8S_BIN="$WASMFILTER_CACHE/bin/k8s-$K8S_VERSION-$(sha256sum "$ROOT/e2e/tools/k8s/go.sum" | cut -c1-12)"
 ISTIO_CRDS="$WASMFILTER_CACHE/istio-api-$ISTIO_API_VERSION/crds.yaml"
+# The oras CLI (interop tests and the pull benchmark), built from its Go module.
+ORAS_VERSION=v1.3.0
+ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/oras/go.sum" | cut -c1-12)"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

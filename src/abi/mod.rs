@@ -1,7 +1,10 @@
 //! What a module is, read from its own bytes: valid core Wasm or not, and which proxy-wasm ABI it
 //! declares through its exports. (The per-Envoy load check builds on this.)
 
-use wasmparser::{Encoding, ExternalKind, Parser, Payload, Validator};
+use std::fmt;
+
+use serde::Serialize;
+use wasmparser::{Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, Validator};
 
 /// The four bytes every Wasm binary starts with.
 pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -9,16 +12,75 @@ pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
 /// Export-name prefix by which a module declares its proxy-wasm ABI.
 const ABI_EXPORT_PREFIX: &str = "proxy_abi_version_";
 
-/// Facts about a module that the operator reports and renders from.
+/// A function type, printed the way Wasm text would: `(i32, i32) -> i32`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    pub params: Vec<String>,
+    pub results: Vec<String>,
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({})", self.params.join(", "))?;
+        match self.results.as_slice() {
+            [] => Ok(()),
+            [one] => write!(f, " -> {one}"),
+            many => write!(f, " -> ({})", many.join(", ")),
+        }
+    }
+}
+
+impl Serialize for Signature {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What kind of thing an import or export is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Func,
+    Memory,
+    Global,
+    Table,
+    Tag,
+}
+
+/// One export of the module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Export {
+    pub name: String,
+    pub kind: Kind,
+    /// For functions, their type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+/// One import of the module.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Import {
+    pub module: String,
+    pub name: String,
+    pub kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+}
+
+/// Facts about a module that the operator reports and renders from.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct ModuleInfo {
     /// ABI versions declared by function exports, e.g. `["0.2.1"]`; only functions count.
     pub abi_versions: Vec<String>,
-    /// Names of all exports.
-    pub exports: Vec<String>,
+    pub exports: Vec<Export>,
+    pub imports: Vec<Import>,
 }
 
 impl ModuleInfo {
+    pub fn export(&self, name: &str) -> Option<&Export> {
+        self.exports.iter().find(|e| e.name == name)
+    }
+
     /// The declared ABI, when there is exactly one (the usual case).
     pub fn abi_version(&self) -> Option<&str> {
         match self.abi_versions.as_slice() {
@@ -48,27 +110,98 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
         .validate_all(bytes)
         .map_err(|e| ModuleError::Invalid(e.to_string()))?;
     let mut info = ModuleInfo::default();
+    let invalid = |e: wasmparser::BinaryReaderError| ModuleError::Invalid(e.to_string());
+    // Function types by type index (None for non-function types), and the type index of every
+    // function in the function index space (imports first).
+    let mut types: Vec<Option<Signature>> = Vec::new();
+    let mut funcs: Vec<u32> = Vec::new();
+    let mut exports = Vec::new();
     for payload in Parser::new(0).parse_all(bytes) {
-        match payload.map_err(|e| ModuleError::Invalid(e.to_string()))? {
+        match payload.map_err(invalid)? {
             Payload::Version {
                 encoding: Encoding::Component,
                 ..
             } => return Err(ModuleError::Component),
+            Payload::TypeSection(reader) => {
+                for group in reader.into_iter_err_on_gc_types() {
+                    let ty = group.map_err(invalid)?;
+                    types.push(Some(Signature {
+                        params: ty.params().iter().map(val_type).collect(),
+                        results: ty.results().iter().map(val_type).collect(),
+                    }));
+                }
+            }
+            Payload::ImportSection(reader) => {
+                for import in reader {
+                    let import = import.map_err(invalid)?;
+                    let (kind, signature) = match import.ty {
+                        TypeRef::Func(t) | TypeRef::FuncExact(t) => {
+                            funcs.push(t);
+                            (Kind::Func, types.get(t as usize).cloned().flatten())
+                        }
+                        TypeRef::Memory(_) => (Kind::Memory, None),
+                        TypeRef::Global(_) => (Kind::Global, None),
+                        TypeRef::Table(_) => (Kind::Table, None),
+                        TypeRef::Tag(_) => (Kind::Tag, None),
+                    };
+                    info.imports.push(Import {
+                        module: import.module.to_string(),
+                        name: import.name.to_string(),
+                        kind,
+                        signature,
+                    });
+                }
+            }
+            Payload::FunctionSection(reader) => {
+                for f in reader {
+                    funcs.push(f.map_err(invalid)?);
+                }
+            }
             Payload::ExportSection(reader) => {
                 for export in reader {
-                    let export = export.map_err(|e| ModuleError::Invalid(e.to_string()))?;
-                    if export.kind == ExternalKind::Func
-                        && let Some(v) = export.name.strip_prefix(ABI_EXPORT_PREFIX)
-                    {
-                        info.abi_versions.push(v.replace('_', "."));
-                    }
-                    info.exports.push(export.name.to_string());
+                    let export = export.map_err(invalid)?;
+                    exports.push((export.name.to_string(), export.kind, export.index));
                 }
             }
             _ => {}
         }
     }
+    for (name, kind, index) in exports {
+        let (kind, signature) = match kind {
+            ExternalKind::Func | ExternalKind::FuncExact => (
+                Kind::Func,
+                funcs
+                    .get(index as usize)
+                    .and_then(|t| types.get(*t as usize).cloned().flatten()),
+            ),
+            ExternalKind::Memory => (Kind::Memory, None),
+            ExternalKind::Global => (Kind::Global, None),
+            ExternalKind::Table => (Kind::Table, None),
+            ExternalKind::Tag => (Kind::Tag, None),
+        };
+        if kind == Kind::Func
+            && let Some(v) = name.strip_prefix(ABI_EXPORT_PREFIX)
+        {
+            info.abi_versions.push(v.replace('_', "."));
+        }
+        info.exports.push(Export {
+            name,
+            kind,
+            signature,
+        });
+    }
     Ok(info)
+}
+
+fn val_type(v: &ValType) -> String {
+    match v {
+        ValType::I32 => "i32".into(),
+        ValType::I64 => "i64".into(),
+        ValType::F32 => "f32".into(),
+        ValType::F64 => "f64".into(),
+        ValType::V128 => "v128".into(),
+        ValType::Ref(r) => r.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -86,7 +219,32 @@ mod tests {
         );
         let info = inspect(&m).unwrap();
         assert_eq!(info.abi_version(), Some("0.2.1"));
-        assert!(info.exports.contains(&"memory".to_string()));
+        assert_eq!(info.export("memory").map(|e| e.kind), Some(Kind::Memory));
+    }
+
+    #[test]
+    fn reads_imports_and_exports_with_their_types() {
+        let m = wat(r#"(module
+                 (import "env" "proxy_log" (func (param i32 i32 i32) (result i32)))
+                 (import "env" "memory" (memory 1))
+                 (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) i32.const 0)
+                 (func (export "two") (param i64) (result i32 f64) i32.const 0 f64.const 0))"#);
+        let info = inspect(&m).unwrap();
+        assert_eq!(info.imports.len(), 2);
+        assert_eq!(info.imports[0].module, "env");
+        assert_eq!(
+            info.imports[0].signature.as_ref().map(ToString::to_string),
+            Some("(i32, i32, i32) -> i32".into())
+        );
+        assert_eq!(info.imports[1].kind, Kind::Memory);
+        let sig = |n: &str| {
+            info.export(n)
+                .and_then(|e| e.signature.clone())
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(sig("proxy_on_request_headers"), "(i32, i32, i32) -> i32");
+        assert_eq!(sig("two"), "(i64) -> (i32, f64)");
     }
 
     #[test]

@@ -2,13 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kube::CustomResourceExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 
 use crate::api::WasmFilter;
@@ -16,7 +15,7 @@ use crate::cache::{self, ModuleCache};
 use crate::controller::{self, Context, Settings};
 use crate::error::Backoff;
 use crate::metrics::{self, Metrics};
-use crate::oci::{self, RegistryConfig, Resolver};
+use crate::oci::{self, Credentials, Format, RegistryConfig, Resolver};
 use crate::render::ModuleServer;
 
 #[derive(Debug, Parser)]
@@ -40,6 +39,84 @@ pub enum Command {
     Push(PushArgs),
     /// Fetch and verify a module from any accepted artifact format.
     Pull(PullArgs),
+    /// Show a module's format, digests, declared ABI and root ids, exports and imports.
+    Inspect(InspectArgs),
+}
+
+/// How the CLI reaches a registry.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Talk plain HTTP to the registry (for local registries).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// PEM file of CA certificates to trust besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Registry user name (default: the entry for the registry in ~/.docker/config.json).
+    #[arg(long, env = "WASMFILTER_REGISTRY_USERNAME")]
+    pub username: Option<String>,
+    /// Registry password or token (prefer the environment variable to the flag).
+    #[arg(
+        long,
+        env = "WASMFILTER_REGISTRY_PASSWORD",
+        hide_env_values = true,
+        requires = "username"
+    )]
+    pub password: Option<String>,
+    /// Seconds a registry connection may stay silent before it counts as stalled.
+    #[arg(long, default_value_t = 30)]
+    pub timeout_seconds: u64,
+}
+
+impl RegistryArgs {
+    /// Credentials for `registry`: the flags, else the docker config, else anonymous.
+    fn credentials(&self, registry: &str) -> anyhow::Result<Credentials> {
+        if let (Some(username), Some(password)) = (&self.username, &self.password) {
+            return Ok(Credentials::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            });
+        }
+        let path = match std::env::var_os("DOCKER_CONFIG") {
+            Some(dir) => PathBuf::from(dir).join("config.json"),
+            None => match std::env::var_os("HOME") {
+                Some(home) => PathBuf::from(home).join(".docker/config.json"),
+                None => return Ok(Credentials::Anonymous),
+            },
+        };
+        let json = match std::fs::read(&path) {
+            Ok(json) => json,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Credentials::Anonymous);
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        match oci::auth::credentials_from_docker_config(&json, registry) {
+            Ok(creds) => Ok(creds),
+            Err(oci::auth::DockerConfigError::NoEntry { .. }) => Ok(Credentials::Anonymous),
+            Err(e) => bail!("{} {e}", path.display()),
+        }
+    }
+
+    fn config(&self, registry: &str, max_module_bytes: u64) -> anyhow::Result<RegistryConfig> {
+        let mut config = RegistryConfig {
+            plain_http: if self.plain_http {
+                vec![registry.to_string()]
+            } else {
+                Vec::new()
+            },
+            max_module_bytes,
+            read_timeout: Duration::from_secs(self.timeout_seconds.max(1)),
+            ..Default::default()
+        };
+        if let Some(file) = &self.ca_file {
+            let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            config
+                .trust_pem_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        }
+        Ok(config)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -49,12 +126,52 @@ pub struct PullArgs {
     /// Where to write the module.
     #[arg(long, short)]
     pub output: PathBuf,
-    /// Talk plain HTTP to the registry (for local registries).
-    #[arg(long)]
-    pub plain_http: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
     pub max_module_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A module file (.wasm or .wat), or an artifact reference.
+    pub target: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Largest module accepted, in bytes.
+    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
+    pub max_module_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+/// Formats `wasmfilter push` can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PushFormat {
+    /// Solo's "oci" Wasm image (raw module layer); read by Istio, Envoy Gateway and us.
+    SoloOci,
+    /// The CNCF Wasm OCI artifact (`application/wasm` layer).
+    Cncf,
+    /// An OCI image with `plugin.wasm` in a tar+gzip layer (Istio's "compat" image).
+    Compat,
+}
+
+impl From<PushFormat> for Format {
+    fn from(f: PushFormat) -> Format {
+        match f {
+            PushFormat::SoloOci => Format::SoloOci,
+            PushFormat::Cncf => Format::Cncf,
+            PushFormat::Compat => Format::Compat,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -85,9 +202,19 @@ pub struct OperatorArgs {
     /// A registry (host[:port]) that may be reached over plain HTTP. Repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
+    /// PEM file of CA certificates to trust for registries besides the system roots.
+    #[arg(long, value_name = "FILE", env = "WASMFILTER_REGISTRY_CA_FILE")]
+    pub registry_ca_file: Option<PathBuf>,
+    /// Seconds a registry connection may stay silent before it counts as stalled.
+    #[arg(long, default_value_t = 30)]
+    pub registry_timeout_seconds: u64,
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
     pub max_module_size: u64,
+    /// Bound on the on-disk module cache, in bytes; least recently used modules no
+    /// WasmFilter deploys are evicted beyond it (modules in use never are).
+    #[arg(long)]
+    pub cache_max_bytes: Option<u64>,
     /// Seconds between re-resolving tags of filters with pullPolicy: Always.
     #[arg(long, default_value_t = 300)]
     pub resync_seconds: u64,
@@ -114,9 +241,11 @@ pub struct PushArgs {
     pub file: PathBuf,
     /// Where to push it, e.g. registry.example.com/filters/add-header:1.2.0
     pub reference: String,
-    /// Talk plain HTTP to the registry (for local registries).
-    #[arg(long)]
-    pub plain_http: bool,
+    /// Artifact format; the default is one Istio, Envoy Gateway and this operator all read.
+    #[arg(long, value_enum, default_value_t = PushFormat::SoloOci)]
+    pub format: PushFormat,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// ABI version to declare in the artifact config (default: the one the module exports).
     #[arg(long = "abi")]
     pub abi_versions: Vec<String>,
@@ -137,6 +266,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Push(args) => push(args).await,
         Command::Pull(args) => pull(args).await,
+        Command::Inspect(args) => inspect(args).await,
     }
 }
 
@@ -171,7 +301,23 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding admin server to {}", args.admin_listen))?;
     tracing::info!(cache = %args.cache_listen, admin = %args.admin_listen, "serving");
-    let cache_app = cache::router(cache.clone());
+    match tokio::task::spawn_blocking({
+        let cache = cache.clone();
+        move || cache.verify_all()
+    })
+    .await?
+    {
+        Ok(dropped) if !dropped.is_empty() => {
+            tracing::warn!(
+                ?dropped,
+                "dropped corrupt or stray files from the module cache"
+            );
+        }
+        Ok(_) => {}
+        Err(e) => return Err(e).context("verifying the module cache"),
+    }
+    let late_ctx: Arc<OnceLock<Arc<Context>>> = Arc::new(OnceLock::new());
+    let cache_app = cache::router(cache.clone(), Some(late_ctx.clone()));
     let admin_app = metrics::router(metrics.clone());
     tokio::spawn(async move { axum::serve(cache_listener, cache_app).await });
     tokio::spawn(async move { axum::serve(admin_listener, admin_app).await });
@@ -187,19 +333,29 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     if let Some(cluster) = args.cache_cluster {
         module_server.cluster = cluster;
     }
-    let resolver = Resolver::new(RegistryConfig {
+    let mut registry_config = RegistryConfig {
         plain_http: args.insecure_registries,
         max_module_bytes: args.max_module_size,
+        read_timeout: Duration::from_secs(args.registry_timeout_seconds.max(1)),
         ..Default::default()
-    });
+    };
+    if let Some(file) = &args.registry_ca_file {
+        let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        registry_config
+            .trust_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
+    let resolver = Resolver::new(registry_config)?;
     let settings = Settings {
         namespace: args.namespace,
         module_server,
         resync: Duration::from_secs(args.resync_seconds),
         backoff: Backoff::default(),
         instance: args.instance,
+        cache_max_bytes: args.cache_max_bytes,
     };
     let ctx = Arc::new(Context::new(client, metrics, resolver, cache, settings));
+    let _ = late_ctx.set(ctx.clone());
     tracing::info!(namespace = ?ctx.settings.namespace, "controller starting");
     controller::run(ctx).await;
     Ok(())
@@ -208,21 +364,19 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
 async fn push(args: PushArgs) -> anyhow::Result<()> {
     let module = read_module(&args.file)?;
     let reference = oci::parse_reference(&args.reference)?;
-    let client = oci_client::Client::new(ClientConfig {
-        protocol: if args.plain_http {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
-        ..Default::default()
-    });
+    let registry = reference.resolve_registry().to_string();
+    let client = oci::client(&args.registry.config(&registry, u64::MAX)?);
+    let auth = match args.registry.credentials(&registry)? {
+        Credentials::Anonymous => RegistryAuth::Anonymous,
+        Credentials::Basic { username, password } => RegistryAuth::Basic(username, password),
+    };
     let size = module.len();
     let opts = oci::PushOptions {
         abi_versions: args.abi_versions,
         root_ids: args.root_ids,
     };
-    let (format, digest) =
-        oci::push_module(&client, &RegistryAuth::Anonymous, &reference, module, &opts).await?;
+    let format = Format::from(args.format);
+    let digest = oci::push_module(&client, &auth, &reference, module, format, &opts).await?;
     println!(
         "pushed {} ({format}, {size} bytes) digest {digest}",
         reference.whole()
@@ -230,18 +384,21 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves and verifies a module with the CLI's registry settings.
+async fn fetch(
+    image: &str,
+    registry: &RegistryArgs,
+    max_module_size: u64,
+) -> anyhow::Result<(oci::Artifact, Vec<u8>)> {
+    let reference = oci::parse_reference(image)?;
+    let host = reference.resolve_registry().to_string();
+    let resolver = Resolver::new(registry.config(&host, max_module_size)?)?;
+    let creds = registry.credentials(&host)?;
+    Ok(resolver.pull(image, None, None, None, &creds).await?)
+}
+
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let reference = oci::parse_reference(&args.reference)?;
-    let resolver = Resolver::new(RegistryConfig {
-        plain_http: if args.plain_http {
-            vec![reference.resolve_registry().to_string()]
-        } else {
-            Vec::new()
-        },
-        max_module_bytes: args.max_module_size,
-        ..Default::default()
-    });
-    let (artifact, module) = resolver.pull(&args.reference, None, None, None).await?;
+    let (artifact, module) = fetch(&args.reference, &args.registry, args.max_module_size).await?;
     let tmp = args.output.with_extension("wasm.partial");
     std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output)
@@ -256,6 +413,115 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// What `wasmfilter inspect` reports.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Inspection {
+    source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest_digest: Option<String>,
+    module_sha256: String,
+    size: u64,
+    abi_version: Option<String>,
+    abi_versions: Vec<String>,
+    declared_abi_versions: Vec<String>,
+    root_ids: Vec<String>,
+    exports: Vec<crate::abi::Export>,
+    imports: Vec<crate::abi::Import>,
+}
+
+async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let path = std::path::Path::new(&args.target);
+    let (artifact, module) = if path.is_file() {
+        (None, read_module(path)?)
+    } else {
+        let (a, m) = fetch(&args.target, &args.registry, args.max_module_size).await?;
+        (Some(a), m)
+    };
+    let info = crate::abi::inspect(&module)
+        .with_context(|| format!("{} is not a loadable module", args.target))?;
+    let report = Inspection {
+        source: args.target.clone(),
+        format: artifact.as_ref().map(|a| a.format.to_string()),
+        manifest_digest: artifact.as_ref().map(|a| a.manifest_digest.clone()),
+        module_sha256: cache::sha256_hex(&module),
+        size: module.len() as u64,
+        abi_version: info.abi_version().map(str::to_string),
+        abi_versions: info.abi_versions.clone(),
+        declared_abi_versions: artifact
+            .as_ref()
+            .map(|a| a.declared_abi_versions.clone())
+            .unwrap_or_default(),
+        root_ids: artifact
+            .as_ref()
+            .map(|a| a.root_ids.clone())
+            .unwrap_or_default(),
+        exports: info.exports,
+        imports: info.imports,
+    };
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => print!("{}", inspection_text(&report)),
+    }
+    Ok(())
+}
+
+fn inspection_text(r: &Inspection) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(out, "source:          {}", r.source);
+    if let Some(f) = &r.format {
+        let _ = writeln!(out, "format:          {f}");
+    }
+    if let Some(d) = &r.manifest_digest {
+        let _ = writeln!(out, "manifest digest: {d}");
+    }
+    let _ = writeln!(out, "module sha256:   {}", r.module_sha256);
+    let _ = writeln!(out, "size:            {} bytes", r.size);
+    let _ = writeln!(out, "ABI (exports):   {}", list(&r.abi_versions));
+    if r.format.is_some() {
+        let _ = writeln!(out, "ABI (declared):  {}", list(&r.declared_abi_versions));
+        let _ = writeln!(out, "root ids:        {}", list(&r.root_ids));
+    }
+    if let (Some(actual), false) = (&r.abi_version, r.declared_abi_versions.is_empty())
+        && !r.declared_abi_versions.iter().any(|d| d == actual)
+    {
+        let _ = writeln!(
+            out,
+            "note:            the artifact declares ABI {} but the module exports {actual}; the module wins",
+            list(&r.declared_abi_versions)
+        );
+    }
+    let _ = writeln!(out, "exports ({}):", r.exports.len());
+    for e in &r.exports {
+        let sig = e
+            .signature
+            .as_ref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {:?} {}{sig}", e.kind, e.name);
+    }
+    let _ = writeln!(out, "imports ({}):", r.imports.len());
+    for i in &r.imports {
+        let sig = i
+            .signature
+            .as_ref()
+            .map(|s| format!(" {s}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {:?} {}.{}{sig}", i.kind, i.module, i.name);
+    }
+    out
 }
 
 fn read_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {

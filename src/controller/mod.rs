@@ -3,26 +3,29 @@
 
 pub mod status;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::{PullPolicy, WasmFilter};
-use crate::cache::ModuleCache;
+use crate::cache::{FetchFailure, ModuleCache, OnDemand};
 use crate::error::{Backoff, Error};
 use crate::metrics::Metrics;
 use crate::names;
-use crate::oci::{Artifact, Resolver};
+use crate::oci::{Artifact, Credentials, Resolver};
 use crate::render::{self, Module, ModuleServer};
 
 /// How the controller runs.
@@ -37,7 +40,13 @@ pub struct Settings {
     pub backoff: Backoff,
     /// This replica's name, for Events.
     pub instance: Option<String>,
+    /// Bound on the module cache's size; modules in use are kept even beyond it.
+    pub cache_max_bytes: Option<u64>,
 }
+
+/// Modules written or used this recently are never evicted: one may be on its way into a
+/// status that does not reference it yet.
+const EVICTION_GRACE: Duration = Duration::from_secs(600);
 
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
@@ -48,6 +57,10 @@ pub struct Context {
     pub cache: ModuleCache,
     pub settings: Settings,
     failures: Mutex<HashMap<ObjectRef<WasmFilter>, u32>>,
+    /// The controller's view of all WasmFilters, once it runs.
+    store: OnceLock<Store<WasmFilter>>,
+    /// One on-demand fetch per module at a time.
+    inflight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Context {
@@ -70,7 +83,150 @@ impl Context {
             cache,
             settings,
             failures: Mutex::new(HashMap::new()),
+            store: OnceLock::new(),
+            inflight: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Module sha256s some WasmFilter's status says are deployed.
+    fn referenced_modules(&self) -> Option<HashSet<String>> {
+        let store = self.store.get()?;
+        Some(
+            store
+                .state()
+                .iter()
+                .filter_map(|wf| wf.status.as_ref()?.artifact.as_ref())
+                .map(|a| a.module_sha256.clone())
+                .collect(),
+        )
+    }
+
+    /// Trims the cache to its bound, keeping every module in use.
+    pub fn evict(&self) {
+        let Some(max) = self.settings.cache_max_bytes else {
+            return;
+        };
+        // Without the full list of filters we cannot know what is in use: evict nothing.
+        let Some(referenced) = self.referenced_modules() else {
+            return;
+        };
+        match self.cache.evict(max, &referenced, EVICTION_GRACE) {
+            Ok(r) => {
+                for (sha, len) in &r.removed {
+                    tracing::info!(sha256 = %sha, bytes = len, "evicted unused module from the cache");
+                }
+                self.metrics
+                    .evicted(r.removed.len() as u64, r.remaining_bytes);
+                if r.remaining_bytes > max {
+                    tracing::warn!(
+                        remaining = r.remaining_bytes,
+                        max,
+                        in_use = r.pinned_bytes,
+                        "modules in use exceed --cache-max-bytes; keeping them"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
+        }
+    }
+
+    /// Credentials for a filter's registry: from its pull secret, read from its own
+    /// namespace, or anonymous.
+    async fn credentials(&self, wf: &WasmFilter, ns: &str) -> Result<Credentials, Error> {
+        let Some(name) = wf.spec.module.pull_secret.as_deref() else {
+            return Ok(Credentials::Anonymous);
+        };
+        let err = |message: String, missing: bool| Error::PullSecret {
+            name: name.to_string(),
+            message,
+            missing,
+        };
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let secret = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| err(format!("cannot read it: {e}"), true))?
+            .ok_or_else(|| {
+                err(
+                    format!(
+                        "no Secret {name:?} in namespace {ns:?}; create it with \
+                         `kubectl -n {ns} create secret docker-registry {name} ...`"
+                    ),
+                    true,
+                )
+            })?;
+        const DOCKER_CONFIG_JSON: &str = "kubernetes.io/dockerconfigjson";
+        if secret.type_.as_deref() != Some(DOCKER_CONFIG_JSON) {
+            return Err(err(
+                format!(
+                    "has type {:?}; it must be {DOCKER_CONFIG_JSON}",
+                    secret.type_.unwrap_or_default()
+                ),
+                false,
+            ));
+        }
+        let data = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(".dockerconfigjson"))
+            .ok_or_else(|| err("has no .dockerconfigjson key".into(), false))?;
+        let reference = crate::oci::parse_reference(wf.image())?;
+        crate::oci::auth::credentials_from_docker_config(&data.0, reference.resolve_registry())
+            .map_err(|e| err(e.to_string(), false))
+    }
+
+    /// Fetches, on a proxy's request, a module some WasmFilter deploys but this replica's
+    /// cache lacks (another replica fetched it, or the file was dropped as corrupt).
+    async fn fetch_on_demand(&self, sha256: &str) -> Result<(), FetchFailure> {
+        let Some(store) = self.store.get() else {
+            return Err(FetchFailure::Unavailable("the operator is starting".into()));
+        };
+        let Some(wf) = store.state().into_iter().find(|wf| {
+            wf.status
+                .as_ref()
+                .and_then(|s| s.artifact.as_ref())
+                .is_some_and(|a| a.module_sha256 == sha256)
+        }) else {
+            return Err(FetchFailure::Unknown);
+        };
+        let lock = {
+            let mut inflight = self.inflight.lock().await;
+            inflight.entry(sha256.to_string()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let result = if self.cache.verify(sha256).unwrap_or(false) {
+            Ok(())
+        } else {
+            self.fetch_deployed(&wf, sha256).await
+        };
+        self.inflight.lock().await.remove(sha256);
+        result
+    }
+
+    async fn fetch_deployed(&self, wf: &WasmFilter, sha256: &str) -> Result<(), FetchFailure> {
+        let unavailable = |e: Error| FetchFailure::Unavailable(e.to_string());
+        let artifact = wf
+            .status
+            .as_ref()
+            .and_then(|s| s.artifact.clone())
+            .ok_or(FetchFailure::Unknown)?;
+        let ns = wf.namespace().ok_or(FetchFailure::Unknown)?;
+        let creds = self.credentials(wf, &ns).await.map_err(unavailable)?;
+        tracing::info!(sha256, image = %artifact.image, "fetching a module on a proxy's request");
+        let start = Instant::now();
+        let fetched = self
+            .resolver
+            .fetch(
+                &artifact.image,
+                Some(&artifact.manifest_digest),
+                Some(sha256),
+                &self.cache,
+                &creds,
+            )
+            .await;
+        self.metrics
+            .pulled(fetched.as_ref().map(|f| f.downloaded), start.elapsed());
+        fetched.map(|_| ()).map_err(unavailable)
     }
 
     fn record_failure(&self, wf: &WasmFilter) -> u32 {
@@ -193,7 +349,18 @@ pub async fn run(ctx: Arc<Context>) {
         .owns_with(children(&ef), ef, owned)
         .shutdown_on_signal();
     let store = controller.store();
+    let _ = ctx.store.set(store.clone());
     let metrics = ctx.metrics.clone();
+    // Trim the cache now and then, not only after pulls (filters get deleted too).
+    let evicting = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            let ctx = evicting.clone();
+            let _ = tokio::task::spawn_blocking(move || ctx.evict()).await;
+        }
+    });
     // The store's readiness signal keeps one waker, which the controller's own wait takes; so
     // poll it again every second rather than wait on it once.
     tokio::spawn(async move {
@@ -252,20 +419,13 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
         .settings
         .backoff
         .delay(err.retry(), failures, fastrand::f64());
+    let delay = err.retry_after().map_or(delay, |least| delay.max(least));
     tracing::info!(reason = err.reason(), failures, ?delay, "retrying later");
     Action::requeue(delay)
 }
 
 /// Refuses, before any network work, what this version cannot do, rather than ignoring it.
 fn check_supported(wf: &WasmFilter) -> Result<(), Error> {
-    if wf.spec.module.pull_secret.is_some() {
-        return Err(Error::Unsupported {
-            field: "spec.module.pullSecret",
-            detail: "private registries are not supported yet; push the module to a registry \
-                     that allows anonymous pulls, or remove pullSecret"
-                .into(),
-        });
-    }
     render::target_supported(wf.spec.target)
 }
 
@@ -296,7 +456,10 @@ fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
     {
         return None;
     }
-    cache.read_verified(&a.module_sha256).ok()??;
+    if !cache.verify(&a.module_sha256).ok()? {
+        return None;
+    }
+    cache.touch(&a.module_sha256);
     Some(Artifact {
         image: a.image.clone(),
         manifest_digest: a.manifest_digest.clone(),
@@ -304,6 +467,8 @@ fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
         module_sha256: a.module_sha256.clone(),
         size: a.size,
         abi_version: a.abi_version.clone(),
+        declared_abi_versions: a.declared_abi_versions.clone(),
+        root_ids: a.root_ids.clone(),
     })
 }
 
@@ -312,20 +477,28 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     check_supported(wf)?;
 
     let artifact = match cached_artifact(wf, &ctx.cache) {
-        Some(artifact) => artifact,
+        Some(artifact) => {
+            ctx.metrics.cache_hit();
+            artifact
+        }
         None => {
+            let creds = ctx.credentials(wf, &ns).await?;
             let pull_start = Instant::now();
-            let artifact = ctx
+            let fetched = ctx
                 .resolver
                 .fetch(
                     wf.image(),
                     pinned_digest(wf),
                     wf.spec.module.sha256.as_deref(),
                     &ctx.cache,
+                    &creds,
                 )
                 .await;
-            ctx.metrics.pulled(artifact.is_ok(), pull_start.elapsed());
-            artifact?
+            ctx.metrics
+                .pulled(fetched.as_ref().map(|f| f.downloaded), pull_start.elapsed());
+            let fetched = fetched?;
+            ctx.evict();
+            fetched.artifact
         }
     };
 
@@ -447,4 +620,20 @@ async fn patch_status(
     .await
     .map(|_| ())
     .map_err(Error::UpdateStatus)
+}
+
+/// Until the controller runs, proxies asking for a module this replica lacks are told to
+/// come back; then the controller fetches it for them.
+impl OnDemand for OnceLock<Arc<Context>> {
+    fn fetch<'a>(
+        &'a self,
+        sha256: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), FetchFailure>> + Send + 'a>> {
+        Box::pin(async move {
+            match self.get() {
+                Some(ctx) => ctx.fetch_on_demand(sha256).await,
+                None => Err(FetchFailure::Unavailable("the operator is starting".into())),
+            }
+        })
+    }
 }

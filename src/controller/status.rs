@@ -66,6 +66,9 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
         size: a.size,
         format: a.format.as_str().to_string(),
         abi_version: a.abi_version.clone(),
+        declared_abi_versions: a.declared_abi_versions.clone(),
+        root_ids: a.root_ids.clone(),
+        previous_manifest_digest: None,
     }
 }
 
@@ -90,20 +93,33 @@ pub fn ready(
         deployed.push_str("; note: ");
         deployed.push_str(n);
     }
+    let old = wf.status.as_ref().and_then(|s| s.artifact.as_ref());
+    let previous_manifest_digest = match old {
+        Some(o) if o.image == artifact.image && o.manifest_digest != artifact.manifest_digest => {
+            Some(o.manifest_digest.clone())
+        }
+        Some(o) if o.manifest_digest == artifact.manifest_digest => {
+            o.previous_manifest_digest.clone()
+        }
+        _ => None,
+    };
+    let mut resolved = format!(
+        "{} resolved to {} ({}, {} bytes, module sha256:{})",
+        artifact.image,
+        artifact.manifest_digest,
+        artifact.format,
+        artifact.size,
+        artifact.module_sha256
+    );
+    if let Some(prev) = &previous_manifest_digest {
+        resolved.push_str(&format!("; the tag moved from {prev}"));
+    }
+    if let Some(note) = declared_abi_note(artifact) {
+        resolved.push_str("; ");
+        resolved.push_str(&note);
+    }
     let conds = [
-        Cond::new(
-            condition::RESOLVED,
-            true,
-            reason::RESOLVED,
-            format!(
-                "{} resolved to {} ({}, {} bytes, module sha256:{})",
-                artifact.image,
-                artifact.manifest_digest,
-                artifact.format,
-                artifact.size,
-                artifact.module_sha256
-            ),
-        ),
+        Cond::new(condition::RESOLVED, true, reason::RESOLVED, resolved),
         Cond::new(condition::DEPLOYED, true, reason::DEPLOYED, deployed),
         Cond::new(
             condition::READY,
@@ -115,8 +131,36 @@ pub fn ready(
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(previous, &conds, wf.metadata.generation),
-        artifact: Some(artifact_status(artifact)),
+        artifact: Some(ArtifactStatus {
+            previous_manifest_digest,
+            ..artifact_status(artifact)
+        }),
     }
+}
+
+/// When the artifact's config declares ABI versions the module's own marker disagrees with,
+/// says so: the module is what Envoy reads.
+pub fn declared_abi_note(a: &Artifact) -> Option<String> {
+    if a.declared_abi_versions.is_empty() {
+        return None;
+    }
+    let norm = |v: &str| {
+        v.trim_start_matches("proxy_abi_version_")
+            .trim_start_matches('v')
+            .replace('_', ".")
+    };
+    let actual = a.abi_version.as_deref().map(norm);
+    if actual
+        .as_ref()
+        .is_some_and(|act| a.declared_abi_versions.iter().any(|d| norm(d) == *act))
+    {
+        return None;
+    }
+    Some(format!(
+        "the artifact declares ABI {} but the module exports {}; the module's own marker wins",
+        a.declared_abi_versions.join(", "),
+        a.abi_version.as_deref().unwrap_or("no ABI marker")
+    ))
 }
 
 /// Status after a failed reconcile: says what failed and why, and that whatever was deployed
@@ -207,7 +251,53 @@ mod tests {
             module_sha256: "a".repeat(64),
             size: 10,
             abi_version: Some("0.2.1".into()),
+            declared_abi_versions: Vec::new(),
+            root_ids: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_moved_tag_keeps_the_old_digest_in_status() {
+        let mut wf = wf();
+        let old = artifact();
+        wf.status = Some(ready(&wf, &old, "WasmPlugin", &[]));
+        let moved = Artifact {
+            manifest_digest: format!("sha256:{}", "d".repeat(64)),
+            ..artifact()
+        };
+        let s = ready(&wf, &moved, "WasmPlugin", &[]);
+        let a = s.artifact.as_ref().unwrap();
+        assert_eq!(a.manifest_digest, moved.manifest_digest);
+        assert_eq!(
+            a.previous_manifest_digest.as_deref(),
+            Some(old.manifest_digest.as_str())
+        );
+        assert!(
+            cond(&s, "Resolved")
+                .message
+                .contains("the tag moved from sha256:cccc")
+        );
+        // A resync that finds the same digest keeps saying where it came from.
+        wf.status = Some(s);
+        let again = ready(&wf, &moved, "WasmPlugin", &[]);
+        assert_eq!(
+            again.artifact.unwrap().previous_manifest_digest.as_deref(),
+            Some(old.manifest_digest.as_str())
+        );
+    }
+
+    #[test]
+    fn declared_and_actual_abi_disagreement_is_reported() {
+        let mut a = artifact();
+        a.declared_abi_versions = vec!["v0.2.1".into()];
+        assert_eq!(declared_abi_note(&a), None);
+        a.declared_abi_versions = vec!["0.1.0".into()];
+        assert_eq!(
+            declared_abi_note(&a).as_deref(),
+            Some(
+                "the artifact declares ABI 0.1.0 but the module exports 0.2.1; the module's own marker wins"
+            )
+        );
     }
 
     fn cond<'a>(s: &'a WasmFilterStatus, t: &str) -> &'a Condition {

@@ -113,6 +113,61 @@ pub fn select_module_layer(m: &OciImageManifest) -> Result<(Format, &OciDescript
     ))
 }
 
+/// What an artifact's runtime config declares about its module (Solo format:
+/// `{"type":"envoy_proxy","abiVersions":[...],"config":{"rootIds":[...]}}`; the spec's own
+/// example spells `abi_version(s)`/`root_ids`, accepted too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeclaredConfig {
+    pub abi_versions: Vec<String>,
+    pub root_ids: Vec<String>,
+}
+
+impl DeclaredConfig {
+    /// Parses a runtime config; anything that is not a JSON object is refused with a reason.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            format!(
+                "config blob is not JSON ({e}); starts with {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(32)])
+            )
+        })?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| "config blob is JSON but not an object".to_string())?;
+        let strings = |v: Option<&serde_json::Value>| -> Vec<String> {
+            match v {
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+                Some(serde_json::Value::String(s)) => vec![s.clone()],
+                _ => Vec::new(),
+            }
+        };
+        let first = |o: &serde_json::Map<String, serde_json::Value>, keys: &[&str]| {
+            keys.iter().find_map(|k| o.get(*k)).cloned()
+        };
+        let abi_versions = strings(
+            first(
+                obj,
+                &["abiVersions", "abi_versions", "abiVersion", "abi_version"],
+            )
+            .as_ref(),
+        );
+        let inner = obj.get("config").and_then(|c| c.as_object());
+        let root_ids = strings(
+            inner
+                .and_then(|c| first(c, &["rootIds", "root_ids"]))
+                .or_else(|| first(obj, &["rootIds", "root_ids"]))
+                .as_ref(),
+        );
+        Ok(DeclaredConfig {
+            abi_versions,
+            root_ids,
+        })
+    }
+}
+
 /// In an index, the entry for Wasm: one whose platform is `wasm`/`wasip1`, else a lone entry.
 pub fn pick_index_entry(entries: &[ImageIndexEntry]) -> Option<&ImageIndexEntry> {
     entries
@@ -192,6 +247,33 @@ impl<R: Read> Read for CappedReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_config_accepts_both_spellings() {
+        let camel = br#"{"type":"envoy_proxy","abiVersions":["v0-4689a30309abf31aee9ae36e73d34b1bb182685f"],"config":{"rootIds":["a","b"]}}"#;
+        let snake = br#"{"type":"envoy_proxy","abi_version":"0.2.1","config":{"root_ids":["r"]}}"#;
+        assert_eq!(
+            DeclaredConfig::parse(camel).unwrap(),
+            DeclaredConfig {
+                abi_versions: vec!["v0-4689a30309abf31aee9ae36e73d34b1bb182685f".into()],
+                root_ids: vec!["a".into(), "b".into()],
+            }
+        );
+        assert_eq!(
+            DeclaredConfig::parse(snake).unwrap(),
+            DeclaredConfig {
+                abi_versions: vec!["0.2.1".into()],
+                root_ids: vec!["r".into()],
+            }
+        );
+        assert_eq!(
+            DeclaredConfig::parse(b"{}").unwrap(),
+            DeclaredConfig::default()
+        );
+        let err = DeclaredConfig::parse(b"\x7fELF not json").unwrap_err();
+        assert!(err.starts_with("config blob is not JSON"), "{err}");
+        assert!(DeclaredConfig::parse(b"[1]").is_err());
+    }
 
     fn manifest(config: &str, layers: &[&str]) -> OciImageManifest {
         OciImageManifest {

@@ -1,22 +1,25 @@
 //! Resolving a module reference: tag → manifest digest → module layer → verified bytes in the
-//! cache. Uses `oci-client` for the distribution protocol (auth challenges, manifests, blob
-//! streams); every digest is checked here again, and sizes are capped before and while reading.
+//! cache. The pull side speaks the distribution protocol itself (`registry`), because auth
+//! here is policy (per-filter credentials, guarded token realms); `oci-client` is used for
+//! references and for pushing. Every digest is checked, and sizes are capped before and while
+//! reading.
 
+pub mod auth;
 pub mod format;
 mod push;
+pub mod registry;
 
 use std::time::Duration;
 
-use futures::StreamExt;
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
+pub use auth::Credentials;
 pub use format::{ExtractError, Format, select_module_layer};
 pub use push::{PushOptions, push_module};
+pub use registry::RegistryClient;
 
 use crate::abi;
 use crate::cache::{ModuleCache, sha256_hex};
@@ -38,20 +41,58 @@ pub const DEFAULT_MAX_MODULE_BYTES: u64 = 256 * 1024 * 1024;
 pub struct RegistryConfig {
     /// Registries (`host[:port]`) that may be reached over plain HTTP; all others use HTTPS.
     pub plain_http: Vec<String>,
+    /// Certificates trusted for HTTPS besides the system roots (concatenated PEM).
+    pub ca_pem: Vec<u8>,
     /// Largest module accepted, in bytes.
     pub max_module_bytes: u64,
     pub connect_timeout: Duration,
+    /// Longest silence while reading a response (a stalled connection fails after this).
     pub read_timeout: Duration,
+    /// Bound on one whole resolve-and-fetch.
+    pub pull_timeout: Duration,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig {
             plain_http: Vec::new(),
+            ca_pem: Vec::new(),
             max_module_bytes: DEFAULT_MAX_MODULE_BYTES,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            pull_timeout: Duration::from_secs(600),
         }
+    }
+}
+
+impl RegistryConfig {
+    /// Adds the certificates of a PEM bundle (a CA file) to the trusted roots.
+    pub fn trust_pem_bundle(&mut self, pem: &[u8]) -> Result<(), String> {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err("no PEM certificate found".into());
+        }
+        self.ca_pem.extend_from_slice(pem);
+        self.ca_pem.push(b'\n');
+        Ok(())
+    }
+
+    /// The extra trusted certificates, parsed.
+    pub fn ca_certificates(&self) -> Vec<reqwest::Certificate> {
+        if self.ca_pem.is_empty() {
+            return Vec::new();
+        }
+        reqwest::Certificate::from_pem_bundle(&self.ca_pem).unwrap_or_default()
+    }
+
+    /// The extra trusted certificates, one PEM block each.
+    fn ca_pem_blocks(&self) -> Vec<Vec<u8>> {
+        const END: &str = "-----END CERTIFICATE-----";
+        let text = String::from_utf8_lossy(&self.ca_pem);
+        text.split_inclusive(END)
+            .filter(|b| b.contains(END))
+            .map(|b| b.trim_start().as_bytes().to_vec())
+            .collect()
     }
 }
 
@@ -68,12 +109,25 @@ pub struct Artifact {
     pub size: u64,
     /// The ABI the module declares by its exports.
     pub abi_version: Option<String>,
+    /// ABI versions the artifact's runtime config declares (Solo format); the module's own
+    /// marker wins when they disagree.
+    pub declared_abi_versions: Vec<String>,
+    /// Root ids the artifact's runtime config declares (Solo format).
+    pub root_ids: Vec<String>,
 }
 
 /// Resolves references and fetches modules into the cache.
 pub struct Resolver {
-    client: Client,
+    registry: RegistryClient,
     config: RegistryConfig,
+}
+
+/// A module fetched into the cache.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub artifact: Artifact,
+    /// Bytes downloaded for it (0 when the cache already had the module).
+    pub downloaded: u64,
 }
 
 /// Parses a user-written reference, accepting an `oci://` prefix.
@@ -86,22 +140,35 @@ pub fn parse_reference(image: &str) -> Result<Reference, Error> {
         })
 }
 
-/// Builds an `oci-client` client for these settings.
+/// Builds an `oci-client` client (used for pushing) for these settings.
 pub fn client(config: &RegistryConfig) -> Client {
     Client::new(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(config.plain_http.clone()),
         connect_timeout: Some(config.connect_timeout),
         read_timeout: Some(config.read_timeout),
+        extra_root_certificates: config
+            .ca_pem_blocks()
+            .into_iter()
+            .map(|data| Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            })
+            .collect(),
         ..Default::default()
     })
 }
 
 impl Resolver {
-    pub fn new(config: RegistryConfig) -> Self {
-        Resolver {
-            client: client(&config),
+    pub fn new(config: RegistryConfig) -> Result<Self, Error> {
+        Ok(Resolver {
+            registry: RegistryClient::new(&config)?,
             config,
-        }
+        })
+    }
+
+    /// Bearer tokens fetched so far (tokens are reused until they expire).
+    pub fn tokens_fetched(&self) -> u64 {
+        self.registry.stats().tokens_fetched
     }
 
     /// Like [`Resolver::pull`], then stores the module in `cache`. Nothing reaches the cache
@@ -113,12 +180,22 @@ impl Resolver {
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
         cache: &ModuleCache,
-    ) -> Result<Artifact, Error> {
-        let (artifact, module) = self
-            .pull(image, pinned_digest, expected_module_sha256, Some(cache))
+        creds: &Credentials,
+    ) -> Result<Fetched, Error> {
+        let (artifact, module, downloaded) = self
+            .pull_counted(
+                image,
+                pinned_digest,
+                expected_module_sha256,
+                Some(cache),
+                creds,
+            )
             .await?;
         cache.insert(&module).map_err(Error::CacheWrite)?;
-        Ok(artifact)
+        Ok(Fetched {
+            artifact,
+            downloaded,
+        })
     }
 
     /// Resolves `image` (or, when `pinned_digest` is given, that manifest of the same
@@ -130,8 +207,54 @@ impl Resolver {
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
+        creds: &Credentials,
     ) -> Result<(Artifact, Vec<u8>), Error> {
+        self.pull_counted(image, pinned_digest, expected_module_sha256, cache, creds)
+            .await
+            .map(|(a, m, _)| (a, m))
+    }
+
+    /// [`Resolver::pull`], also saying how many bytes were downloaded.
+    async fn pull_counted(
+        &self,
+        image: &str,
+        pinned_digest: Option<&str>,
+        expected_module_sha256: Option<&str>,
+        cache: Option<&ModuleCache>,
+        creds: &Credentials,
+    ) -> Result<(Artifact, Vec<u8>, u64), Error> {
         let reference = parse_reference(image)?;
+        let whole = reference.whole();
+        tokio::time::timeout(
+            self.config.pull_timeout,
+            self.pull_inner(
+                image,
+                reference,
+                pinned_digest,
+                expected_module_sha256,
+                cache,
+                creds,
+            ),
+        )
+        .await
+        .map_err(|_| Error::RegistryUnavailable {
+            registry: whole,
+            message: format!(
+                "pull did not finish within {} s",
+                self.config.pull_timeout.as_secs()
+            ),
+        })?
+    }
+
+    async fn pull_inner(
+        &self,
+        image: &str,
+        reference: Reference,
+        pinned_digest: Option<&str>,
+        expected_module_sha256: Option<&str>,
+        cache: Option<&ModuleCache>,
+        creds: &Credentials,
+    ) -> Result<(Artifact, Vec<u8>, u64), Error> {
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
                 reference.registry().to_string(),
@@ -140,7 +263,7 @@ impl Resolver {
             ),
             None => reference,
         };
-        let (manifest, manifest_digest) = self.image_manifest(&reference).await?;
+        let (manifest, manifest_digest) = self.image_manifest(&reference, creds).await?;
         let (format, layer) =
             select_module_layer(&manifest).map_err(|found| Error::NotAWasmArtifact {
                 reference: reference.whole(),
@@ -174,9 +297,18 @@ impl Resolver {
             }
             _ => None,
         };
+        let mut downloaded = 0;
         let bytes = match cached {
             Some(bytes) => bytes,
-            None => self.fetch_blob(&reference, layer, size).await?,
+            None => {
+                let bytes = self.fetch_blob(&reference, layer, size, creds).await?;
+                downloaded += bytes.len() as u64;
+                bytes
+            }
+        };
+        let declared = match format {
+            Format::SoloOci => self.solo_config(&reference, &manifest, creds).await?,
+            _ => format::DeclaredConfig::default(),
         };
         let module = format
             .extract_module(bytes, self.config.max_module_bytes)
@@ -210,8 +342,33 @@ impl Resolver {
             module_sha256,
             size: module.len() as u64,
             abi_version: info.abi_version().map(str::to_string),
+            declared_abi_versions: declared.abi_versions,
+            root_ids: declared.root_ids,
         };
-        Ok((artifact, module))
+        Ok((artifact, module, downloaded))
+    }
+
+    /// Reads a Solo artifact's runtime config (`abiVersions`/`rootIds`, either spelling).
+    async fn solo_config(
+        &self,
+        reference: &Reference,
+        manifest: &OciImageManifest,
+        creds: &Credentials,
+    ) -> Result<format::DeclaredConfig, Error> {
+        const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+        let config = &manifest.config;
+        let size = u64::try_from(config.size).unwrap_or(u64::MAX);
+        let invalid = |message: String| Error::InvalidArtifactConfig {
+            reference: reference.whole(),
+            message,
+        };
+        if size > MAX_CONFIG_BYTES {
+            return Err(invalid(format!(
+                "config blob claims {size} bytes, over the {MAX_CONFIG_BYTES}-byte cap"
+            )));
+        }
+        let bytes = self.fetch_blob(reference, config, size, creds).await?;
+        format::DeclaredConfig::parse(&bytes).map_err(invalid)
     }
 
     /// Fetches the image manifest for `reference`, following an index to its Wasm entry, and
@@ -219,8 +376,9 @@ impl Resolver {
     async fn image_manifest(
         &self,
         reference: &Reference,
+        creds: &Credentials,
     ) -> Result<(OciImageManifest, String), Error> {
-        let (manifest, digest) = self.manifest(reference).await?;
+        let (manifest, digest) = self.manifest(reference, creds).await?;
         match manifest {
             OciManifest::Image(m) => Ok((m, digest)),
             OciManifest::ImageIndex(index) => {
@@ -238,7 +396,7 @@ impl Resolver {
                     reference.repository().to_string(),
                     entry.digest.clone(),
                 );
-                match self.manifest(&child).await? {
+                match self.manifest(&child, creds).await? {
                     (OciManifest::Image(m), d) => Ok((m, d)),
                     (OciManifest::ImageIndex(_), _) => Err(Error::NotAWasmArtifact {
                         reference: reference.whole(),
@@ -249,16 +407,19 @@ impl Resolver {
         }
     }
 
-    async fn manifest(&self, reference: &Reference) -> Result<(OciManifest, String), Error> {
-        let (raw, digest) = self
-            .client
-            .pull_manifest_raw(reference, &RegistryAuth::Anonymous, MANIFEST_MEDIA_TYPES)
-            .await
-            .map_err(|e| classify(e, reference))?;
-        // oci-client checks the digest too; checking here keeps the guarantee ours.
+    async fn manifest(
+        &self,
+        reference: &Reference,
+        creds: &Credentials,
+    ) -> Result<(OciManifest, String), Error> {
+        let raw = self
+            .registry
+            .manifest(reference, MANIFEST_MEDIA_TYPES, creds)
+            .await?;
         let actual = format!("sha256:{}", sha256_hex(&raw));
-        let expected = reference.digest().unwrap_or(&digest);
-        if actual != expected {
+        if let Some(expected) = reference.digest()
+            && actual != expected
+        {
             return Err(Error::ManifestDigestMismatch {
                 reference: reference.whole(),
                 expected: expected.to_string(),
@@ -268,7 +429,7 @@ impl Resolver {
         let manifest: OciManifest =
             serde_json::from_slice(&raw).map_err(|e| Error::ResolveDigest {
                 reference: reference.whole(),
-                message: format!("manifest is not valid JSON: {e}"),
+                message: format!("manifest is not a valid OCI or Docker manifest: {e}"),
             })?;
         Ok((manifest, actual))
     }
@@ -280,22 +441,27 @@ impl Resolver {
         reference: &Reference,
         layer: &OciDescriptor,
         size: u64,
+        creds: &Credentials,
     ) -> Result<Vec<u8>, Error> {
         let fetch_err = |message: String| Error::FetchBlob {
             digest: layer.digest.clone(),
             message,
         };
-        let mut stream = self
-            .client
-            .pull_blob_stream(reference, layer)
+        let mut resp = self
+            .registry
+            .get(reference, &format!("blobs/{}", layer.digest), &[], creds)
             .await
-            .map_err(|e| fetch_err(classify(e, reference).to_string()))?;
+            .map_err(|e| match e {
+                Error::ManifestNotFound { .. } => fetch_err(
+                    "the registry has no such blob (the manifest names a layer it lacks)".into(),
+                ),
+                other => other,
+            })?;
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 26));
         let mut hasher = Sha256::new();
-        let mut stream_error = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(chunk) => {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
                     if (bytes.len() + chunk.len()) as u64 > size {
                         return Err(fetch_err(format!(
                             "registry sent more than the {size} bytes the manifest declares"
@@ -304,19 +470,21 @@ impl Resolver {
                     hasher.update(&chunk);
                     bytes.extend_from_slice(&chunk);
                 }
-                // The client's own digest check reports at the end of the stream; the checks
-                // below say precisely what was wrong.
+                Ok(None) => break,
                 Err(e) => {
-                    stream_error = Some(e);
-                    break;
+                    return Err(fetch_err(format!(
+                        "after {} of {size} bytes: {}",
+                        bytes.len(),
+                        error_chain(&e)
+                    )));
                 }
             }
         }
         if (bytes.len() as u64) < size {
-            return Err(fetch_err(match stream_error {
-                Some(e) => format!("after {} of {size} bytes: {e}", bytes.len()),
-                None => format!("truncated: got {} of {size} bytes", bytes.len()),
-            }));
+            return Err(fetch_err(format!(
+                "truncated: got {} of {size} bytes",
+                bytes.len()
+            )));
         }
         let actual = hex::encode(hasher.finalize());
         if layer.digest != format!("sha256:{actual}") {
@@ -325,86 +493,7 @@ impl Resolver {
                 actual,
             });
         }
-        if let Some(e) = stream_error {
-            return Err(fetch_err(e.to_string()));
-        }
         Ok(bytes)
-    }
-}
-
-/// Turns a client error into the step-named error a user can act on.
-fn classify(err: OciDistributionError, reference: &Reference) -> Error {
-    let whole = reference.whole();
-    match err {
-        OciDistributionError::ImageManifestNotFoundError(_) => {
-            Error::ManifestNotFound { reference: whole }
-        }
-        OciDistributionError::RegistryError { envelope, .. } => {
-            let codes: Vec<_> = envelope.errors.iter().map(|e| &e.code).collect();
-            if codes.iter().any(|c| {
-                matches!(
-                    c,
-                    OciErrorCode::ManifestUnknown
-                        | OciErrorCode::NameUnknown
-                        | OciErrorCode::BlobUnknown
-                )
-            }) {
-                Error::ManifestNotFound { reference: whole }
-            } else if codes
-                .iter()
-                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-            {
-                Error::RegistryDenied {
-                    reference: whole,
-                    message: envelope
-                        .errors
-                        .iter()
-                        .map(|e| e.message.clone())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                }
-            } else {
-                Error::ResolveDigest {
-                    reference: whole,
-                    message: envelope
-                        .errors
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                }
-            }
-        }
-        OciDistributionError::UnauthorizedError { .. } => Error::RegistryDenied {
-            reference: whole,
-            message: "401 Unauthorized".to_string(),
-        },
-        OciDistributionError::ServerError { code, message, .. } => match code {
-            404 => Error::ManifestNotFound { reference: whole },
-            401 | 403 => Error::RegistryDenied {
-                reference: whole,
-                message: format!("HTTP {code}"),
-            },
-            _ => Error::ResolveDigest {
-                reference: whole,
-                message: format!("registry answered HTTP {code}: {}", message.trim()),
-            },
-        },
-        OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
-            Error::RegistryUnavailable {
-                registry: reference.registry().to_string(),
-                message: error_chain(&e),
-            }
-        }
-        OciDistributionError::DigestError(e) => Error::ManifestDigestMismatch {
-            reference: whole,
-            expected: reference.digest().unwrap_or("(tag)").to_string(),
-            actual: e.to_string(),
-        },
-        other => Error::ResolveDigest {
-            reference: whole,
-            message: error_chain(&other),
-        },
     }
 }
 

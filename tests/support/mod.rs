@@ -253,16 +253,16 @@ pub fn registry_client() -> Client {
 /// manifest digest.
 pub async fn push_module(reference: &str, module: Vec<u8>) -> String {
     let r: Reference = reference.parse().unwrap();
-    let (_, digest) = wasmfilter::oci::push_module(
+    wasmfilter::oci::push_module(
         &registry_client(),
         &RegistryAuth::Anonymous,
         &r,
         module,
+        wasmfilter::oci::Format::SoloOci,
         &Default::default(),
     )
     .await
-    .unwrap();
-    digest
+    .unwrap()
 }
 
 /// Pushes arbitrary layers under an arbitrary config media type; returns the manifest digest.
