@@ -412,17 +412,23 @@ impl Resolver {
         reference: &Reference,
         creds: &Credentials,
     ) -> Result<(OciManifest, String), Error> {
-        let raw = self
+        let (raw, claimed) = self
             .registry
             .manifest(reference, MANIFEST_MEDIA_TYPES, creds)
             .await?;
         let actual = format!("sha256:{}", sha256_hex(&raw));
-        if let Some(expected) = reference.digest()
+        // The digest asked for, else the one the registry claims (only sha256 is checked:
+        // it is the only algorithm registries use in practice).
+        let expected = reference
+            .digest()
+            .map(str::to_string)
+            .or(claimed.filter(|c| c.starts_with("sha256:")));
+        if let Some(expected) = expected
             && actual != expected
         {
             return Err(Error::ManifestDigestMismatch {
                 reference: reference.whole(),
-                expected: expected.to_string(),
+                expected,
                 actual,
             });
         }

@@ -24,6 +24,14 @@ use crate::error::Error;
 /// OCI image config media type (used by the compat image).
 const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
+/// The layer's file name, so `oras pull` and friends write it out as a file.
+fn titled(name: &str) -> Option<BTreeMap<String, String>> {
+    Some(BTreeMap::from([(
+        "org.opencontainers.image.title".to_string(),
+        name.to_string(),
+    )]))
+}
+
 /// What goes into the artifact besides the module.
 #[derive(Debug, Clone, Default)]
 pub struct PushOptions {
@@ -58,7 +66,7 @@ fn artifact_parts(
             vec![ImageLayer::new(
                 module,
                 SOLO_LAYER_MEDIA_TYPE.to_string(),
-                None,
+                titled("plugin.wasm"),
             )],
             None,
         )),
@@ -77,7 +85,7 @@ fn artifact_parts(
                 vec![ImageLayer::new(
                     module,
                     CNCF_LAYER_MEDIA_TYPE.to_string(),
-                    None,
+                    titled("plugin.wasm"),
                 )],
                 None,
             ))

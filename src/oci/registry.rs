@@ -456,13 +456,15 @@ impl RegistryClient {
         })
     }
 
-    /// A manifest's raw bytes, refusing anything over the manifest cap before and while reading.
+    /// A manifest's raw bytes and the digest the registry says they have
+    /// (`Docker-Content-Digest`), refusing anything over the manifest cap before and while
+    /// reading.
     pub async fn manifest(
         &self,
         reference: &Reference,
         accept: &[&str],
         creds: &Credentials,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<(Vec<u8>, Option<String>), Error> {
         let path = format!(
             "manifests/{}",
             reference.digest().or(reference.tag()).unwrap_or("latest")
@@ -478,8 +480,14 @@ impl RegistryClient {
         {
             return Err(too_large(format!("{len} bytes")));
         }
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         read_capped(resp, self.max_manifest_bytes)
             .await
+            .map(|body| (body, claimed))
             .map_err(|message| {
                 if message.starts_with("more than") {
                     too_large(message)

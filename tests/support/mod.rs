@@ -2,6 +2,8 @@
 //! binary run per test in its own namespace, pushes to the real registry, real Envoys.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod registries;
+
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
@@ -271,13 +273,23 @@ pub async fn push_raw(
     config_media_type: &str,
     layers: &[(&[u8], &str)],
 ) -> String {
+    push_raw_with_config(reference, b"{}", config_media_type, layers).await
+}
+
+/// Like [`push_raw`], with the config blob's bytes given too.
+pub async fn push_raw_with_config(
+    reference: &str,
+    config_data: &[u8],
+    config_media_type: &str,
+    layers: &[(&[u8], &str)],
+) -> String {
     let r: Reference = reference.parse().unwrap();
     let client = registry_client();
     let layers: Vec<ImageLayer> = layers
         .iter()
         .map(|(data, mt)| ImageLayer::new(data.to_vec(), (*mt).to_string(), None))
         .collect();
-    let config = Config::new(b"{}".to_vec(), config_media_type.to_string(), None);
+    let config = Config::new(config_data.to_vec(), config_media_type.to_string(), None);
     client
         .push(&r, &layers, config, &RegistryAuth::Anonymous, None)
         .await

@@ -1,0 +1,617 @@
+//! Private and misbehaving registries: TLS with a CA the test makes, htpasswd basic auth,
+//! token auth, the SSRF guard, interop with the real `oras` CLI, and registry faults that must
+//! never replace a working filter.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+use support::registries::{Auth, Fault, FaultProxy, Pki, TestRegistry, TokenServer};
+use support::*;
+use wasmfilter::api::WasmFilter;
+use wasmfilter::cache::sha256_hex;
+
+const WAT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/modules/add_header.wat"
+);
+
+/// Runs the CLI with a HOME of its own (no stray ~/.docker/config.json) plus `envs`.
+fn cli(home: &std::path::Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("WASMFILTER_REGISTRY_USERNAME")
+        .env_remove("WASMFILTER_REGISTRY_PASSWORD")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn docker_config_json(registry: &str, user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    json!({"auths": {registry: {"auth": auth}}}).to_string()
+}
+
+fn create_pull_secret(ns: &str, name: &str, registry: &str, user: &str, password: &str) {
+    let out = kubectl(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "docker-registry",
+        name,
+        &format!("--docker-server={registry}"),
+        &format!("--docker-username={user}"),
+        &format!("--docker-password={password}"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn filter_with_secret(ns: &str, name: &str, image: &str, secret: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  module: {{image: \"{image}\", pullSecret: {secret}, pullPolicy: {policy}}}\n  \
+         selector: {{matchLabels: {{app: web}}}}\n  target: WasmPlugin\n  rootId: add_header\n"
+    )
+}
+
+fn filter_yaml(ns: &str, name: &str, image: &str, policy: &str, generation_note: u32) -> String {
+    format!(
+        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  module: {{image: \"{image}\", pullPolicy: {policy}}}\n  \
+         selector: {{matchLabels: {{app: web}}}}\n  target: WasmPlugin\n  rootId: add_header\n  \
+         config: {{attempt: {generation_note}}}\n"
+    )
+}
+
+/// Everything a person or a log collector can see about a filter: status, Events, logs.
+fn visible_text(ns: &str, op: &Operator) -> String {
+    let wf = kubectl(&["-n", ns, "get", "wasmfilters", "-o", "yaml"]);
+    let events = kubectl(&["-n", ns, "get", "events", "-o", "yaml"]);
+    format!("{}{}{}", stdout(&wf), stdout(&events), op.logs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
+    let client = client().await;
+    let home = tempfile::tempdir().unwrap();
+    let pki = Pki::new(home.path());
+    let password = format!("pw-{:016x}", fastrand::u64(..));
+    let reg = TestRegistry::start(
+        Some(&pki),
+        Auth::Basic {
+            user: "alice".into(),
+            password: password.clone(),
+        },
+    )
+    .await;
+    let image = format!("{}/private/add-header:1.0", reg.addr);
+    let ca = pki.ca_cert.to_str().unwrap();
+
+    // Push with flags (password from the environment).
+    let out = cli(
+        home.path(),
+        &["push", WAT, &image, "--ca-file", ca, "--username", "alice"],
+        &[("WASMFILTER_REGISTRY_PASSWORD", &password)],
+    );
+    assert!(out.status.success(), "push: {}", stderr(&out));
+
+    let dest = home.path().join("m.wasm");
+    let dest_s = dest.to_str().unwrap();
+    // Anonymous: refused, in one line, saying no credentials were sent.
+    let out = cli(
+        home.path(),
+        &["pull", &image, "-o", dest_s, "--ca-file", ca],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no credentials were sent"), "{err}");
+    // Without the CA, TLS fails (system roots do not know the test CA).
+    std::fs::create_dir_all(home.path().join(".docker")).unwrap();
+    std::fs::write(
+        home.path().join(".docker/config.json"),
+        docker_config_json(&reg.addr, "alice", &password),
+    )
+    .unwrap();
+    let out = cli(home.path(), &["pull", &image, "-o", dest_s], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).to_lowercase().contains("certificate"),
+        "{}",
+        stderr(&out)
+    );
+    // Credentials from ~/.docker/config.json, CA from the flag.
+    let out = cli(
+        home.path(),
+        &["pull", &image, "-o", dest_s, "--ca-file", ca],
+        &[],
+    );
+    assert!(out.status.success(), "pull: {}", stderr(&out));
+    let module = wat::parse_file(WAT).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), module);
+
+    // The operator: pull secret in the filter's namespace, CA from its flag.
+    let ns = TestNamespace::new("tls");
+    let op = Operator::start(&ns.name, &["--registry-ca-file", ca]).await;
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
+
+    // Missing secret: says which and how to create it.
+    apply_ok(&filter_with_secret(
+        &ns.name,
+        "f",
+        &image,
+        "regcred",
+        "IfNotPresent",
+    ));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "PullSecretNotFound", "{}", ready.message);
+    assert!(
+        ready.message.contains("create secret docker-registry"),
+        "{}",
+        ready.message
+    );
+
+    // Wrong password: refused by the registry.
+    create_pull_secret(&ns.name, "wrong", &reg.addr, "alice", "not-the-password");
+    apply_ok(&filter_with_secret(
+        &ns.name,
+        "f",
+        &image,
+        "wrong",
+        "IfNotPresent",
+    ));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    assert_eq!(condition(&wf, "Ready").unwrap().reason, "RegistryDenied");
+
+    // A Secret of another type is refused as such.
+    let out = kubectl(&[
+        "-n",
+        &ns.name,
+        "create",
+        "secret",
+        "generic",
+        "opaque",
+        "--from-literal=x=y",
+    ]);
+    assert!(out.status.success());
+    apply_ok(&filter_with_secret(
+        &ns.name,
+        "f",
+        &image,
+        "opaque",
+        "IfNotPresent",
+    ));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidPullSecret");
+    assert!(
+        ready.message.contains("kubernetes.io/dockerconfigjson"),
+        "{}",
+        ready.message
+    );
+
+    // The right secret: deployed.
+    create_pull_secret(&ns.name, "regcred", &reg.addr, "alice", &password);
+    apply_ok(&filter_with_secret(
+        &ns.name,
+        "f",
+        &image,
+        "regcred",
+        "IfNotPresent",
+    ));
+    let wf = wait_ready(&client, &ns.name, "f", "True").await;
+    assert_eq!(
+        wf.status.unwrap().artifact.unwrap().module_sha256,
+        sha256_hex(&module)
+    );
+    drop(api);
+    let seen = visible_text(&ns.name, &op);
+    assert!(
+        !seen.contains(&password),
+        "the password leaked into status, Events or logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
+    let client = client().await;
+    let home = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(
+        home.path(),
+        &[("pusher", "push-pw"), ("puller", "pull-pw")],
+        Duration::from_secs(300),
+    )
+    .await;
+    let reg = TestRegistry::start(None, tokens.registry_auth()).await;
+    let image = format!("{}/token/add-header:1.0", reg.addr);
+    let out = cli(
+        home.path(),
+        &["push", WAT, &image, "--plain-http", "--username", "pusher"],
+        &[("WASMFILTER_REGISTRY_PASSWORD", "push-pw")],
+    );
+    assert!(out.status.success(), "push: {}", stderr(&out));
+
+    let ns = TestNamespace::new("token");
+    let op = Operator::start(
+        &ns.name,
+        &["--insecure-registry", &reg.addr, "--resync-seconds", "1"],
+    )
+    .await;
+    create_pull_secret(&ns.name, "regcred", &reg.addr, "puller", "pull-pw");
+    apply_ok(&filter_with_secret(
+        &ns.name, "f", &image, "regcred", "Always",
+    ));
+    wait_ready(&client, &ns.name, "f", "True").await;
+    // pullPolicy Always re-resolves every second: several pulls, one token.
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", op.admin_port);
+    wait_for("at least 4 pulls", Duration::from_secs(30), || async {
+        let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
+        let pulls: f64 = text
+            .lines()
+            .find(|l| l.starts_with("wasmfilter_module_pulls_total{result=\"pulled\"}"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (pulls >= 4.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        tokens.issued_to("puller"),
+        1,
+        "the token must be reused until it expires"
+    );
+
+    // A second filter of the same operator, same image, no secret: its anonymous requests must
+    // not ride on the first filter's token.
+    apply_ok(&filter_yaml(&ns.name, "g", &image, "IfNotPresent", 1));
+    let wf = wait_ready(&client, &ns.name, "g", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "RegistryDenied", "{}", ready.message);
+    assert!(
+        ready.message.contains("set spec.module.pullSecret"),
+        "{}",
+        ready.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_realm_on_a_metadata_address_is_never_contacted() {
+    let client = client().await;
+    let home = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(home.path(), &[("u", "p")], Duration::from_secs(300)).await;
+    let Auth::Token {
+        service,
+        issuer,
+        cert,
+        ..
+    } = tokens.registry_auth()
+    else {
+        unreachable!()
+    };
+    // A registry that sends clients to the cloud metadata endpoint for tokens.
+    let reg = TestRegistry::start(
+        None,
+        Auth::Token {
+            realm: "http://169.254.169.254/latest/meta-data/iam".into(),
+            service,
+            issuer,
+            cert,
+        },
+    )
+    .await;
+    let image = format!("{}/ssrf/f:1", reg.addr);
+    let out = cli(
+        home.path(),
+        &[
+            "pull",
+            &image,
+            "-o",
+            "/dev/null",
+            "--plain-http",
+            "--username",
+            "u",
+        ],
+        &[("WASMFILTER_REGISTRY_PASSWORD", "p")],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("refuses to contact"), "{err}");
+    assert!(err.contains("link-local or cloud metadata"), "{err}");
+
+    let ns = TestNamespace::new("ssrf");
+    let _op = Operator::start(&ns.name, &["--insecure-registry", &reg.addr]).await;
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent", 1));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "TokenRealmRefused", "{}", ready.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oras_and_wasmfilter_read_each_others_artifacts() {
+    let env = env();
+    let oras = std::env::var("WASMFILTER_ORAS").expect("WASMFILTER_ORAS (set by e2e/env.sh)");
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let module = module("oras-interop");
+    std::fs::write(dir.join("plugin.wasm"), &module).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"type":"envoy_proxy","abi_versions":["0.2.1"],"config":{"root_ids":["add_header"]}}"#,
+    )
+    .unwrap();
+    let oras_run = |args: &[&str]| {
+        let out = Command::new(&oras)
+            .current_dir(dir)
+            .env("HOME", dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "oras {args:?}: {}", stderr(&out));
+        out
+    };
+    let tag = format!("{:08x}", fastrand::u32(..));
+
+    // oras pushes each format; we pull and verify it.
+    for (format, config, layer) in [
+        (
+            "solo-oci",
+            "config.json:application/vnd.module.wasm.config.v1+json",
+            "plugin.wasm:application/vnd.module.wasm.content.layer.v1+wasm",
+        ),
+        (
+            "cncf",
+            "config.json:application/vnd.wasm.config.v0+json",
+            "plugin.wasm:application/wasm",
+        ),
+    ] {
+        let image = format!("{}/oras/{format}:{tag}", env.registry);
+        oras_run(&["push", "--plain-http", "--config", config, &image, layer]);
+        let out_file = dir.join(format!("{format}.wasm"));
+        let out = cli(
+            dir,
+            &["inspect", &image, "--plain-http", "--output", "json"],
+            &[],
+        );
+        assert!(out.status.success(), "inspect: {}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["format"], format);
+        assert_eq!(report["moduleSha256"], sha256_hex(&module));
+        assert_eq!(report["abiVersion"], "0.2.1");
+        if format == "solo-oci" {
+            // The snake_case spelling of the runtime config is read too.
+            assert_eq!(report["declaredAbiVersions"], json!(["0.2.1"]));
+            assert_eq!(report["rootIds"], json!(["add_header"]));
+        }
+        let out = cli(
+            dir,
+            &[
+                "pull",
+                &image,
+                "--plain-http",
+                "-o",
+                out_file.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "pull: {}", stderr(&out));
+        assert_eq!(std::fs::read(&out_file).unwrap(), module);
+    }
+
+    // We push each format; oras fetches the module file.
+    for format in ["solo-oci", "cncf"] {
+        let image = format!("{}/ours/{format}:{tag}", env.registry);
+        let wasm = dir.join("plugin.wasm");
+        let out = cli(
+            dir,
+            &[
+                "push",
+                wasm.to_str().unwrap(),
+                &image,
+                "--plain-http",
+                "--format",
+                format,
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "push: {}", stderr(&out));
+        let into = dir.join(format!("oras-{format}"));
+        oras_run(&["pull", "--plain-http", &image, "-o", into.to_str().unwrap()]);
+        assert_eq!(std::fs::read(into.join("plugin.wasm")).unwrap(), module);
+    }
+    // The compat image: oras sees a layer it can fetch by digest; we read plugin.wasm back.
+    let image = format!("{}/ours/compat:{tag}", env.registry);
+    let wasm = dir.join("plugin.wasm");
+    let out = cli(
+        dir,
+        &[
+            "push",
+            wasm.to_str().unwrap(),
+            &image,
+            "--plain-http",
+            "--format",
+            "compat",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "push: {}", stderr(&out));
+    let manifest = oras_run(&["manifest", "fetch", "--plain-http", &image]);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    assert_eq!(
+        manifest["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let out = cli(dir, &["inspect", &image, "--plain-http", "-o", "json"], &[]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["format"], "compat");
+    assert_eq!(report["moduleSha256"], sha256_hex(&module));
+}
+
+/// Bumps the spec (so the operator looks again at once) and waits for `Ready=False` with
+/// `reason`; then checks the child still pins the good module.
+async fn expect_failure(
+    client: &kube::Client,
+    ns: &str,
+    image: &str,
+    attempt: u32,
+    reason: &str,
+    good_sha: &str,
+) -> String {
+    apply_ok(&filter_yaml(ns, "f", image, "Always", attempt));
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
+    let wf = wait_for(
+        &format!("Ready=False reason {reason}"),
+        Duration::from_secs(60),
+        || async {
+            let wf = api.get("f").await.ok()?;
+            let c = condition(&wf, "Ready")?;
+            (c.status == "False"
+                && c.reason == reason
+                && c.observed_generation == wf.metadata.generation)
+                .then_some(wf)
+        },
+    )
+    .await;
+    let deployed = condition(&wf, "Deployed").unwrap();
+    assert_eq!(deployed.reason, "KeptPreviousModule", "{reason}");
+    assert_eq!(
+        wf.status
+            .as_ref()
+            .unwrap()
+            .artifact
+            .as_ref()
+            .unwrap()
+            .module_sha256,
+        good_sha
+    );
+    let child = child_api(client, ns, "WasmPlugin").get("f").await.unwrap();
+    assert!(
+        child.data.to_string().contains(good_sha),
+        "{reason}: the child must keep the working module"
+    );
+    condition(&wf, "Ready").unwrap().message.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_faults_never_replace_a_working_filter() {
+    let env = env();
+    let client = client().await;
+    let proxy = FaultProxy::start(&env.registry).await;
+    let ns = TestNamespace::new("faults");
+    let op = Operator::start(
+        &ns.name,
+        &[
+            "--insecure-registry",
+            &proxy.addr,
+            "--resync-seconds",
+            "1",
+            "--registry-timeout-seconds",
+            "2",
+        ],
+    )
+    .await;
+    let good = module(&format!("faults-{}", ns.name));
+    let good_sha = sha256_hex(&good);
+    push_module(&format!("{}/faults/{}:v1", env.registry, ns.name), good).await;
+    let image = format!("{}/faults/{}:v1", proxy.addr, ns.name);
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
+    wait_ready(&client, &ns.name, "f", "True").await;
+
+    let cases = [
+        (
+            Fault::TamperManifest,
+            "ManifestDigestMismatch",
+            "does not match its digest",
+        ),
+        (Fault::HugeManifest, "ManifestTooLarge", "too large"),
+        (Fault::Status(401), "RegistryDenied", "injected 401"),
+        (Fault::Status(403), "RegistryDenied", "injected 403"),
+        (Fault::Status(404), "ManifestNotFound", "not found"),
+        (Fault::Status(429), "RegistryThrottled", "Retry-After 1 s"),
+        (Fault::Status(500), "RegistryUnavailable", "injected 500"),
+        (Fault::Status(503), "RegistryUnavailable", "injected 503"),
+        (Fault::Stall, "RegistryUnavailable", "timed out"),
+    ];
+    for (i, (fault, reason, says)) in cases.into_iter().enumerate() {
+        proxy.set(fault.clone());
+        let message =
+            expect_failure(&client, &ns.name, &image, i as u32 + 1, reason, &good_sha).await;
+        assert!(message.contains(says), "{fault:?}: {message}");
+        proxy.set(Fault::None);
+    }
+
+    // Blob faults need a module not in the cache: move the tag to a new one.
+    let newer = module(&format!("faults-new-{}", ns.name));
+    push_module(
+        &format!("{}/faults/{}:v1", env.registry, ns.name),
+        newer.clone(),
+    )
+    .await;
+    for (i, (fault, reason)) in [
+        (Fault::TruncateBlobs, "FetchBlob"),
+        (Fault::CorruptBlobs, "BlobDigestMismatch"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        proxy.set(fault);
+        expect_failure(&client, &ns.name, &image, 100 + i as u32, reason, &good_sha).await;
+    }
+    proxy.set(Fault::None);
+
+    // Healthy again: the moved tag's module is deployed, and the operator never restarted.
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 200));
+    let wf = wait_ready(&client, &ns.name, "f", "True").await;
+    assert_eq!(
+        wf.status.unwrap().artifact.unwrap().module_sha256,
+        sha256_hex(&newer)
+    );
+    assert!(!op.logs().contains("panicked"), "{}", op.logs());
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
+    api.patch(
+        "f",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"module": {"pullPolicy": "IfNotPresent"}}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_blob_that_is_not_json_is_refused() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("badconfig");
+    let _op = Operator::start(&ns.name, &[]).await;
+    let image = format!("{}/badconfig/{}:v1", env.registry, ns.name);
+    push_raw_with_config(
+        &image,
+        b"\x7fELF this is not JSON",
+        "application/vnd.module.wasm.config.v1+json",
+        &[(
+            &module("badconfig"),
+            "application/vnd.module.wasm.content.layer.v1+wasm",
+        )],
+    )
+    .await;
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent", 0));
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidArtifactConfig", "{}", ready.message);
+    assert!(
+        ready.message.contains("config blob is not JSON"),
+        "{}",
+        ready.message
+    );
+}
