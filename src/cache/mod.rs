@@ -40,6 +40,8 @@ pub struct ModuleCache {
     dir: PathBuf,
     /// Files hashed since they last changed.
     verified: Arc<Mutex<HashMap<String, Stamp>>>,
+    /// When this process last used each module (file times cannot say: reads move atime).
+    used: Arc<Mutex<HashMap<String, SystemTime>>>,
 }
 
 /// What one eviction pass did.
@@ -58,7 +60,9 @@ pub struct Eviction {
 struct Entry {
     sha256: String,
     len: u64,
-    /// Last write or use.
+    /// When the file was written.
+    written: SystemTime,
+    /// Last write or use: the least recently used go first.
     touched: SystemTime,
 }
 
@@ -90,6 +94,7 @@ impl ModuleCache {
         Ok(ModuleCache {
             dir,
             verified: Arc::new(Mutex::new(HashMap::new())),
+            used: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -213,6 +218,7 @@ impl ModuleCache {
     }
 
     fn entries(&self) -> std::io::Result<Vec<Entry>> {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out = Vec::new();
         for entry in std::fs::read_dir(self.dir.join("sha256"))? {
             let entry = entry?;
@@ -222,11 +228,12 @@ impl ModuleCache {
             };
             let Ok(meta) = entry.metadata() else { continue };
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let accessed = meta.accessed().unwrap_or(modified);
+            let touched = used.get(sha).map_or(modified, |u| modified.max(*u));
             out.push(Entry {
                 sha256: sha.to_string(),
                 len: meta.len(),
-                touched: modified.max(accessed),
+                written: modified,
+                touched,
             });
         }
         Ok(out)
@@ -238,8 +245,8 @@ impl ModuleCache {
     }
 
     /// Removes least recently used modules until the store holds at most `max_bytes`, never
-    /// one in `referenced` (modules some WasmFilter deploys) nor one written or used within
-    /// `grace` (a module being deployed right now, not yet in any status).
+    /// one in `referenced` (modules some WasmFilter deploys) nor one written within `grace`
+    /// (a module being deployed right now, not yet in any status).
     pub fn evict(
         &self,
         max_bytes: u64,
@@ -253,7 +260,7 @@ impl ModuleCache {
         entries.sort_by_key(|e| e.touched);
         for e in entries {
             let young = now
-                .duration_since(e.touched)
+                .duration_since(e.written)
                 .map(|age| age < grace)
                 .unwrap_or(true);
             if referenced.contains(&e.sha256) || young {
@@ -266,6 +273,10 @@ impl ModuleCache {
             match std::fs::remove_file(self.path(&e.sha256)) {
                 Ok(()) => {
                     self.stamps().remove(&e.sha256);
+                    self.used
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&e.sha256);
                     total = total.saturating_sub(e.len);
                     result.removed.push((e.sha256, e.len));
                 }

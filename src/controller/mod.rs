@@ -419,6 +419,11 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
         .settings
         .backoff
         .delay(err.retry(), failures, fastrand::f64());
+    // pullPolicy Always promises a fresh look every resync, failing or not.
+    let delay = match wf.spec.module.pull_policy {
+        PullPolicy::Always => delay.min(ctx.settings.resync),
+        PullPolicy::IfNotPresent => delay,
+    };
     let delay = err.retry_after().map_or(delay, |least| delay.max(least));
     tracing::info!(reason = err.reason(), failures, ?delay, "retrying later");
     Action::requeue(delay)

@@ -155,8 +155,17 @@ impl Operator {
     /// Starts the operator; if another process took one of its ports first, tries again with
     /// new ones (a few times).
     pub async fn start(namespace: &str, extra: &[&str]) -> Self {
+        Self::start_with_cache(namespace, extra, tempfile::tempdir().unwrap()).await
+    }
+
+    /// Like [`Operator::start`], with a given cache directory (to restart on the same cache).
+    pub async fn start_with_cache(
+        namespace: &str,
+        extra: &[&str],
+        mut cache_dir: tempfile::TempDir,
+    ) -> Self {
         for _ in 0..5 {
-            let mut op = Self::spawn(namespace, extra);
+            let mut op = Self::spawn(namespace, extra, cache_dir);
             let url = format!("http://127.0.0.1:{}/readyz", op.admin_port);
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -180,13 +189,28 @@ impl Operator {
                 "operator exited:\n{}",
                 op.logs()
             );
+            cache_dir = op.take_cache_dir();
         }
         panic!("operator could not bind its ports in 5 attempts");
     }
 
-    fn spawn(namespace: &str, extra: &[&str]) -> Self {
+    /// Stops the operator and hands back its cache directory.
+    pub fn take_cache_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.cache_dir, tempfile::tempdir().unwrap())
+    }
+
+    /// Where the module with this sha256 lives in the operator's cache.
+    pub fn cached_module_path(&self, sha256: &str) -> PathBuf {
+        self.cache_dir
+            .path()
+            .join("modules/sha256")
+            .join(format!("{sha256}.wasm"))
+    }
+
+    fn spawn(namespace: &str, extra: &[&str], cache_dir: tempfile::TempDir) -> Self {
         let env = env();
-        let cache_dir = tempfile::tempdir().unwrap();
         let (cache_port, admin_port) = (free_port(), free_port());
         let log = cache_dir.path().join("operator.log");
         let child = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
@@ -353,6 +377,11 @@ pub fn child_api(client: &kube::Client, ns: &str, kind: &str) -> Api<DynamicObje
 
 /// Warning Events about the filter, as `(reason, message)`.
 pub fn warning_events(ns: &str, name: &str) -> Vec<(String, String)> {
+    events(ns, name, "Warning")
+}
+
+/// (reason, note) of the Events of `type_` (Normal, Warning) about object `name`.
+pub fn events(ns: &str, name: &str, type_: &str) -> Vec<(String, String)> {
     let out = kubectl(&[
         "get",
         "events.events.k8s.io",
@@ -361,7 +390,7 @@ pub fn warning_events(ns: &str, name: &str) -> Vec<(String, String)> {
         "-o",
         "json",
         "--field-selector",
-        &format!("regarding.name={name},type=Warning"),
+        &format!("regarding.name={name},type={type_}"),
     ]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({"items": []}));
     v["items"]
