@@ -4,7 +4,7 @@
 # and real Envoy binaries. Each step is skipped when its cached result is already there.
 source "$(dirname "$0")/lib/common.sh"
 
-apt_packages=(docker-registry openssl curl unzip python3)
+apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -37,6 +37,16 @@ if [ ! -x "$ORAS_BIN/oras" ]; then
   (cd "$ROOT/e2e/tools/oras" && run_with_heartbeat "go build (oras $ORAS_VERSION)" \
     go build -ldflags='-s -w' -o "$ORAS_BIN.tmp/" oras.land/oras/cmd/oras)
   rm -rf "$ORAS_BIN" && mv "$ORAS_BIN.tmp" "$ORAS_BIN"
+fi
+
+if [ ! -s "$FIXTURE_MODULES/clang_filter.wasm" ]; then
+  log "building the real filter fixtures (proxy-wasm Go SDK with GOOS=wasip1; C with clang --target=wasm32)"
+  mkdir -p "$FIXTURE_MODULES.tmp"
+  (cd "$ROOT/e2e/fixtures/go-filter" && run_with_heartbeat "go build (proxy-wasm Go SDK filter)" \
+    env GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared -o "$FIXTURE_MODULES.tmp/go_sdk_filter.wasm" .)
+  run_with_heartbeat "clang --target=wasm32 (C filter)" clang --target=wasm32 -O2 -nostdlib \
+    -Wl,--no-entry -o "$FIXTURE_MODULES.tmp/clang_filter.wasm" "$ROOT/e2e/fixtures/c-filter/filter.c"
+  rm -rf "$FIXTURE_MODULES" && mv "$FIXTURE_MODULES.tmp" "$FIXTURE_MODULES"
 fi
 
 if [ ! -s "$ISTIO_CRDS" ]; then

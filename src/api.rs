@@ -208,6 +208,30 @@ pub struct WasmFilterStatus {
     /// The module that is deployed now (the last one that passed every check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<ArtifactStatus>,
+    /// Every selected pod (the first 100): its Envoy and whether it loads the module.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+/// One selected pod and the verdict for its Envoy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadStatus {
+    /// The pod.
+    pub name: String,
+    /// Its Envoy version (`1.36.2`, or `1.36` when only the minor release is known); absent
+    /// when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envoy_version: Option<String>,
+    /// Where the version came from: `annotation`, `istio-proxy-image`, `envoy-image` or
+    /// `unknown`.
+    pub version_source: String,
+    /// Whether that Envoy loads the module; absent when it cannot be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compatible: Option<bool>,
+    /// Why not (worded as Envoy logs it), or why it cannot be told.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
 }
 
 /// The resolved, verified module.

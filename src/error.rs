@@ -142,6 +142,19 @@ pub enum Error {
 
     #[error("pushing {reference}: {message}")]
     PushModule { reference: String, message: String },
+
+    #[error("{message}; spec.onIncompatible is Block, so the module is not deployed")]
+    Incompatible {
+        message: String,
+        /// The per-workload verdicts, for status.
+        workloads: Vec<crate::api::WorkloadStatus>,
+    },
+
+    #[error("listing the selected pods: {0}")]
+    ListWorkloads(#[source] kube::Error),
+
+    #[error("reading module sha256:{sha256} back from the cache: {message}")]
+    ReadModule { sha256: String, message: String },
 }
 
 impl Error {
@@ -183,6 +196,9 @@ impl Error {
             Error::UpdateStatus(_) => "UpdateStatus",
             Error::MissingNamespace => "MissingNamespace",
             Error::PushModule { .. } => "PushModule",
+            Error::Incompatible { .. } => "Incompatible",
+            Error::ListWorkloads(_) => "ListWorkloads",
+            Error::ReadModule { .. } => "ReadModule",
         }
     }
 
@@ -195,6 +211,9 @@ impl Error {
                 | Error::DeleteChild { .. }
                 | Error::UpdateStatus(_)
                 | Error::MissingNamespace
+                | Error::Incompatible { .. }
+                | Error::ListWorkloads(_)
+                | Error::ReadModule { .. }
         )
     }
 
@@ -222,7 +241,9 @@ impl Error {
             | Error::ApplyChild { .. }
             | Error::DeleteChild { .. }
             | Error::UpdateStatus(_)
-            | Error::PushModule { .. } => Retry::Transient,
+            | Error::PushModule { .. }
+            | Error::ListWorkloads(_)
+            | Error::ReadModule { .. } => Retry::Transient,
             Error::InvalidReference { .. }
             | Error::ManifestNotFound { .. }
             | Error::RegistryDenied { .. }
@@ -237,6 +258,7 @@ impl Error {
             | Error::ManifestTooLarge { .. }
             | Error::InvalidArtifactConfig { .. }
             | Error::PullSecret { .. }
+            | Error::Incompatible { .. }
             | Error::MissingNamespace => Retry::Invalid,
         }
     }

@@ -1,8 +1,8 @@
 //! wasmfilter-operator: deploys proxy-wasm filters into Envoy and Istio.
 //!
 //! The reconcile pipeline, one module per stage: [`oci`] resolves and fetches, [`cache`] stores
-//! and serves, [`abi`] inspects, [`render`] builds children, [`controller`] applies them and
-//! writes status.
+//! and serves, [`abi`] inspects and checks, [`workloads`] finds each selected pod's Envoy,
+//! [`render`] builds children, [`controller`] applies them and writes status.
 #![forbid(unsafe_code)]
 
 pub mod abi;
@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod names;
 pub mod oci;
 pub mod render;
+pub mod workloads;
 
 pub use error::Error;

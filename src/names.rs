@@ -23,6 +23,7 @@ pub mod condition {
     pub const READY: &str = "Ready";
     pub const RESOLVED: &str = "Resolved";
     pub const DEPLOYED: &str = "Deployed";
+    pub const COMPATIBLE: &str = "Compatible";
 }
 
 /// Reasons used in conditions when things went well. Failure reasons come from
@@ -33,6 +34,10 @@ pub mod reason {
     pub const READY: &str = "Ready";
     pub const NOT_ATTEMPTED: &str = "NotAttempted";
     pub const KEPT_PREVIOUS: &str = "KeptPreviousModule";
+    pub const COMPATIBLE: &str = "Compatible";
+    pub const INCOMPATIBLE: &str = "Incompatible";
+    pub const ENVOY_VERSION_UNKNOWN: &str = "EnvoyVersionUnknown";
+    pub const NO_WORKLOADS: &str = "NoWorkloads";
 }
 
 /// Istio's API groups and kinds the operator writes.

@@ -90,3 +90,54 @@ fn push_refuses_what_is_not_wasm() {
         stderr(&out)
     );
 }
+
+#[test]
+fn check_says_which_envoys_load_a_module_with_exit_codes_0_1_2() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let good = format!("{fixtures}/modules/add_header.wat");
+    let out = wasmfilter(&[
+        "check", &good, "--envoy", "1.36.2", "--envoy", "v1.40.0", "--output", "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["compatible"], true);
+    assert_eq!(report["abiVersion"], "0.2.1");
+    assert_eq!(report["problems"], serde_json::json!([]));
+    assert_eq!(report["verdicts"].as_array().unwrap().len(), 2);
+
+    let bad = format!("{fixtures}/abi/import_type_mismatch.wat");
+    let out = wasmfilter(&["check", &bad, "--envoy", "1.36.2", "--output", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["compatible"], false);
+    assert_eq!(report["problems"][0]["code"], "import_type_mismatch");
+    assert_eq!(
+        report["problems"][0]["message"],
+        "Failed to load Wasm module due to an import type mismatch: env.proxy_log, want: i32 i32 -> i32, but host exports: i32 i32 i32 -> i32"
+    );
+    // Text output names the reason too.
+    let out = wasmfilter(&["check", &bad, "--envoy", "1.40.0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("Envoy 1.40.0: refuses"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Input that cannot be read or parsed, and an Envoy without measured data: exit 2.
+    let dir = tempfile::tempdir().unwrap();
+    let not_wasm = dir.path().join("notes.wasm");
+    std::fs::write(&not_wasm, b"\0asm\x01\0\0\0\x01\xff\xff\xff\xff\x0f").unwrap();
+    let component = dir.path().join("component.wat");
+    std::fs::write(&component, "(component)").unwrap();
+    for args in [
+        vec!["check", not_wasm.to_str().unwrap(), "--envoy", "1.36.2"],
+        vec!["check", component.to_str().unwrap(), "--envoy", "1.36.2"],
+        vec!["check", &good, "--envoy", "1.2.3"],
+        vec!["check", "/no/such/file.wasm", "--envoy", "1.36.2"],
+    ] {
+        let out = wasmfilter(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    }
+}

@@ -8,13 +8,9 @@ use std::time::Duration;
 
 use kube::Api;
 use kube::api::{DeleteParams, DynamicObject};
-use sha2::{Digest, Sha256};
 use support::*;
 use wasmfilter::api::WasmFilter;
-
-fn sha256_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
-}
+use wasmfilter::cache::sha256_hex;
 
 fn cache_url(op: &Operator, sha: &str) -> String {
     format!(

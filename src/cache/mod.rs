@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
-
 pub use server::{FetchFailure, OnDemand, router};
 
 /// What identifies a file's content without reading it: if none of these changed since the
@@ -75,7 +73,7 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
 impl ModuleCache {

@@ -41,6 +41,27 @@ pub enum Command {
     Pull(PullArgs),
     /// Show a module's format, digests, declared ABI and root ids, exports and imports.
     Inspect(InspectArgs),
+    /// Say whether given Envoy versions will load a module, and if not, every reason.
+    /// Exit 0: every Envoy loads it; 1: some Envoy refuses it; 2: the input cannot be read
+    /// or parsed, or an Envoy version has no measured host data.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// A module file (.wasm or .wat), or an artifact reference.
+    pub target: String,
+    /// Envoy version to check against (e.g. 1.36.2). Repeatable.
+    #[arg(long = "envoy", required = true, value_name = "VERSION")]
+    pub envoys: Vec<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Largest module accepted, in bytes.
+    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
+    pub max_module_size: u64,
 }
 
 /// How the CLI reaches a registry.
@@ -267,6 +288,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(args) => push(args).await,
         Command::Pull(args) => pull(args).await,
         Command::Inspect(args) => inspect(args).await,
+        Command::Check(args) => check(args).await,
     }
 }
 
@@ -394,7 +416,7 @@ async fn fetch(
     let host = reference.resolve_registry().to_string();
     let resolver = Resolver::new(registry.config(&host, max_module_size)?)?;
     let creds = registry.credentials(&host)?;
-    Ok(resolver.pull(image, None, None, None, &creds).await?)
+    Ok(resolver.pull(image, None, None, &creds).await?)
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
@@ -523,6 +545,105 @@ fn inspection_text(r: &Inspection) -> String {
     }
     out
 }
+
+/// A failure `check` reports with exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreadable(pub String);
+
+/// What `wasmfilter check --output json` prints.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CheckReport {
+    source: String,
+    compatible: bool,
+    abi_version: Option<String>,
+    /// Every problem, each naming the Envoy version that has it.
+    problems: Vec<ReportedProblem>,
+    warnings: Vec<crate::abi::check::Problem>,
+    verdicts: Vec<crate::abi::check::Verdict>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ReportedProblem {
+    code: &'static str,
+    message: String,
+    envoy: String,
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    use crate::abi::check;
+    let unreadable = |m: String| anyhow::Error::new(Unreadable(m));
+    let mut hosts = Vec::new();
+    for v in &args.envoys {
+        let host = check::host(v).ok_or_else(|| unreadable(check::no_host_reason(v)))?;
+        hosts.push((v.trim_start_matches('v').to_string(), host));
+    }
+    let path = std::path::Path::new(&args.target);
+    let module = if path.is_file() {
+        read_module(path).map_err(|e| unreadable(format!("{e:#}")))?
+    } else {
+        fetch(&args.target, &args.registry, args.max_module_size)
+            .await
+            .map_err(|e| unreadable(format!("{e:#}")))?
+            .1
+    };
+    let info =
+        crate::abi::inspect(&module).map_err(|e| unreadable(format!("{}: {e}", args.target)))?;
+    let verdicts: Vec<_> = hosts
+        .iter()
+        .map(|(v, h)| check::check(&info, v, h))
+        .collect();
+    let report = CheckReport {
+        source: args.target.clone(),
+        compatible: verdicts.iter().all(|v| v.compatible),
+        abi_version: info.abi_version().map(str::to_string),
+        problems: verdicts
+            .iter()
+            .flat_map(|v| {
+                v.problems.iter().map(|p| ReportedProblem {
+                    code: p.code,
+                    message: p.message.clone(),
+                    envoy: v.envoy.clone(),
+                })
+            })
+            .collect(),
+        warnings: verdicts
+            .first()
+            .map(|v| v.warnings.clone())
+            .unwrap_or_default(),
+        verdicts,
+    };
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => {
+            for v in &report.verdicts {
+                let abi = v.abi_version.as_deref().unwrap_or("none");
+                if v.compatible {
+                    println!("Envoy {}: loads (ABI {abi})", v.envoy);
+                } else {
+                    println!("Envoy {}: refuses (ABI {abi})", v.envoy);
+                }
+                for p in &v.problems {
+                    println!("  {}: {}", p.code, p.message);
+                }
+            }
+            for w in &report.warnings {
+                println!("warning: {}: {}", w.code, w.message);
+            }
+        }
+    }
+    if report.compatible {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(Incompatible))
+    }
+}
+
+/// `check` found an Envoy that refuses the module (exit 1; the report says why).
+#[derive(Debug, thiserror::Error)]
+#[error("an Envoy version refuses the module")]
+pub struct Incompatible;
 
 fn read_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

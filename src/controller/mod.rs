@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -20,7 +20,8 @@ use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
-use crate::api::{PullPolicy, WasmFilter};
+use crate::abi::ModuleInfo;
+use crate::api::{OnIncompatible, PullPolicy, WasmFilter, WorkloadStatus};
 use crate::cache::{FetchFailure, ModuleCache, OnDemand};
 use crate::error::{Backoff, Error};
 use crate::metrics::Metrics;
@@ -61,6 +62,8 @@ pub struct Context {
     store: OnceLock<Store<WasmFilter>>,
     /// One on-demand fetch per module at a time.
     inflight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What inspecting each deployed module found, by sha256.
+    inspected: Mutex<HashMap<String, Arc<ModuleInfo>>>,
 }
 
 impl Context {
@@ -85,7 +88,71 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             store: OnceLock::new(),
             inflight: tokio::sync::Mutex::new(HashMap::new()),
+            inspected: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The module's exports and imports, read from the cache once per module.
+    fn module_info(&self, sha256: &str) -> Result<Arc<ModuleInfo>, Error> {
+        if let Some(info) = self
+            .inspected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha256)
+        {
+            return Ok(info.clone());
+        }
+        let err = |message: String| Error::ReadModule {
+            sha256: sha256.to_string(),
+            message,
+        };
+        let bytes = self
+            .cache
+            .read_verified(sha256)
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err("not in the cache".into()))?;
+        let info = Arc::new(crate::abi::inspect(&bytes).map_err(|e| err(e.to_string()))?);
+        let mut inspected = self.inspected.lock().unwrap_or_else(|p| p.into_inner());
+        if inspected.len() >= 1024 {
+            inspected.clear();
+        }
+        inspected.insert(sha256.to_string(), info.clone());
+        Ok(info)
+    }
+
+    /// Every selected pod's Envoy and verdict, and the `Compatible` condition they add up to.
+    async fn assess_workloads(
+        &self,
+        wf: &WasmFilter,
+        ns: &str,
+        module_sha256: &str,
+    ) -> Result<(Vec<WorkloadStatus>, status::Cond), Error> {
+        let info = self.module_info(module_sha256)?;
+        let selector = wf
+            .spec
+            .selector
+            .match_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(Error::ListWorkloads)?;
+        let mut workloads: Vec<WorkloadStatus> = list
+            .items
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| crate::workloads::assess(p, &info))
+            .collect();
+        // Refusing first, then unknown, then by name: what a person must see first.
+        workloads.sort_by_key(|w| (w.compatible, w.name.clone()));
+        let total = workloads.len();
+        let cond = status::compatibility(&workloads, total);
+        workloads.truncate(status::MAX_LISTED_WORKLOADS);
+        Ok((workloads, cond))
     }
 
     /// Module sha256s some WasmFilter's status says are deployed.
@@ -344,9 +411,47 @@ pub async fn run(ctx: Arc<Context>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
+    // Pods come and go: a new one matching a selector is checked in the next reconcile of
+    // the filters that select it. Only what decides the verdict (labels, the version
+    // annotation, images) triggers one, not every status change of a pod.
+    let pods: Api<Pod> = match &ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let pod_trigger = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => Some(Ok(pod)),
+                // A deleted pod must change its fingerprint, or the filter would drop it.
+                Ok(watcher::Event::Delete(mut pod)) => {
+                    pod.metadata.deletion_timestamp.get_or_insert_with(|| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
+                    });
+                    Some(Ok(pod))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .predicate_filter(workload_fingerprint, Default::default());
+    let filters_store = reader.clone();
     let controller = Controller::for_stream(trigger, reader)
         .owns_with(children(&wp), wp, owned.clone())
         .owns_with(children(&ef), ef, owned)
+        .watches_stream(pod_trigger, move |pod: Pod| {
+            let ns = pod.namespace();
+            let labels = pod.labels().clone();
+            filters_store
+                .state()
+                .into_iter()
+                .filter(|wf| {
+                    wf.namespace() == ns
+                        && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
+                })
+                .map(|wf| ObjectRef::from_obj(&*wf))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal();
     let store = controller.store();
     let _ = ctx.store.set(store.clone());
@@ -385,6 +490,29 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// What about a pod can change a verdict: its labels, its version annotation, its images,
+/// and whether it is going away.
+fn workload_fingerprint(pod: &Pod) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pod.labels().hash(&mut h);
+    pod.annotations()
+        .get(crate::workloads::ANNOTATION_ENVOY_VERSION)
+        .hash(&mut h);
+    pod.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(spec) = &pod.spec {
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            c.name.hash(&mut h);
+            c.image.hash(&mut h);
+        }
+    }
+    Some(h.finish())
 }
 
 #[tracing::instrument(skip_all, fields(filter = %wf.name_any(), namespace = wf.namespace().unwrap_or_default()))]
@@ -507,6 +635,18 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
+    let (workloads, compatible) = ctx
+        .assess_workloads(wf, &ns, &artifact.module_sha256)
+        .await?;
+    let incompatible = compatible.status == "False";
+    if incompatible && wf.spec.on_incompatible == OnIncompatible::Block {
+        return Err(Error::Incompatible {
+            message: compatible.message,
+            workloads,
+        });
+    }
+    let compatible_message = compatible.message.clone();
+
     let module = Module {
         sha256: artifact.module_sha256.clone(),
     };
@@ -523,9 +663,27 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
         })?;
     remove_other_children(wf, ctx, &ns, &child.resource).await?;
 
-    let status = status::ready(wf, &artifact, kind, &child.notes);
+    let status = status::ready(wf, &artifact, kind, &child.notes, workloads, compatible);
+    let was_incompatible = wf
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == names::condition::COMPATIBLE)
+        })
+        .is_some_and(|c| c.status == "False" && c.message == compatible_message);
     patch_status(&ctx.client, wf, &status).await?;
     announce_changes(wf, ctx, &artifact, kind).await;
+    if incompatible && !was_incompatible {
+        ctx.publish(
+            wf,
+            EventType::Warning,
+            names::reason::INCOMPATIBLE,
+            format!("deployed anyway (spec.onIncompatible: Warn): {compatible_message}"),
+        )
+        .await;
+    }
 
     Ok(match wf.spec.module.pull_policy {
         PullPolicy::Always => Action::requeue(ctx.settings.resync),

@@ -2,7 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus};
+use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
 use crate::error::Error;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
@@ -12,7 +12,8 @@ use crate::oci::Artifact;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cond {
     pub type_: &'static str,
-    pub ok: bool,
+    /// `True`, `False` or `Unknown`.
+    pub status: &'static str,
     pub reason: String,
     pub message: String,
 }
@@ -21,11 +22,112 @@ impl Cond {
     pub fn new(type_: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Self {
         Cond {
             type_,
-            ok,
+            status: if ok { "True" } else { "False" },
             reason: reason.to_string(),
             message: message.into(),
         }
     }
+
+    pub fn unknown(type_: &'static str, reason: &str, message: impl Into<String>) -> Self {
+        Cond {
+            type_,
+            status: "Unknown",
+            reason: reason.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The same condition as it stood in a previous status.
+    fn carried(type_: &'static str, c: &Condition) -> Self {
+        Cond {
+            type_,
+            status: match c.status.as_str() {
+                "True" => "True",
+                "False" => "False",
+                _ => "Unknown",
+            },
+            reason: c.reason.clone(),
+            message: c.message.clone(),
+        }
+    }
+}
+
+/// How many workloads status lists by name.
+pub const MAX_LISTED_WORKLOADS: usize = 100;
+
+/// The `Compatible` condition for the selected workloads (`total` of them; `workloads` may
+/// list fewer).
+pub fn compatibility(workloads: &[WorkloadStatus], total: usize) -> Cond {
+    use crate::names::reason as r;
+    if total == 0 {
+        return Cond::new(
+            condition::COMPATIBLE,
+            true,
+            r::NO_WORKLOADS,
+            "no pod matches the selector yet; each one is checked as it appears",
+        );
+    }
+    let describe = |w: &WorkloadStatus| {
+        format!(
+            "{} (Envoy {}): {}",
+            w.name,
+            w.envoy_version.as_deref().unwrap_or("unknown"),
+            w.reasons.first().map(String::as_str).unwrap_or("")
+        )
+    };
+    let list = |ws: Vec<&WorkloadStatus>| {
+        let mut parts: Vec<String> = ws.iter().take(3).map(|w| describe(w)).collect();
+        if ws.len() > 3 {
+            parts.push(format!("and {} more", ws.len() - 3));
+        }
+        parts.join("; ")
+    };
+    let refusing: Vec<_> = workloads
+        .iter()
+        .filter(|w| w.compatible == Some(false))
+        .collect();
+    if !refusing.is_empty() {
+        return Cond::new(
+            condition::COMPATIBLE,
+            false,
+            r::INCOMPATIBLE,
+            format!(
+                "{} of {total} selected workloads would refuse the module: {}",
+                refusing.len(),
+                list(refusing)
+            ),
+        );
+    }
+    let unknown: Vec<_> = workloads
+        .iter()
+        .filter(|w| w.compatible.is_none())
+        .collect();
+    if !unknown.is_empty() {
+        return Cond::unknown(
+            condition::COMPATIBLE,
+            r::ENVOY_VERSION_UNKNOWN,
+            format!(
+                "{} of {total} selected workloads cannot be checked: {}",
+                unknown.len(),
+                list(unknown)
+            ),
+        );
+    }
+    let mut versions: Vec<&str> = workloads
+        .iter()
+        .filter_map(|w| w.envoy_version.as_deref())
+        .collect();
+    versions.sort();
+    versions.dedup();
+    Cond::new(
+        condition::COMPATIBLE,
+        true,
+        r::COMPATIBLE,
+        format!(
+            "the Envoy of every selected workload loads the module ({total} workloads; Envoy {})",
+            versions.join(", ")
+        ),
+    )
 }
 
 /// Turns `conds` into API conditions, keeping each one's transition time when its status did
@@ -39,7 +141,7 @@ pub fn conditions(
     conds
         .iter()
         .map(|c| {
-            let status = if c.ok { "True" } else { "False" };
+            let status = c.status;
             let last_transition_time = previous
                 .iter()
                 .find(|p| p.type_ == c.type_ && p.status == status)
@@ -78,6 +180,8 @@ pub fn ready(
     artifact: &Artifact,
     child_kind: &str,
     notes: &[String],
+    workloads: Vec<WorkloadStatus>,
+    compatible: Cond,
 ) -> WasmFilterStatus {
     let previous = wf
         .status
@@ -120,6 +224,7 @@ pub fn ready(
     }
     let conds = [
         Cond::new(condition::RESOLVED, true, reason::RESOLVED, resolved),
+        compatible,
         Cond::new(condition::DEPLOYED, true, reason::DEPLOYED, deployed),
         Cond::new(
             condition::READY,
@@ -135,6 +240,7 @@ pub fn ready(
             previous_manifest_digest,
             ..artifact_status(artifact)
         }),
+        workloads,
     }
 }
 
@@ -182,7 +288,14 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
         .conditions
         .iter()
         .find(|c| c.type_ == condition::DEPLOYED);
+    let carry = |type_: &'static str| {
+        old.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| Cond::carried(type_, c))
+    };
     let mut conds = Vec::new();
+    let mut workloads = old.workloads.clone();
     if err.is_resolve_failure() {
         conds.push(Cond::new(
             condition::RESOLVED,
@@ -190,6 +303,7 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
             err.reason(),
             err.to_string(),
         ));
+        conds.extend(carry(condition::COMPATIBLE));
         conds.push(match (&kept, previous_deployed) {
             (Some(k), Some(p)) if p.status == "True" => {
                 Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
@@ -202,30 +316,48 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
             ),
         });
     } else {
-        if let Some(r) = old
-            .conditions
-            .iter()
-            .find(|c| c.type_ == condition::RESOLVED)
-        {
-            conds.push(Cond::new(
-                condition::RESOLVED,
-                r.status == "True",
-                &r.reason,
-                r.message.clone(),
-            ));
+        conds.extend(carry(condition::RESOLVED));
+        match err {
+            Error::Incompatible {
+                message,
+                workloads: verdicts,
+            } => {
+                workloads = verdicts.clone();
+                conds.push(Cond::new(
+                    condition::COMPATIBLE,
+                    false,
+                    reason::INCOMPATIBLE,
+                    message.clone(),
+                ));
+                conds.push(match (&kept, previous_deployed) {
+                    (Some(k), Some(p)) if p.status == "True" => {
+                        Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
+                    }
+                    _ => Cond::new(
+                        condition::DEPLOYED,
+                        false,
+                        reason::INCOMPATIBLE,
+                        "nothing deployed: spec.onIncompatible is Block",
+                    ),
+                });
+            }
+            _ => {
+                conds.extend(carry(condition::COMPATIBLE));
+                conds.push(Cond::new(
+                    condition::DEPLOYED,
+                    false,
+                    err.reason(),
+                    err.to_string(),
+                ));
+            }
         }
-        conds.push(Cond::new(
-            condition::DEPLOYED,
-            false,
-            err.reason(),
-            err.to_string(),
-        ));
     }
     conds.push(Cond::new(condition::READY, false, err.reason(), message));
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(&old.conditions, &conds, wf.metadata.generation),
         artifact: old.artifact,
+        workloads,
     }
 }
 
@@ -260,12 +392,26 @@ mod tests {
     fn a_moved_tag_keeps_the_old_digest_in_status() {
         let mut wf = wf();
         let old = artifact();
-        wf.status = Some(ready(&wf, &old, "WasmPlugin", &[]));
+        wf.status = Some(ready(
+            &wf,
+            &old,
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        ));
         let moved = Artifact {
             manifest_digest: format!("sha256:{}", "d".repeat(64)),
             ..artifact()
         };
-        let s = ready(&wf, &moved, "WasmPlugin", &[]);
+        let s = ready(
+            &wf,
+            &moved,
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        );
         let a = s.artifact.as_ref().unwrap();
         assert_eq!(a.manifest_digest, moved.manifest_digest);
         assert_eq!(
@@ -279,7 +425,14 @@ mod tests {
         );
         // A resync that finds the same digest keeps saying where it came from.
         wf.status = Some(s);
-        let again = ready(&wf, &moved, "WasmPlugin", &[]);
+        let again = ready(
+            &wf,
+            &moved,
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        );
         assert_eq!(
             again.artifact.unwrap().previous_manifest_digest.as_deref(),
             Some(old.manifest_digest.as_str())
@@ -306,7 +459,14 @@ mod tests {
 
     #[test]
     fn ready_sets_every_condition_and_the_generation() {
-        let s = ready(&wf(), &artifact(), "WasmPlugin", &[]);
+        let s = ready(
+            &wf(),
+            &artifact(),
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        );
         assert_eq!(s.observed_generation, Some(2));
         for t in ["Resolved", "Deployed", "Ready"] {
             assert_eq!(cond(&s, t).status, "True", "{t}");
@@ -318,7 +478,14 @@ mod tests {
     #[test]
     fn failure_after_success_keeps_the_deployed_artifact_and_says_so() {
         let mut w = wf();
-        w.status = Some(ready(&w, &artifact(), "WasmPlugin", &[]));
+        w.status = Some(ready(
+            &w,
+            &artifact(),
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        ));
         let err = Error::ManifestNotFound {
             reference: "r/f:2".into(),
         };
@@ -335,11 +502,25 @@ mod tests {
     #[test]
     fn transition_time_only_moves_on_change() {
         let mut w = wf();
-        let first = ready(&w, &artifact(), "WasmPlugin", &[]);
+        let first = ready(
+            &w,
+            &artifact(),
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        );
         let t0 = cond(&first, "Ready").last_transition_time.clone();
         w.status = Some(first);
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let again = ready(&w, &artifact(), "WasmPlugin", &[]);
+        let again = ready(
+            &w,
+            &artifact(),
+            "WasmPlugin",
+            &[],
+            Vec::new(),
+            compatibility(&[], 0),
+        );
         assert_eq!(cond(&again, "Ready").last_transition_time, t0);
         w.status = Some(again);
         let failed = failed(&w, &Error::MissingNamespace);

@@ -7,14 +7,17 @@
 pub mod auth;
 pub mod format;
 mod push;
+mod reference;
 pub mod registry;
+mod tls;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::{Client, Reference};
-use sha2::{Digest, Sha256};
 
 pub use auth::Credentials;
 pub use format::{ExtractError, Format, select_module_layer};
@@ -68,21 +71,21 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     /// Adds the certificates of a PEM bundle (a CA file) to the trusted roots.
     pub fn trust_pem_bundle(&mut self, pem: &[u8]) -> Result<(), String> {
-        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
-        if certs.is_empty() {
-            return Err("no PEM certificate found".into());
-        }
+        tls::parse_pem_bundle(pem)?;
         self.ca_pem.extend_from_slice(pem);
         self.ca_pem.push(b'\n');
         Ok(())
     }
 
-    /// The extra trusted certificates, parsed.
-    pub fn ca_certificates(&self) -> Vec<reqwest::Certificate> {
-        if self.ca_pem.is_empty() {
-            return Vec::new();
-        }
-        reqwest::Certificate::from_pem_bundle(&self.ca_pem).unwrap_or_default()
+    /// The TLS settings registry clients use: system roots and the extra CAs, loaded on the
+    /// first handshake.
+    pub fn tls_config(&self) -> Result<rustls::ClientConfig, String> {
+        let extra = if self.ca_pem.is_empty() {
+            Vec::new()
+        } else {
+            tls::parse_pem_bundle(&self.ca_pem)?
+        };
+        tls::client_config(extra).map_err(|e| e.to_string())
     }
 
     /// The extra trusted certificates, one PEM block each.
@@ -120,6 +123,20 @@ pub struct Artifact {
 pub struct Resolver {
     registry: RegistryClient,
     config: RegistryConfig,
+    /// What inspecting each module (by sha256) found, so a cached module is not read again.
+    known: Mutex<HashMap<String, Summary>>,
+    /// Parsed runtime configs, by blob digest (content-addressed, so never stale).
+    configs: Mutex<HashMap<String, format::DeclaredConfig>>,
+}
+
+/// Bound on each in-memory table above; past it, the table starts over.
+const MAX_REMEMBERED: usize = 4096;
+
+/// What the resolver remembers of a module it inspected.
+#[derive(Debug, Clone)]
+struct Summary {
+    size: u64,
+    abi_version: Option<String>,
 }
 
 /// A module fetched into the cache.
@@ -132,12 +149,11 @@ pub struct Fetched {
 
 /// Parses a user-written reference, accepting an `oci://` prefix.
 pub fn parse_reference(image: &str) -> Result<Reference, Error> {
-    let bare = image.strip_prefix("oci://").unwrap_or(image);
-    bare.parse::<Reference>()
-        .map_err(|e| Error::InvalidReference {
-            image: image.to_string(),
-            message: e.to_string(),
-        })
+    reference::parse(image).ok_or_else(|| Error::InvalidReference {
+        image: image.to_string(),
+        message: "expected [registry/]repository[:tag][@sha256:<64 hex>], lowercase repository"
+            .to_string(),
+    })
 }
 
 /// Builds an `oci-client` client (used for pushing) for these settings.
@@ -163,6 +179,8 @@ impl Resolver {
         Ok(Resolver {
             registry: RegistryClient::new(&config)?,
             config,
+            known: Mutex::new(HashMap::new()),
+            configs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -191,7 +209,9 @@ impl Resolver {
                 creds,
             )
             .await?;
-        cache.insert(&module).map_err(Error::CacheWrite)?;
+        if let Some(module) = module {
+            cache.insert(&module).map_err(Error::CacheWrite)?;
+        }
         Ok(Fetched {
             artifact,
             downloaded,
@@ -199,19 +219,24 @@ impl Resolver {
     }
 
     /// Resolves `image` (or, when `pinned_digest` is given, that manifest of the same
-    /// repository), fetches its module and verifies every digest, the module itself and, when
-    /// given, the expected module sha256. A module already in `cache` is not downloaded again.
+    /// repository), downloads its module and verifies every digest, the module itself and,
+    /// when given, the expected module sha256.
     pub async fn pull(
         &self,
         image: &str,
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
-        cache: Option<&ModuleCache>,
         creds: &Credentials,
     ) -> Result<(Artifact, Vec<u8>), Error> {
-        self.pull_counted(image, pinned_digest, expected_module_sha256, cache, creds)
-            .await
-            .map(|(a, m, _)| (a, m))
+        let (artifact, module, _) = self
+            .pull_counted(image, pinned_digest, expected_module_sha256, None, creds)
+            .await?;
+        match module {
+            Some(m) => Ok((artifact, m)),
+            None => Err(Error::CacheWrite(std::io::Error::other(
+                "no module bytes without a cache",
+            ))),
+        }
     }
 
     /// [`Resolver::pull`], also saying how many bytes were downloaded.
@@ -222,7 +247,7 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Vec<u8>, u64), Error> {
+    ) -> Result<(Artifact, Option<Vec<u8>>, u64), Error> {
         let reference = parse_reference(image)?;
         let whole = reference.whole();
         tokio::time::timeout(
@@ -254,7 +279,7 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Vec<u8>, u64), Error> {
+    ) -> Result<(Artifact, Option<Vec<u8>>, u64), Error> {
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
                 reference.registry().to_string(),
@@ -289,27 +314,62 @@ impl Resolver {
                 ),
             })?;
 
+        let image = image.strip_prefix("oci://").unwrap_or(image).to_string();
+        let declared = || async {
+            match format {
+                Format::SoloOci => self.solo_config(&reference, &manifest, creds).await,
+                _ => Ok(format::DeclaredConfig::default()),
+            }
+        };
+        let check_pin = |actual: &str| match expected_module_sha256 {
+            Some(expected) if expected != actual => Err(Error::ModuleSha256Mismatch {
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            }),
+            _ => Ok(()),
+        };
+
         // The raw-layer formats are content-addressed by the module's own hash: a module
-        // already in the cache needs no download.
+        // already in the cache, inspected before by this process, needs neither a download
+        // nor another read (the cache re-hashes a file only if it changed).
+        if let Some(c) = cache
+            && format.layer_is_module()
+            && let Some(summary) = self.known(layer_hex)
+            && c.verify(layer_hex).map_err(Error::CacheWrite)?
+        {
+            check_pin(layer_hex)?;
+            let declared = declared().await?;
+            let artifact = Artifact {
+                image,
+                manifest_digest,
+                format,
+                module_sha256: layer_hex.to_string(),
+                size: summary.size,
+                abi_version: summary.abi_version,
+                declared_abi_versions: declared.abi_versions,
+                root_ids: declared.root_ids,
+            };
+            return Ok((artifact, None, 0));
+        }
+
         let cached = match cache {
             Some(c) if format.layer_is_module() => {
                 c.read_verified(layer_hex).map_err(Error::CacheWrite)?
             }
             _ => None,
         };
-        let mut downloaded = 0;
-        let bytes = match cached {
-            Some(bytes) => bytes,
-            None => {
-                let bytes = self.fetch_blob(&reference, layer, size, creds).await?;
-                downloaded += bytes.len() as u64;
-                bytes
+        // The runtime config and the module travel at once.
+        let module_bytes = async {
+            match cached {
+                Some(bytes) => Ok((bytes, 0)),
+                None => {
+                    let bytes = self.fetch_blob(&reference, layer, size, creds).await?;
+                    let n = bytes.len() as u64;
+                    Ok::<_, Error>((bytes, n))
+                }
             }
         };
-        let declared = match format {
-            Format::SoloOci => self.solo_config(&reference, &manifest, creds).await?,
-            _ => format::DeclaredConfig::default(),
-        };
+        let (declared, (bytes, downloaded)) = tokio::try_join!(declared(), module_bytes)?;
         let module = format
             .extract_module(bytes, self.config.max_module_bytes)
             .map_err(|source| Error::ExtractModule {
@@ -326,26 +386,45 @@ impl Resolver {
                 message: other.to_string(),
             },
         })?;
-        let module_sha256 = sha256_hex(&module);
-        if let Some(expected) = expected_module_sha256
-            && expected != module_sha256
-        {
-            return Err(Error::ModuleSha256Mismatch {
-                expected: expected.to_string(),
-                actual: module_sha256,
-            });
-        }
+        // A raw layer was just verified against its digest: that is the module's sha256.
+        let module_sha256 = if format.layer_is_module() {
+            layer_hex.to_string()
+        } else {
+            sha256_hex(&module)
+        };
+        check_pin(&module_sha256)?;
+        let summary = Summary {
+            size: module.len() as u64,
+            abi_version: info.abi_version().map(str::to_string),
+        };
+        self.remember(&module_sha256, summary.clone());
         let artifact = Artifact {
-            image: image.strip_prefix("oci://").unwrap_or(image).to_string(),
+            image,
             manifest_digest,
             format,
             module_sha256,
-            size: module.len() as u64,
-            abi_version: info.abi_version().map(str::to_string),
+            size: summary.size,
+            abi_version: summary.abi_version,
             declared_abi_versions: declared.abi_versions,
             root_ids: declared.root_ids,
         };
-        Ok((artifact, module, downloaded))
+        Ok((artifact, Some(module), downloaded))
+    }
+
+    fn known(&self, sha256: &str) -> Option<Summary> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha256)
+            .cloned()
+    }
+
+    fn remember(&self, sha256: &str, summary: Summary) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= MAX_REMEMBERED {
+            known.clear();
+        }
+        known.insert(sha256.to_string(), summary);
     }
 
     /// Reads a Solo artifact's runtime config (`abiVersions`/`rootIds`, either spelling).
@@ -367,8 +446,22 @@ impl Resolver {
                 "config blob claims {size} bytes, over the {MAX_CONFIG_BYTES}-byte cap"
             )));
         }
+        if let Some(known) = self
+            .configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&config.digest)
+        {
+            return Ok(known.clone());
+        }
         let bytes = self.fetch_blob(reference, config, size, creds).await?;
-        format::DeclaredConfig::parse(&bytes).map_err(invalid)
+        let declared = format::DeclaredConfig::parse(&bytes).map_err(invalid)?;
+        let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
+        if configs.len() >= MAX_REMEMBERED {
+            configs.clear();
+        }
+        configs.insert(config.digest.clone(), declared.clone());
+        Ok(declared)
     }
 
     /// Fetches the image manifest for `reference`, following an index to its Wasm entry, and
@@ -464,7 +557,16 @@ impl Resolver {
                 other => other,
             })?;
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 26));
-        let mut hasher = Sha256::new();
+        // Hash on another thread while the download goes on: for large modules the two
+        // overlap instead of adding up.
+        let (chunks, mut for_hasher) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            while let Some(chunk) = for_hasher.blocking_recv() {
+                ctx.update(&chunk);
+            }
+            hex::encode(ctx.finish())
+        });
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
@@ -473,8 +575,10 @@ impl Resolver {
                             "registry sent more than the {size} bytes the manifest declares"
                         )));
                     }
-                    hasher.update(&chunk);
                     bytes.extend_from_slice(&chunk);
+                    if chunks.send(chunk).await.is_err() {
+                        return Err(fetch_err("the hashing thread stopped".into()));
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -486,13 +590,16 @@ impl Resolver {
                 }
             }
         }
+        drop(chunks);
         if (bytes.len() as u64) < size {
             return Err(fetch_err(format!(
                 "truncated: got {} of {size} bytes",
                 bytes.len()
             )));
         }
-        let actual = hex::encode(hasher.finalize());
+        let actual = hasher
+            .await
+            .map_err(|e| fetch_err(format!("hashing: {e}")))?;
         if layer.digest != format!("sha256:{actual}") {
             return Err(Error::BlobDigestMismatch {
                 expected: layer.digest.clone(),

@@ -17,7 +17,6 @@ use oci_client::Reference;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::RegistryConfig;
 use super::auth::{self, Challenge, Credentials};
@@ -70,7 +69,7 @@ fn registry_of(reference: &Reference) -> String {
 }
 
 fn fingerprint(creds: &Credentials) -> [u8; 32] {
-    let mut h = Sha256::new();
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     match creds {
         Credentials::Anonymous => h.update(b"anonymous"),
         Credentials::Basic { username, password } => {
@@ -80,7 +79,9 @@ fn fingerprint(creds: &Credentials) -> [u8; 32] {
             h.update(password.as_bytes());
         }
     }
-    h.finalize().into()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.finish().as_ref());
+    out
 }
 
 #[derive(Deserialize)]
@@ -117,19 +118,20 @@ fn envelope_message(body: &[u8]) -> Option<String> {
 
 impl RegistryClient {
     pub fn new(config: &RegistryConfig) -> Result<Self, Error> {
+        let tls = config
+            .tls_config()
+            .map_err(|message| Error::RegistryConfig { message })?;
         let build = |redirects: reqwest::redirect::Policy| {
-            let mut b = reqwest::Client::builder()
+            reqwest::Client::builder()
                 .user_agent(concat!("wasmfilter/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(config.connect_timeout)
                 .read_timeout(config.read_timeout)
-                .redirect(redirects);
-            let extra = config.ca_certificates();
-            if !extra.is_empty() {
-                b = b.tls_certs_merge(extra);
-            }
-            b.build().map_err(|e| Error::RegistryConfig {
-                message: super::error_chain(&e),
-            })
+                .redirect(redirects)
+                .tls_backend_preconfigured(tls.clone())
+                .build()
+                .map_err(|e| Error::RegistryConfig {
+                    message: super::error_chain(&e),
+                })
         };
         Ok(RegistryClient {
             // Blob downloads may be redirected to storage; reqwest drops the Authorization

@@ -1,0 +1,158 @@
+//! The ABI check against real Envoys: every module of the corpus is loaded by every Envoy the
+//! test environment has (`envoy --mode validate` creates the Wasm VM), and the check must
+//! agree with what Envoy did — load or refuse — and word its first reason as Envoy logs it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+use wasmfilter::abi::check;
+
+/// The corpus: hand-written modules for every reason, plus the real filters the suite builds.
+fn corpus() -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/abi");
+    let mut modules: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wat"))
+        .map(|p| {
+            (
+                p.file_stem().unwrap().to_string_lossy().into_owned(),
+                wat::parse_file(&p).unwrap(),
+            )
+        })
+        .collect();
+    let add_header = wat::parse_file(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/modules/add_header.wat"),
+    )
+    .unwrap();
+    let mut truncated = add_header.clone();
+    truncated.truncate(add_header.len() / 2);
+    modules.push(("add_header".into(), add_header));
+    modules.push(("truncated".into(), truncated));
+    modules.push(("not_wasm".into(), b"#!/bin/sh\necho hello\n".to_vec()));
+    modules.push(("component".into(), wat::parse_str("(component)").unwrap()));
+    for built in built_modules() {
+        modules.push(built);
+    }
+    modules.sort();
+    modules
+}
+
+/// Real filters built by `e2e/setup.sh` (Go SDK, clang), when present.
+fn built_modules() -> Vec<(String, Vec<u8>)> {
+    let Ok(dir) = std::env::var("WASMFILTER_FIXTURE_MODULES") else {
+        return Vec::new();
+    };
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+                .map(|p| {
+                    (
+                        p.file_stem().unwrap().to_string_lossy().into_owned(),
+                        std::fs::read(&p).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `envoy --mode validate` with an HTTP Wasm filter loading `module`; Envoy builds the
+/// VM while validating. Returns whether it accepted the config, and its log.
+fn envoy_loads(envoy: &Path, module: &Path, dir: &Path) -> (bool, String) {
+    let config = dir.join(format!(
+        "{}.json",
+        module.file_stem().unwrap().to_string_lossy()
+    ));
+    let bootstrap = serde_json::json!({
+        "static_resources": {"listeners": [{
+            "name": "corpus",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+            "filter_chains": [{"filters": [{
+                "name": "hcm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "corpus",
+                    "route_config": {},
+                    "http_filters": [
+                        {"name": "wasm", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                            "config": {"name": "corpus", "vm_config": {
+                                "runtime": "envoy.wasm.runtime.v8",
+                                "code": {"local": {"filename": module}}}}}},
+                        {"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                    ]}}]}]
+        }]}
+    });
+    std::fs::write(&config, bootstrap.to_string()).unwrap();
+    let out = Command::new(envoy)
+        .args(["--mode", "validate", "-l", "warning", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), log)
+}
+
+#[test]
+fn the_check_agrees_with_real_envoys_module_by_module() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus();
+    assert!(corpus.len() >= 20, "corpus too small: {}", corpus.len());
+    let mut disagreements = Vec::new();
+    let mut table = String::new();
+    for version in &env.envoy_versions {
+        let envoy: PathBuf = env.envoy_dir.join(version).join("envoy");
+        let host = check::host(version)
+            .unwrap_or_else(|| panic!("no measured host surface for Envoy {version}"));
+        for (name, bytes) in &corpus {
+            let path = dir.path().join(format!("{name}.wasm"));
+            std::fs::write(&path, bytes).unwrap();
+            let (loaded, log) = envoy_loads(&envoy, &path, dir.path());
+            let verdict = check::check_bytes(bytes, version, host);
+            table.push_str(&format!(
+                "{version:>7} {name:<28} envoy={:<7} check={:<7} {}\n",
+                if loaded { "loads" } else { "refuses" },
+                if verdict.compatible {
+                    "loads"
+                } else {
+                    "refuses"
+                },
+                verdict.problems.first().map_or("", |p| p.code),
+            ));
+            if loaded != verdict.compatible {
+                disagreements.push(format!(
+                    "{name} on Envoy {version}: Envoy {}, check says {verdict:?}\n{log}",
+                    if loaded { "loaded it" } else { "refused it" }
+                ));
+                continue;
+            }
+            // Envoy stops at its first failing stage; the first reason must be in its log,
+            // worded alike (the check adds detail after " (" for unparsable modules).
+            if let Some(first) = verdict.problems.first() {
+                let wording = first.message.split(" (").next().unwrap();
+                if !log.contains(wording) {
+                    disagreements.push(format!(
+                        "{name} on Envoy {version}: Envoy did not say {wording:?}:\n{log}"
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{table}");
+    assert!(
+        disagreements.is_empty(),
+        "{} disagreement(s):\n{}",
+        disagreements.len(),
+        disagreements.join("\n---\n")
+    );
+}
