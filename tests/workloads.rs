@@ -100,7 +100,7 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
             "plain-envoy",
             "web",
             None,
-            ("envoy", "docker.io/envoyproxy/envoy:v1.38.3"),
+            ("envoy", "docker.io/envoyproxy/envoy:v1.39.1"),
         ),
         pod_yaml(
             n,
@@ -152,7 +152,7 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
             w.version_source.as_str(),
             w.compatible
         ),
-        (Some("1.38.3"), "envoy-image", Some(true))
+        (Some("1.39.1"), "envoy-image", Some(true))
     );
     let w = by_name("mystery");
     assert_eq!((w.envoy_version.as_deref(), w.compatible), (None, None));
