@@ -85,29 +85,11 @@ fn between(log: &str, start: &str, end: &str) -> Option<String> {
     Some(log[i..j].trim().to_string())
 }
 
+/// `envoy --mode validate` config loading `module` as an HTTP Wasm filter (the template the
+/// ABI corpus test uses too).
 fn bootstrap(module: &Path) -> String {
-    serde_json::json!({
-        "static_resources": {"listeners": [{
-            "name": "probe",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-            "filter_chains": [{"filters": [{
-                "name": "hcm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "probe",
-                    "route_config": {},
-                    "http_filters": [
-                        {"name": "wasm", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                            "config": {"name": "probe", "vm_config": {
-                                "runtime": "envoy.wasm.runtime.v8",
-                                "code": {"local": {"filename": module}}}}}},
-                        {"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                    ]}}]}]
-        }]}
-    })
-    .to_string()
+    include_str!("../e2e/envoy/validate-wasm.json")
+        .replace("WASM_MODULE_PATH", &module.to_string_lossy())
 }
 
 /// A module with ABI `abi`, an allocator and memory, plus `extra` fields.

@@ -70,28 +70,9 @@ fn envoy_loads(envoy: &Path, module: &Path, dir: &Path) -> (bool, String) {
         "{}.json",
         module.file_stem().unwrap().to_string_lossy()
     ));
-    let bootstrap = serde_json::json!({
-        "static_resources": {"listeners": [{
-            "name": "corpus",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-            "filter_chains": [{"filters": [{
-                "name": "hcm",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "corpus",
-                    "route_config": {},
-                    "http_filters": [
-                        {"name": "wasm", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-                            "config": {"name": "corpus", "vm_config": {
-                                "runtime": "envoy.wasm.runtime.v8",
-                                "code": {"local": {"filename": module}}}}}},
-                        {"name": "envoy.filters.http.router", "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                    ]}}]}]
-        }]}
-    });
-    std::fs::write(&config, bootstrap.to_string()).unwrap();
+    let bootstrap = include_str!("../e2e/envoy/validate-wasm.json")
+        .replace("WASM_MODULE_PATH", &module.to_string_lossy());
+    std::fs::write(&config, bootstrap).unwrap();
     let out = Command::new(envoy)
         .args(["--mode", "validate", "-l", "warning", "-c"])
         .arg(&config)

@@ -131,13 +131,18 @@ impl RegistryArgs {
             ..Default::default()
         };
         if let Some(file) = &self.ca_file {
-            let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-            config
-                .trust_pem_bundle(&pem)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            trust_ca_file(&mut config, file)?;
         }
         Ok(config)
     }
+}
+
+/// Adds the CA certificates of a PEM file to a registry configuration.
+fn trust_ca_file(config: &mut RegistryConfig, file: &std::path::Path) -> anyhow::Result<()> {
+    let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    config
+        .trust_pem_bundle(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
 #[derive(Debug, Args)]
@@ -362,10 +367,7 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     if let Some(file) = &args.registry_ca_file {
-        let pem = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        registry_config
-            .trust_pem_bundle(&pem)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        trust_ca_file(&mut registry_config, file)?;
     }
     let resolver = Resolver::new(registry_config)?;
     let settings = Settings {

@@ -294,6 +294,13 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
             .find(|c| c.type_ == type_)
             .map(|c| Cond::carried(type_, c))
     };
+    // Deployed: the previous module, when one was running; else nothing, and why.
+    let kept_or = |reason: &str, nothing: &str| match (&kept, previous_deployed) {
+        (Some(k), Some(p)) if p.status == "True" => {
+            Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
+        }
+        _ => Cond::new(condition::DEPLOYED, false, reason, nothing),
+    };
     let mut conds = Vec::new();
     let mut workloads = old.workloads.clone();
     if err.is_resolve_failure() {
@@ -304,17 +311,10 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
             err.to_string(),
         ));
         conds.extend(carry(condition::COMPATIBLE));
-        conds.push(match (&kept, previous_deployed) {
-            (Some(k), Some(p)) if p.status == "True" => {
-                Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
-            }
-            _ => Cond::new(
-                condition::DEPLOYED,
-                false,
-                reason::NOT_ATTEMPTED,
-                "nothing deployed: the module did not resolve",
-            ),
-        });
+        conds.push(kept_or(
+            reason::NOT_ATTEMPTED,
+            "nothing deployed: the module did not resolve",
+        ));
     } else {
         conds.extend(carry(condition::RESOLVED));
         match err {
@@ -329,17 +329,10 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
                     reason::INCOMPATIBLE,
                     message.clone(),
                 ));
-                conds.push(match (&kept, previous_deployed) {
-                    (Some(k), Some(p)) if p.status == "True" => {
-                        Cond::new(condition::DEPLOYED, true, reason::KEPT_PREVIOUS, k.clone())
-                    }
-                    _ => Cond::new(
-                        condition::DEPLOYED,
-                        false,
-                        reason::INCOMPATIBLE,
-                        "nothing deployed: spec.onIncompatible is Block",
-                    ),
-                });
+                conds.push(kept_or(
+                    reason::INCOMPATIBLE,
+                    "nothing deployed: spec.onIncompatible is Block",
+                ));
             }
             _ => {
                 conds.extend(carry(condition::COMPATIBLE));
