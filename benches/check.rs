@@ -109,10 +109,17 @@ fn main() {
         .expect("measured Envoy versions");
     let host = check::host(&version).unwrap();
     println!("ABI check benchmark against Envoy {version}, release build, 15 runs (median, max)");
-    for (label, bytes) in [
-        ("20 MiB, mostly code", module(20_000, 1040, 0)),
-        ("20 MiB, mostly data", module(0, 0, 20 << 20)),
-    ] {
+    let mut cases = vec![
+        ("20 MiB, mostly code".to_string(), module(20_000, 1040, 0)),
+        ("20 MiB, mostly data".to_string(), module(0, 0, 20 << 20)),
+    ];
+    // The real Go SDK filter the test suite builds, when present (e2e/bench.sh sets this).
+    if let Ok(dir) = std::env::var("WASMFILTER_FIXTURE_MODULES")
+        && let Ok(bytes) = std::fs::read(std::path::Path::new(&dir).join("go_sdk_filter.wasm"))
+    {
+        cases.push(("Go SDK filter (real)".to_string(), bytes));
+    }
+    for (label, bytes) in cases {
         let (full, full_max) = time(|| check::check_bytes(&bytes, &version, host).compatible);
         let info = wasmfilter::abi::inspect(&bytes).unwrap();
         let (verdict, verdict_max) = time(|| check::check(&info, &version, host).compatible);

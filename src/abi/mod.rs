@@ -4,7 +4,9 @@
 use std::fmt;
 
 use serde::Serialize;
-use wasmparser::{Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, Validator};
+use wasmparser::{
+    Encoding, ExternalKind, Parser, Payload, TypeRef, ValType, ValidPayload, Validator,
+};
 
 pub mod check;
 
@@ -108,22 +110,31 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
     if !bytes.starts_with(WASM_MAGIC) {
         return Err(ModuleError::NotWasm { size: bytes.len() });
     }
-    Validator::new()
-        .validate_all(bytes)
-        .map_err(|e| ModuleError::Invalid(e.to_string()))?;
     let mut info = ModuleInfo::default();
     let invalid = |e: wasmparser::BinaryReaderError| ModuleError::Invalid(e.to_string());
+    // One pass validates the module's structure and reads what the check needs; function
+    // bodies are collected and validated afterwards, on every core (the bulk of the time for a
+    // large module).
+    let mut validator = Validator::new();
+    let mut bodies = Vec::new();
     // Function types by type index (None for non-function types), and the type index of every
     // function in the function index space (imports first).
     let mut types: Vec<Option<Signature>> = Vec::new();
     let mut funcs: Vec<u32> = Vec::new();
     let mut exports = Vec::new();
     for payload in Parser::new(0).parse_all(bytes) {
-        match payload.map_err(invalid)? {
-            Payload::Version {
-                encoding: Encoding::Component,
-                ..
-            } => return Err(ModuleError::Component),
+        let payload = payload.map_err(invalid)?;
+        if let Payload::Version {
+            encoding: Encoding::Component,
+            ..
+        } = payload
+        {
+            return Err(ModuleError::Component);
+        }
+        if let ValidPayload::Func(func, body) = validator.payload(&payload).map_err(invalid)? {
+            bodies.push((func, body));
+        }
+        match payload {
             Payload::TypeSection(reader) => {
                 for group in reader.into_iter_err_on_gc_types() {
                     let ty = group.map_err(invalid)?;
@@ -168,6 +179,7 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
             _ => {}
         }
     }
+    validate_bodies(bodies)?;
     for (name, kind, index) in exports {
         let (kind, signature) = match kind {
             ExternalKind::Func | ExternalKind::FuncExact => (
@@ -193,6 +205,50 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
         });
     }
     Ok(info)
+}
+
+/// Validates function bodies, split across the machine's cores when there are many.
+fn validate_bodies(
+    bodies: Vec<(
+        wasmparser::FuncToValidate<wasmparser::ValidatorResources>,
+        wasmparser::FunctionBody<'_>,
+    )>,
+) -> Result<(), ModuleError> {
+    fn run(
+        chunk: Vec<(
+            wasmparser::FuncToValidate<wasmparser::ValidatorResources>,
+            wasmparser::FunctionBody<'_>,
+        )>,
+    ) -> Result<(), ModuleError> {
+        let mut allocs = wasmparser::FuncValidatorAllocations::default();
+        for (func, body) in chunk {
+            let mut v = func.into_validator(allocs);
+            v.validate(&body)
+                .map_err(|e| ModuleError::Invalid(e.to_string()))?;
+            allocs = v.into_allocations();
+        }
+        Ok(())
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || bodies.len() < 256 {
+        return run(bodies);
+    }
+    let per = bodies.len().div_ceil(threads);
+    let mut chunks = Vec::new();
+    let mut rest = bodies;
+    while rest.len() > per {
+        let tail = rest.split_off(per);
+        chunks.push(rest);
+        rest = tail;
+    }
+    chunks.push(rest);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = chunks.into_iter().map(|c| s.spawn(|| run(c))).collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(ModuleError::Invalid("validator thread panicked".into())))
+        })
+    })
 }
 
 fn val_type(v: &ValType) -> String {
