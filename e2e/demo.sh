@@ -35,6 +35,14 @@ image=$WASMFILTER_REGISTRY/filters/add-header:1.0.0
 "$bin" push tests/fixtures/modules/add_header.wat "$image" --plain-http --root-id add_header
 kubectl delete namespace shop --ignore-not-found --wait=true --timeout=60s >/dev/null
 kubectl create namespace shop >/dev/null
+envoy_version=$(echo "$ENVOY_VERSIONS" | awk '{print $NF}')
+# The workload the filter selects: a pod object (no kubelet here) running the Envoy below.
+cat <<YAML | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: checkout, namespace: shop, labels: {app: checkout}}
+spec: {containers: [{name: envoy, image: "docker.io/envoyproxy/envoy:v$envoy_version"}]}
+YAML
 cat <<YAML | tee "$work/wasmfilter.yaml" | kubectl apply -f -
 apiVersion: wasmfilter.dev/v1alpha1
 kind: WasmFilter
@@ -49,12 +57,15 @@ YAML
 kubectl wait --for=condition=Ready wf/add-header -n shop --timeout=60s \
   || { tail -n 20 "$work/operator.log"; die "WasmFilter did not become Ready"; }
 kubectl get wf -n shop
+log "the operator checked the module against the selected workload's Envoy before deploying:"
+kubectl get wf add-header -n shop -o jsonpath='{.status.conditions[?(@.type=="Compatible")].message}{"\n"}'
+"$bin" check tests/fixtures/modules/add_header.wat $(for v in $ENVOY_VERSIONS; do printf -- '--envoy %s ' "$v"; done)
 kubectl get envoyfilter add-header -n shop -o json >"$work/envoyfilter.json"
 
-log "6/6 a real Envoy ($(echo "$ENVOY_VERSIONS" | awk '{print $NF}')) with the generated filter"
+log "6/6 a real Envoy ($envoy_version) with the generated filter"
 listen_port=$(free_port); envoy_admin=$(free_port)
 python3 "$ROOT/e2e/envoy/bootstrap.py" "$work/envoyfilter.json" "$listen_port" "$envoy_admin" "$cache_port" >"$work/envoy.json"
-"$WASMFILTER_ENVOY_DIR/$(echo "$ENVOY_VERSIONS" | awk '{print $NF}')/envoy" -c "$work/envoy.json" \
+"$WASMFILTER_ENVOY_DIR/$envoy_version/envoy" -c "$work/envoy.json" \
   --base-id "$RANDOM" --concurrency 1 --log-path "$work/envoy.log" >/dev/null 2>&1 &
 pids+=($!)
 wait_for "envoy" 30 curl -fsS "http://127.0.0.1:$envoy_admin/ready"

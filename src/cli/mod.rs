@@ -58,10 +58,7 @@ pub struct CheckArgs {
     #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     #[command(flatten)]
-    pub registry: RegistryArgs,
-    /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
-    pub max_module_size: u64,
+    pub source: SourceArgs,
 }
 
 /// How the CLI reaches a registry.
@@ -145,6 +142,16 @@ fn trust_ca_file(config: &mut RegistryConfig, file: &std::path::Path) -> anyhow:
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
 
+/// Where a module comes from when it is given as a reference, and how much of it to accept.
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Largest module accepted, in bytes.
+    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
+    pub max_module_size: u64,
+}
+
 #[derive(Debug, Args)]
 pub struct PullArgs {
     /// The artifact, e.g. registry.example.com/filters/add-header:1.2.0
@@ -153,10 +160,7 @@ pub struct PullArgs {
     #[arg(long, short)]
     pub output: PathBuf,
     #[command(flatten)]
-    pub registry: RegistryArgs,
-    /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
-    pub max_module_size: u64,
+    pub source: SourceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -167,10 +171,7 @@ pub struct InspectArgs {
     #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
     #[command(flatten)]
-    pub registry: RegistryArgs,
-    /// Largest module accepted, in bytes.
-    #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
-    pub max_module_size: u64,
+    pub source: SourceArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -409,20 +410,16 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
 }
 
 /// Resolves and verifies a module with the CLI's registry settings.
-async fn fetch(
-    image: &str,
-    registry: &RegistryArgs,
-    max_module_size: u64,
-) -> anyhow::Result<(oci::Artifact, Vec<u8>)> {
+async fn fetch(image: &str, source: &SourceArgs) -> anyhow::Result<(oci::Artifact, Vec<u8>)> {
     let reference = oci::parse_reference(image)?;
     let host = reference.resolve_registry().to_string();
-    let resolver = Resolver::new(registry.config(&host, max_module_size)?)?;
-    let creds = registry.credentials(&host)?;
+    let resolver = Resolver::new(source.registry.config(&host, source.max_module_size)?)?;
+    let creds = source.registry.credentials(&host)?;
     Ok(resolver.pull(image, None, None, &creds).await?)
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let (artifact, module) = fetch(&args.reference, &args.registry, args.max_module_size).await?;
+    let (artifact, module) = fetch(&args.reference, &args.source).await?;
     let tmp = args.output.with_extension("wasm.partial");
     std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output)
@@ -463,7 +460,7 @@ async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let (artifact, module) = if path.is_file() {
         (None, read_module(path)?)
     } else {
-        let (a, m) = fetch(&args.target, &args.registry, args.max_module_size).await?;
+        let (a, m) = fetch(&args.target, &args.source).await?;
         (Some(a), m)
     };
     let info = crate::abi::inspect(&module)
@@ -585,7 +582,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let module = if path.is_file() {
         read_module(path).map_err(|e| unreadable(format!("{e:#}")))?
     } else {
-        fetch(&args.target, &args.registry, args.max_module_size)
+        fetch(&args.target, &args.source)
             .await
             .map_err(|e| unreadable(format!("{e:#}")))?
             .1

@@ -124,7 +124,8 @@ pub fn compatibility(workloads: &[WorkloadStatus], total: usize) -> Cond {
         true,
         r::COMPATIBLE,
         format!(
-            "the Envoy of every selected workload loads the module ({total} workloads; Envoy {})",
+            "the Envoy of every selected workload loads the module ({total} workload{}; Envoy {})",
+            if total == 1 { "" } else { "s" },
             versions.join(", ")
         ),
     )
@@ -385,26 +386,12 @@ mod tests {
     fn a_moved_tag_keeps_the_old_digest_in_status() {
         let mut wf = wf();
         let old = artifact();
-        wf.status = Some(ready(
-            &wf,
-            &old,
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        ));
+        wf.status = Some(plain_ready(&wf, &old));
         let moved = Artifact {
             manifest_digest: format!("sha256:{}", "d".repeat(64)),
             ..artifact()
         };
-        let s = ready(
-            &wf,
-            &moved,
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        );
+        let s = plain_ready(&wf, &moved);
         let a = s.artifact.as_ref().unwrap();
         assert_eq!(a.manifest_digest, moved.manifest_digest);
         assert_eq!(
@@ -418,14 +405,7 @@ mod tests {
         );
         // A resync that finds the same digest keeps saying where it came from.
         wf.status = Some(s);
-        let again = ready(
-            &wf,
-            &moved,
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        );
+        let again = plain_ready(&wf, &moved);
         assert_eq!(
             again.artifact.unwrap().previous_manifest_digest.as_deref(),
             Some(old.manifest_digest.as_str())
@@ -446,20 +426,18 @@ mod tests {
         );
     }
 
+    /// Ready with no notes and no selected workloads.
+    fn plain_ready(wf: &WasmFilter, a: &Artifact) -> WasmFilterStatus {
+        ready(wf, a, "WasmPlugin", &[], Vec::new(), compatibility(&[], 0))
+    }
+
     fn cond<'a>(s: &'a WasmFilterStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
     #[test]
     fn ready_sets_every_condition_and_the_generation() {
-        let s = ready(
-            &wf(),
-            &artifact(),
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        );
+        let s = plain_ready(&wf(), &artifact());
         assert_eq!(s.observed_generation, Some(2));
         for t in ["Resolved", "Deployed", "Ready"] {
             assert_eq!(cond(&s, t).status, "True", "{t}");
@@ -471,14 +449,7 @@ mod tests {
     #[test]
     fn failure_after_success_keeps_the_deployed_artifact_and_says_so() {
         let mut w = wf();
-        w.status = Some(ready(
-            &w,
-            &artifact(),
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        ));
+        w.status = Some(plain_ready(&w, &artifact()));
         let err = Error::ManifestNotFound {
             reference: "r/f:2".into(),
         };
@@ -495,25 +466,11 @@ mod tests {
     #[test]
     fn transition_time_only_moves_on_change() {
         let mut w = wf();
-        let first = ready(
-            &w,
-            &artifact(),
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        );
+        let first = plain_ready(&w, &artifact());
         let t0 = cond(&first, "Ready").last_transition_time.clone();
         w.status = Some(first);
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let again = ready(
-            &w,
-            &artifact(),
-            "WasmPlugin",
-            &[],
-            Vec::new(),
-            compatibility(&[], 0),
-        );
+        let again = plain_ready(&w, &artifact());
         assert_eq!(cond(&again, "Ready").last_transition_time, t0);
         w.status = Some(again);
         let failed = failed(&w, &Error::MissingNamespace);
