@@ -148,7 +148,14 @@ impl Context {
             .map(|p| crate::workloads::assess(p, &info))
             .collect();
         // Refusing first, then unknown, then by name: what a person must see first.
-        workloads.sort_by_key(|w| (w.compatible, w.name.clone()));
+        workloads.sort_by_key(|w| {
+            let rank = match w.compatible {
+                Some(false) => 0,
+                None => 1,
+                Some(true) => 2,
+            };
+            (rank, w.name.clone())
+        });
         let total = workloads.len();
         let cond = status::compatibility(&workloads, total);
         workloads.truncate(status::MAX_LISTED_WORKLOADS);

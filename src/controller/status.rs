@@ -426,6 +426,48 @@ mod tests {
         );
     }
 
+    fn workload(name: &str, version: Option<&str>, compatible: Option<bool>) -> WorkloadStatus {
+        WorkloadStatus {
+            name: name.into(),
+            envoy_version: version.map(String::from),
+            version_source: "annotation".into(),
+            compatible,
+            reasons: match compatible {
+                Some(true) => vec![],
+                Some(false) => vec!["Wasm module is missing malloc function.".into()],
+                None => vec!["no version".into()],
+            },
+        }
+    }
+
+    #[test]
+    fn compatibility_sums_up_the_workloads() {
+        let c = compatibility(&[], 0);
+        assert_eq!((c.status, c.reason.as_str()), ("True", "NoWorkloads"));
+        let ok = workload("a", Some("1.36.2"), Some(true));
+        let c = compatibility(std::slice::from_ref(&ok), 1);
+        assert_eq!((c.status, c.reason.as_str()), ("True", "Compatible"));
+        assert!(c.message.contains("(1 workload; Envoy 1.36.2)"), "{}", c.message);
+        let unknown = workload("b", None, None);
+        let c = compatibility(&[ok.clone(), unknown.clone()], 2);
+        assert_eq!((c.status, c.reason.as_str()), ("Unknown", "EnvoyVersionUnknown"));
+        let bad: Vec<_> = (0..5)
+            .map(|i| workload(&format!("bad-{i}"), Some("1.40.0"), Some(false)))
+            .collect();
+        let mut all = bad.clone();
+        all.extend([ok, unknown]);
+        let c = compatibility(&all, 7);
+        assert_eq!((c.status, c.reason.as_str()), ("False", "Incompatible"));
+        assert!(
+            c.message.starts_with(
+                "5 of 7 selected workloads would refuse the module: bad-0 (Envoy 1.40.0): Wasm module is missing malloc function."
+            ),
+            "{}",
+            c.message
+        );
+        assert!(c.message.ends_with("and 2 more"), "{}", c.message);
+    }
+
     /// Ready with no notes and no selected workloads.
     fn plain_ready(wf: &WasmFilter, a: &Artifact) -> WasmFilterStatus {
         ready(wf, a, "WasmPlugin", &[], Vec::new(), compatibility(&[], 0))
