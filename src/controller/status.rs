@@ -447,10 +447,17 @@ mod tests {
         let ok = workload("a", Some("1.36.2"), Some(true));
         let c = compatibility(std::slice::from_ref(&ok), 1);
         assert_eq!((c.status, c.reason.as_str()), ("True", "Compatible"));
-        assert!(c.message.contains("(1 workload; Envoy 1.36.2)"), "{}", c.message);
+        assert!(
+            c.message.contains("(1 workload; Envoy 1.36.2)"),
+            "{}",
+            c.message
+        );
         let unknown = workload("b", None, None);
         let c = compatibility(&[ok.clone(), unknown.clone()], 2);
-        assert_eq!((c.status, c.reason.as_str()), ("Unknown", "EnvoyVersionUnknown"));
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            ("Unknown", "EnvoyVersionUnknown")
+        );
         let bad: Vec<_> = (0..5)
             .map(|i| workload(&format!("bad-{i}"), Some("1.40.0"), Some(false)))
             .collect();
