@@ -64,6 +64,8 @@ pub struct Context {
     inflight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// What inspecting each deployed module found, by sha256.
     inspected: Mutex<HashMap<String, Arc<ModuleInfo>>>,
+    /// Wakes the eviction task after a pull.
+    evict_soon: tokio::sync::Notify,
 }
 
 impl Context {
@@ -89,6 +91,7 @@ impl Context {
             store: OnceLock::new(),
             inflight: tokio::sync::Mutex::new(HashMap::new()),
             inspected: Mutex::new(HashMap::new()),
+            evict_soon: tokio::sync::Notify::new(),
         }
     }
 
@@ -463,12 +466,16 @@ pub async fn run(ctx: Arc<Context>) {
     let store = controller.store();
     let _ = ctx.store.set(store.clone());
     let metrics = ctx.metrics.clone();
-    // Trim the cache now and then, not only after pulls (filters get deleted too).
     let evicting = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
-            tick.tick().await;
+            // After every pull, and once a minute (filters get deleted too); off the
+            // reconcile path, since it walks the cache directory.
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = evicting.evict_soon.notified() => {}
+            }
             let ctx = evicting.clone();
             let _ = tokio::task::spawn_blocking(move || ctx.evict()).await;
         }
@@ -637,7 +644,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
             ctx.metrics
                 .pulled(fetched.as_ref().map(|f| f.downloaded), pull_start.elapsed());
             let fetched = fetched?;
-            ctx.evict();
+            ctx.evict_soon.notify_one();
             fetched.artifact
         }
     };
