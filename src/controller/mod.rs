@@ -95,8 +95,17 @@ impl Context {
         }
     }
 
-    /// The module's exports and imports, read from the cache once per module.
-    fn module_info(&self, sha256: &str) -> Result<Arc<ModuleInfo>, Error> {
+    fn remember_info(&self, sha256: &str, info: Arc<ModuleInfo>) {
+        let mut inspected = self.inspected.lock().unwrap_or_else(|p| p.into_inner());
+        if inspected.len() >= 1024 {
+            inspected.clear();
+        }
+        inspected.insert(sha256.to_string(), info);
+    }
+
+    /// The module's exports and imports: as the pull inspected them, else read back from the
+    /// cache once per module (off the async threads: validating is CPU work).
+    async fn module_info(&self, sha256: &str) -> Result<Arc<ModuleInfo>, Error> {
         if let Some(info) = self
             .inspected
             .lock()
@@ -109,17 +118,20 @@ impl Context {
             sha256: sha256.to_string(),
             message,
         };
-        let bytes = self
-            .cache
-            .read_verified(sha256)
-            .map_err(|e| err(e.to_string()))?
-            .ok_or_else(|| err("not in the cache".into()))?;
-        let info = Arc::new(crate::abi::inspect(&bytes).map_err(|e| err(e.to_string()))?);
-        let mut inspected = self.inspected.lock().unwrap_or_else(|p| p.into_inner());
-        if inspected.len() >= 1024 {
-            inspected.clear();
-        }
-        inspected.insert(sha256.to_string(), info.clone());
+        let cache = self.cache.clone();
+        let sha = sha256.to_string();
+        let info = tokio::task::spawn_blocking(move || {
+            let bytes = cache
+                .read_verified(&sha)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not in the cache".to_string())?;
+            crate::abi::inspect(&bytes).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(err)?;
+        let info = Arc::new(info);
+        self.remember_info(sha256, info.clone());
         Ok(info)
     }
 
@@ -130,7 +142,7 @@ impl Context {
         ns: &str,
         module_sha256: &str,
     ) -> Result<(Vec<WorkloadStatus>, status::Cond), Error> {
-        let info = self.module_info(module_sha256)?;
+        let info = self.module_info(module_sha256).await?;
         let selector = wf
             .spec
             .selector
@@ -644,6 +656,9 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
             ctx.metrics
                 .pulled(fetched.as_ref().map(|f| f.downloaded), pull_start.elapsed());
             let fetched = fetched?;
+            if let Some(info) = fetched.info {
+                ctx.remember_info(&fetched.artifact.module_sha256, info);
+            }
             ctx.evict_soon.notify_one();
             fetched.artifact
         }

@@ -145,6 +145,8 @@ pub struct Fetched {
     pub artifact: Artifact,
     /// Bytes downloaded for it (0 when the cache already had the module).
     pub downloaded: u64,
+    /// What inspecting it found, when this call inspected it.
+    pub info: Option<std::sync::Arc<abi::ModuleInfo>>,
 }
 
 /// Parses a user-written reference, accepting an `oci://` prefix.
@@ -209,12 +211,17 @@ impl Resolver {
                 creds,
             )
             .await?;
-        if let Some(module) = module {
-            cache.insert(&module).map_err(Error::CacheWrite)?;
-        }
+        let info = match module {
+            Some((module, info)) => {
+                cache.insert(&module).map_err(Error::CacheWrite)?;
+                Some(std::sync::Arc::new(info))
+            }
+            None => None,
+        };
         Ok(Fetched {
             artifact,
             downloaded,
+            info,
         })
     }
 
@@ -232,7 +239,7 @@ impl Resolver {
             .pull_counted(image, pinned_digest, expected_module_sha256, None, creds)
             .await?;
         match module {
-            Some(m) => Ok((artifact, m)),
+            Some((m, _)) => Ok((artifact, m)),
             None => Err(Error::CacheWrite(std::io::Error::other(
                 "no module bytes without a cache",
             ))),
@@ -247,7 +254,7 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Option<Vec<u8>>, u64), Error> {
+    ) -> Result<(Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64), Error> {
         let reference = parse_reference(image)?;
         let whole = reference.whole();
         tokio::time::timeout(
@@ -279,7 +286,7 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Option<Vec<u8>>, u64), Error> {
+    ) -> Result<(Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64), Error> {
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
                 reference.registry().to_string(),
@@ -370,13 +377,23 @@ impl Resolver {
             }
         };
         let (declared, (bytes, downloaded)) = tokio::try_join!(declared(), module_bytes)?;
-        let module = format
-            .extract_module(bytes, self.config.max_module_bytes)
-            .map_err(|source| Error::ExtractModule {
-                reference: reference.whole(),
-                source,
-            })?;
-        let info = abi::inspect(&module).map_err(|e| match e {
+        // Unpacking and validating are CPU work: off the async threads.
+        let limit = self.config.max_module_bytes;
+        let (module, info) = tokio::task::spawn_blocking(move || {
+            let module = format.extract_module(bytes, limit)?;
+            let info = abi::inspect(&module);
+            Ok::<_, ExtractError>((module, info))
+        })
+        .await
+        .map_err(|e| Error::InvalidModule {
+            reference: reference.whole(),
+            message: format!("inspecting the module: {e}"),
+        })?
+        .map_err(|source| Error::ExtractModule {
+            reference: reference.whole(),
+            source,
+        })?;
+        let info = info.map_err(|e| match e {
             abi::ModuleError::NotWasm { .. } => Error::NotAWasmArtifact {
                 reference: reference.whole(),
                 found: format!("layer {} ({}): {e}", layer.digest, layer.media_type),
@@ -408,7 +425,7 @@ impl Resolver {
             declared_abi_versions: declared.abi_versions,
             root_ids: declared.root_ids,
         };
-        Ok((artifact, Some(module), downloaded))
+        Ok((artifact, Some((module, info)), downloaded))
     }
 
     fn known(&self, sha256: &str) -> Option<Summary> {
