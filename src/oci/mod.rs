@@ -8,7 +8,7 @@ pub mod auth;
 pub mod format;
 mod push;
 mod reference;
-pub mod registry;
+mod registry;
 mod tls;
 
 use std::collections::HashMap;
@@ -22,7 +22,7 @@ use oci_client::{Client, Reference};
 pub use auth::Credentials;
 pub use format::{ExtractError, Format, select_module_layer};
 pub use push::{PushOptions, push_module};
-pub use registry::RegistryClient;
+use registry::RegistryClient;
 
 use crate::abi;
 use crate::cache::{ModuleCache, sha256_hex};
@@ -184,11 +184,6 @@ impl Resolver {
             known: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// Bearer tokens fetched so far (tokens are reused until they expire).
-    pub fn tokens_fetched(&self) -> u64 {
-        self.registry.stats().tokens_fetched
     }
 
     /// Like [`Resolver::pull`], then stores the module in `cache`. Nothing reaches the cache

@@ -48,19 +48,12 @@ struct CachedAuth {
     expires: Option<Instant>,
 }
 
-/// What happened on the wire, for tests and metrics.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct AuthStats {
-    pub tokens_fetched: u64,
-}
-
 pub struct RegistryClient {
     http: reqwest::Client,
     token_http: reqwest::Client,
     plain_http: Vec<String>,
     max_manifest_bytes: u64,
     tokens: Mutex<HashMap<TokenKey, CachedAuth>>,
-    stats: Mutex<AuthStats>,
 }
 
 /// How to name the registry in messages.
@@ -141,12 +134,7 @@ impl RegistryClient {
             plain_http: config.plain_http.clone(),
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             tokens: Mutex::new(HashMap::new()),
-            stats: Mutex::new(AuthStats::default()),
         })
-    }
-
-    pub fn stats(&self) -> AuthStats {
-        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
@@ -396,10 +384,6 @@ impl RegistryClient {
             .map(Duration::from_secs)
             .unwrap_or(DEFAULT_TOKEN_LIFETIME)
             .min(Duration::from_secs(24 * 3600));
-        self.stats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .tokens_fetched += 1;
         Ok(CachedAuth {
             header: format!("Bearer {value}"),
             expires: Some(Instant::now() + lifetime),
