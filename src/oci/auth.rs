@@ -208,25 +208,40 @@ pub fn classify_address(ip: IpAddr) -> AddressClass {
     }
 }
 
+/// Where a host name points: the class of each address, and the addresses themselves (empty
+/// for a literal IP or a known metadata name, which need no lookup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub classes: Vec<AddressClass>,
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
 /// The classes of every address `host` resolves to (a literal IP resolves to itself).
-pub async fn classify_host(host: &str, port: u16) -> Result<Vec<AddressClass>, String> {
+pub async fn classify_host(host: &str, port: u16) -> Result<Resolved, String> {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if METADATA_HOSTS.contains(&bare.to_ascii_lowercase().as_str()) {
-        return Ok(vec![AddressClass::LinkLocal]);
+        return Ok(Resolved {
+            classes: vec![AddressClass::LinkLocal],
+            addrs: Vec::new(),
+        });
     }
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(vec![classify_address(ip)]);
+        return Ok(Resolved {
+            classes: vec![classify_address(ip)],
+            addrs: Vec::new(),
+        });
     }
-    let addrs = tokio::net::lookup_host((bare, port))
+    let addrs: Vec<_> = tokio::net::lookup_host((bare, port))
         .await
-        .map_err(|e| format!("cannot resolve {bare}: {e}"))?;
-    let mut classes: Vec<_> = addrs.map(|a| classify_address(a.ip())).collect();
+        .map_err(|e| format!("cannot resolve {bare}: {e}"))?
+        .collect();
+    let mut classes: Vec<_> = addrs.iter().map(|a| classify_address(a.ip())).collect();
     classes.sort();
     classes.dedup();
     if classes.is_empty() {
         return Err(format!("{bare} resolves to no address"));
     }
-    Ok(classes)
+    Ok(Resolved { classes, addrs })
 }
 
 /// The SSRF guard: a realm may point at a loopback or link-local (metadata) address only
@@ -344,12 +359,17 @@ mod tests {
     #[tokio::test]
     async fn metadata_host_names_are_link_local_without_lookup() {
         assert_eq!(
-            classify_host("metadata.google.internal", 80).await,
+            classify_host("metadata.google.internal", 80)
+                .await
+                .map(|r| r.classes),
             Ok(vec![AddressClass::LinkLocal])
         );
         assert_eq!(
-            classify_host("[::1]", 80).await,
+            classify_host("[::1]", 80).await.map(|r| r.classes),
             Ok(vec![AddressClass::Loopback])
         );
+        let local = classify_host("localhost", 80).await.unwrap();
+        assert_eq!(local.classes, vec![AddressClass::Loopback]);
+        assert!(!local.addrs.is_empty());
     }
 }

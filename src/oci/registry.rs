@@ -51,6 +51,9 @@ struct CachedAuth {
 pub struct RegistryClient {
     http: reqwest::Client,
     token_http: reqwest::Client,
+    tls: rustls::ClientConfig,
+    connect_timeout: std::time::Duration,
+    read_timeout: std::time::Duration,
     plain_http: Vec<String>,
     max_manifest_bytes: u64,
     tokens: Mutex<HashMap<TokenKey, CachedAuth>>,
@@ -131,10 +134,28 @@ impl RegistryClient {
             // header when a redirect leaves the registry's origin.
             http: build(reqwest::redirect::Policy::limited(5))?,
             token_http: build(reqwest::redirect::Policy::none())?,
+            tls: tls.clone(),
+            connect_timeout: config.connect_timeout,
+            read_timeout: config.read_timeout,
             plain_http: config.plain_http.clone(),
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             tokens: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// A client for token requests (no redirects), adjusted by `f`.
+    fn token_client(
+        &self,
+        f: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+    ) -> Result<reqwest::Client, String> {
+        f(reqwest::Client::builder()
+            .user_agent(concat!("wasmfilter/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .tls_backend_preconfigured(self.tls.clone()))
+        .build()
+        .map_err(|e| super::error_chain(&e))
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
@@ -259,11 +280,11 @@ impl RegistryClient {
                 service,
                 scope,
             } => {
-                let realm = self.checked_realm(reference, realm).await?;
+                let (realm, pinned) = self.checked_realm(reference, realm).await?;
                 let scope = scope
                     .clone()
                     .unwrap_or_else(|| format!("repository:{}:pull", reference.repository()));
-                self.fetch_token(reference, realm, service.as_deref(), &scope, creds)
+                self.fetch_token(reference, realm, &pinned, service.as_deref(), &scope, creds)
                     .await
                     .map(Some)
             }
@@ -271,7 +292,13 @@ impl RegistryClient {
     }
 
     /// The SSRF guard and scheme rule for a token realm.
-    async fn checked_realm(&self, reference: &Reference, realm: &str) -> Result<Url, Error> {
+    /// Returns the realm and, for a host name, the addresses it was checked at (the token
+    /// request is pinned to them, so a second DNS answer cannot move it elsewhere).
+    async fn checked_realm(
+        &self,
+        reference: &Reference,
+        realm: &str,
+    ) -> Result<(Url, Vec<std::net::SocketAddr>), Error> {
         let registry = registry_of(reference);
         let refuse = |why: String| Error::TokenRealmRefused {
             registry: registry.clone(),
@@ -308,14 +335,15 @@ impl RegistryClient {
         let realm_classes = auth::classify_host(realm_host, realm_port)
             .await
             .map_err(unavailable)?;
-        auth::realm_allowed(&registry_classes, &realm_classes).map_err(refuse)?;
-        Ok(url)
+        auth::realm_allowed(&registry_classes.classes, &realm_classes.classes).map_err(refuse)?;
+        Ok((url, realm_classes.addrs))
     }
 
     async fn fetch_token(
         &self,
         reference: &Reference,
         mut realm: Url,
+        pinned: &[std::net::SocketAddr],
         service: Option<&str>,
         scope: &str,
         creds: &Credentials,
@@ -328,7 +356,17 @@ impl RegistryClient {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.token_http.get(realm.clone());
+        let pinned_client;
+        let http = match realm.host_str() {
+            Some(host) if !pinned.is_empty() => {
+                pinned_client = self
+                    .token_client(|b| b.resolve_to_addrs(host, pinned))
+                    .map_err(|message| Error::RegistryConfig { message })?;
+                &pinned_client
+            }
+            _ => &self.token_http,
+        };
+        let mut req = http.get(realm.clone());
         if let Some(h) = creds.basic_header() {
             req = req.header(AUTHORIZATION, h);
         }

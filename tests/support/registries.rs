@@ -345,7 +345,8 @@ impl TokenServer {
             let _ = axum::serve(listener, app).await;
         });
         TokenServer {
-            realm: format!("http://127.0.0.1:{port}/token"),
+            // A host name, not an IP: the operator resolves it, checks it and pins the request to it.
+            realm: format!("http://localhost:{port}/token"),
             service: signer.service.clone(),
             issuer: signer.issuer.clone(),
             cert: dir.join("token.crt"),
