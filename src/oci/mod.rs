@@ -87,16 +87,6 @@ impl RegistryConfig {
         };
         tls::client_config(extra).map_err(|e| e.to_string())
     }
-
-    /// The extra trusted certificates, one PEM block each.
-    fn ca_pem_blocks(&self) -> Vec<Vec<u8>> {
-        const END: &str = "-----END CERTIFICATE-----";
-        let text = String::from_utf8_lossy(&self.ca_pem);
-        text.split_inclusive(END)
-            .filter(|b| b.contains(END))
-            .map(|b| b.trim_start().as_bytes().to_vec())
-            .collect()
-    }
 }
 
 /// A resolved, verified module, stored in the cache.
@@ -164,12 +154,13 @@ pub fn client(config: &RegistryConfig) -> Client {
         protocol: ClientProtocol::HttpsExcept(config.plain_http.clone()),
         connect_timeout: Some(config.connect_timeout),
         read_timeout: Some(config.read_timeout),
-        extra_root_certificates: config
-            .ca_pem_blocks()
+        // trust_pem_bundle already refused a bundle that does not parse.
+        extra_root_certificates: tls::parse_pem_bundle(&config.ca_pem)
+            .unwrap_or_default()
             .into_iter()
-            .map(|data| Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
+            .map(|der| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: der.to_vec(),
             })
             .collect(),
         ..Default::default()

@@ -51,12 +51,38 @@ struct CachedAuth {
 pub struct RegistryClient {
     http: reqwest::Client,
     token_http: reqwest::Client,
-    tls: rustls::ClientConfig,
-    connect_timeout: std::time::Duration,
-    read_timeout: std::time::Duration,
+    /// For token clients pinned to checked addresses.
+    settings: ClientSettings,
     plain_http: Vec<String>,
     max_manifest_bytes: u64,
     tokens: Mutex<HashMap<TokenKey, CachedAuth>>,
+}
+
+/// What every HTTP client of the registry client shares.
+struct ClientSettings {
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl ClientSettings {
+    /// A client following `redirects`, optionally resolving one host to fixed addresses.
+    fn client(
+        &self,
+        redirects: reqwest::redirect::Policy,
+        pin: Option<(&str, &[std::net::SocketAddr])>,
+    ) -> Result<reqwest::Client, String> {
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("wasmfilter/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(self.connect_timeout)
+            .read_timeout(self.read_timeout)
+            .redirect(redirects)
+            .tls_backend_preconfigured(self.tls.clone());
+        if let Some((host, addrs)) = pin {
+            b = b.resolve_to_addrs(host, addrs);
+        }
+        b.build().map_err(|e| super::error_chain(&e))
+    }
 }
 
 /// How to name the registry in messages.
@@ -117,45 +143,26 @@ impl RegistryClient {
         let tls = config
             .tls_config()
             .map_err(|message| Error::RegistryConfig { message })?;
-        let build = |redirects: reqwest::redirect::Policy| {
-            reqwest::Client::builder()
-                .user_agent(concat!("wasmfilter/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(config.connect_timeout)
-                .read_timeout(config.read_timeout)
-                .redirect(redirects)
-                .tls_backend_preconfigured(tls.clone())
-                .build()
-                .map_err(|e| Error::RegistryConfig {
-                    message: super::error_chain(&e),
-                })
+        let settings = ClientSettings {
+            tls,
+            connect_timeout: config.connect_timeout,
+            read_timeout: config.read_timeout,
+        };
+        let build = |redirects, pin| {
+            settings
+                .client(redirects, pin)
+                .map_err(|message| Error::RegistryConfig { message })
         };
         Ok(RegistryClient {
             // Blob downloads may be redirected to storage; reqwest drops the Authorization
             // header when a redirect leaves the registry's origin.
-            http: build(reqwest::redirect::Policy::limited(5))?,
-            token_http: build(reqwest::redirect::Policy::none())?,
-            tls: tls.clone(),
-            connect_timeout: config.connect_timeout,
-            read_timeout: config.read_timeout,
+            http: build(reqwest::redirect::Policy::limited(5), None)?,
+            token_http: build(reqwest::redirect::Policy::none(), None)?,
+            settings,
             plain_http: config.plain_http.clone(),
             max_manifest_bytes: MAX_MANIFEST_BYTES,
             tokens: Mutex::new(HashMap::new()),
         })
-    }
-
-    /// A client for token requests (no redirects), adjusted by `f`.
-    fn token_client(
-        &self,
-        f: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
-    ) -> Result<reqwest::Client, String> {
-        f(reqwest::Client::builder()
-            .user_agent(concat!("wasmfilter/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(self.connect_timeout)
-            .read_timeout(self.read_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .tls_backend_preconfigured(self.tls.clone()))
-        .build()
-        .map_err(|e| super::error_chain(&e))
     }
 
     fn scheme(&self, registry: &str) -> &'static str {
@@ -360,7 +367,8 @@ impl RegistryClient {
         let http = match realm.host_str() {
             Some(host) if !pinned.is_empty() => {
                 pinned_client = self
-                    .token_client(|b| b.resolve_to_addrs(host, pinned))
+                    .settings
+                    .client(reqwest::redirect::Policy::none(), Some((host, pinned)))
                     .map_err(|message| Error::RegistryConfig { message })?;
                 &pinned_client
             }
