@@ -103,24 +103,6 @@ fn module(abi: &str, extra: &str, with_allocator: bool) -> String {
     format!("(module {extra} (memory (export \"memory\") 1) (func (export \"{marker}\")) {alloc})")
 }
 
-/// Our notation for a type as Envoy prints it: "i32 i32 -> i32" → "(i32, i32) -> i32",
-/// "void -> void" → "()".
-fn to_ours(envoy_type: &str) -> String {
-    let (params, results) = envoy_type.split_once("->").unwrap_or((envoy_type, ""));
-    fn types(s: &str) -> Vec<&str> {
-        s.split_whitespace().filter(|t| *t != "void").collect()
-    }
-    let list = |s: &str| types(s).join(", ");
-    let results = types(results);
-    let mut out = format!("({})", list(params));
-    match results.as_slice() {
-        [] => {}
-        [one] => out.push_str(&format!(" -> {one}")),
-        many => out.push_str(&format!(" -> ({})", many.join(", "))),
-    }
-    out
-}
-
 fn candidates(envoy: &Path) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
     let out = Command::new("strings")
         .args(["-n", "4"])
@@ -269,8 +251,9 @@ fn main() {
                     };
                     let entry = match prober.run(*id, &module(abi, &wat, with_alloc)) {
                         Outcome::MissingImport => None,
-                        Outcome::ImportType { host } => Some(to_ours(&host)),
-                        Outcome::CallbackType { want } => Some(to_ours(&want)),
+                        // Types are kept in Envoy's own notation ("i32 i32 -> i32").
+                        Outcome::ImportType { host } => Some(host),
+                        Outcome::CallbackType { want } => Some(want),
                         Outcome::Loaded => match job {
                             // Loaded with a nonsense import type: impossible; with a nonsense
                             // callback: the host never looks that name up.

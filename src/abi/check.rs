@@ -16,9 +16,10 @@ const HOST_TABLE: &str = include_str!("../../data/envoy-host-surface.json");
 /// What one Envoy build offers a module of one ABI version.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct Surface {
-    /// `module.name` → function type, e.g. `env.proxy_log` → `(i32, i32, i32) -> i32`.
+    /// `module.name` → function type in Envoy's notation, e.g. `env.proxy_log` →
+    /// `i32 i32 i32 -> i32`.
     pub imports: BTreeMap<String, String>,
-    /// Exports the host looks up, with the type it requires.
+    /// Exports the host looks up, with the type it requires (Envoy's notation).
     pub callbacks: BTreeMap<String, String>,
 }
 
@@ -228,19 +229,13 @@ pub fn check(info: &ModuleInfo, envoy: &str, host: &Host) -> Verdict {
                     format!("Failed to load Wasm module due to a missing import: {name}"),
                 )),
                 Some(host_ty) => {
-                    let ours = import
-                        .signature
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
+                    let ours = notation(&import.signature);
                     if *host_ty != ours {
                         problems.push(Problem::new(
                             "import_type_mismatch",
                             format!(
                                 "Failed to load Wasm module due to an import type mismatch: \
-                                 {name}, want: {}, but host exports: {}",
-                                envoy_type(&ours),
-                                envoy_type(host_ty)
+                                 {name}, want: {ours}, but host exports: {host_ty}"
                             ),
                         ));
                     }
@@ -261,9 +256,7 @@ pub fn check(info: &ModuleInfo, envoy: &str, host: &Host) -> Verdict {
     };
     let typed_ok = |name: &str| {
         let want = surface.callbacks.get(name);
-        func(name).is_some_and(|e| {
-            want.is_none_or(|w| e.signature.as_ref().map(ToString::to_string).as_ref() == Some(w))
-        })
+        func(name).is_some_and(|e| want.is_none_or(|w| notation(&e.signature) == *w))
     };
     if !typed_ok("proxy_on_memory_allocate") && !typed_ok("malloc") {
         problems.push(Problem::new(
@@ -273,18 +266,12 @@ pub fn check(info: &ModuleInfo, envoy: &str, host: &Host) -> Verdict {
     }
     for (name, want) in &surface.callbacks {
         if let Some(e) = func(name) {
-            let have = e
-                .signature
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let have = notation(&e.signature);
             if have != *want {
                 problems.push(Problem::new(
                     "bad_callback_signature",
                     format!(
-                        "Bad function signature for: {name}, want: {}, but the module exports: {}",
-                        envoy_type(want),
-                        envoy_type(&have)
+                        "Bad function signature for: {name}, want: {want}, but the module exports: {have}"
                     ),
                 ));
             }
@@ -299,22 +286,12 @@ pub fn check(info: &ModuleInfo, envoy: &str, host: &Host) -> Verdict {
     }
 }
 
-/// `(i32, i32) -> i32` as Envoy prints types: `i32 i32 -> i32`; nothing is `void`.
-fn envoy_type(ours: &str) -> String {
-    let (params, results) = ours.split_once(" -> ").unwrap_or((ours, ""));
-    let strip = |s: &str| {
-        let s = s
-            .trim()
-            .trim_start_matches('(')
-            .trim_end_matches(')')
-            .replace(',', "");
-        if s.trim().is_empty() {
-            "void".to_string()
-        } else {
-            s
-        }
-    };
-    format!("{} -> {}", strip(params), strip(results))
+/// A function's type in Envoy's notation (functions of a validated module always have one).
+fn notation(signature: &Option<super::Signature>) -> String {
+    signature.as_ref().map_or_else(
+        || "void -> void".to_string(),
+        super::Signature::envoy_notation,
+    )
 }
 
 #[cfg(test)]
@@ -327,18 +304,18 @@ mod tests {
             "0.2.1".to_string(),
             Surface {
                 imports: BTreeMap::from([
-                    ("env.proxy_log".into(), "(i32, i32, i32) -> i32".into()),
+                    ("env.proxy_log".into(), "i32 i32 i32 -> i32".into()),
                     (
                         "wasi_snapshot_preview1.fd_write".into(),
-                        "(i32, i32, i32, i32) -> i32".into(),
+                        "i32 i32 i32 i32 -> i32".into(),
                     ),
                 ]),
                 callbacks: BTreeMap::from([
-                    ("proxy_on_memory_allocate".into(), "(i32) -> i32".into()),
-                    ("malloc".into(), "(i32) -> i32".into()),
+                    ("proxy_on_memory_allocate".into(), "i32 -> i32".into()),
+                    ("malloc".into(), "i32 -> i32".into()),
                     (
                         "proxy_on_request_headers".into(),
-                        "(i32, i32, i32) -> i32".into(),
+                        "i32 i32 i32 -> i32".into(),
                     ),
                 ]),
             },
@@ -473,14 +450,6 @@ mod tests {
     }
 
     #[test]
-    fn envoy_types_are_printed_like_envoy() {
-        assert_eq!(envoy_type("(i32, i32) -> i32"), "i32 i32 -> i32");
-        assert_eq!(envoy_type("(i32)"), "i32 -> void");
-        assert_eq!(envoy_type("() -> i32"), "void -> i32");
-        assert_eq!(envoy_type("()"), "void -> void");
-    }
-
-    #[test]
     fn the_measured_table_covers_the_supported_envoys() {
         let versions = known_envoy_versions();
         for v in ["1.36.2", "1.40.0"] {
@@ -490,7 +459,7 @@ mod tests {
             );
             let h = host(v).unwrap();
             let s = &h.abis["0.2.1"];
-            assert_eq!(s.imports["env.proxy_log"], "(i32, i32, i32) -> i32");
+            assert_eq!(s.imports["env.proxy_log"], "i32 i32 i32 -> i32");
             assert!(s.imports.contains_key("env.proxy_get_log_level"));
             assert!(
                 !h.abis["0.1.0"]

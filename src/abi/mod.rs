@@ -34,6 +34,21 @@ impl fmt::Display for Signature {
     }
 }
 
+impl Signature {
+    /// The type as Envoy prints it (and as the measured host table records it):
+    /// `i32 i32 -> i32`, with `void` for no parameters or no results.
+    pub fn envoy_notation(&self) -> String {
+        let side = |types: &[String]| {
+            if types.is_empty() {
+                "void".to_string()
+            } else {
+                types.join(" ")
+            }
+        };
+        format!("{} -> {}", side(&self.params), side(&self.results))
+    }
+}
+
 impl Serialize for Signature {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -303,6 +318,21 @@ mod tests {
         };
         assert_eq!(sig("proxy_on_request_headers"), "(i32, i32, i32) -> i32");
         assert_eq!(sig("two"), "(i64) -> (i32, f64)");
+    }
+
+    #[test]
+    fn signatures_print_in_envoys_notation_too() {
+        let sig = |p: &[&str], r: &[&str]| Signature {
+            params: p.iter().map(|s| s.to_string()).collect(),
+            results: r.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            sig(&["i32", "i32"], &["i32"]).envoy_notation(),
+            "i32 i32 -> i32"
+        );
+        assert_eq!(sig(&["i32"], &[]).envoy_notation(), "i32 -> void");
+        assert_eq!(sig(&[], &["i32"]).envoy_notation(), "void -> i32");
+        assert_eq!(sig(&[], &[]).envoy_notation(), "void -> void");
     }
 
     #[test]
