@@ -29,6 +29,8 @@ pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.target"}"#,
     printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.artifact.shortDigest"}"#,
     printcolumn = r#"{"name":"ABI","type":"string","jsonPath":".status.artifact.abiVersion"}"#,
+    printcolumn = r#"{"name":"Selected","type":"integer","priority":1,"jsonPath":".status.selectedWorkloads"}"#,
+    printcolumn = r#"{"name":"Loaded","type":"integer","priority":1,"jsonPath":".status.loadedWorkloads"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -211,6 +213,12 @@ pub struct WasmFilterStatus {
     /// Every selected pod (the first 100): its Envoy and whether it loads the module.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<WorkloadStatus>,
+    /// How many pods the selector picks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selected_workloads: Option<u32>,
+    /// `target: Ecds`: how many of them have a connected Envoy that loaded the current module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded_workloads: Option<u32>,
 }
 
 /// One selected pod and the verdict for its Envoy.
@@ -223,8 +231,8 @@ pub struct WorkloadStatus {
     /// when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envoy_version: Option<String>,
-    /// Where the version came from: `annotation`, `istio-proxy-image`, `envoy-image` or
-    /// `unknown`.
+    /// Where the version came from: `xds-node` (reported by the pod's Envoy over ECDS),
+    /// `annotation`, `istio-proxy-image`, `envoy-image` or `unknown`.
     pub version_source: String,
     /// Whether that Envoy loads the module; absent when it cannot be told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +240,15 @@ pub struct WorkloadStatus {
     /// Why not (worded as Envoy logs it), or why it cannot be told.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<String>,
+    /// `target: Ecds` only: whether the pod's connected Envoy loaded the current module (it
+    /// ACKed it: the VM was created and the plugin configured). Absent when no proxy of the
+    /// pod is connected or it has not answered yet; never inferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loaded: Option<bool>,
+    /// Why it did not load: Envoy's own error (NACK), why it was not sent, or what the
+    /// Envoy's bootstrap lacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_error: Option<String>,
 }
 
 /// The resolved, verified module.

@@ -2,7 +2,8 @@
 //!
 //! The reconcile pipeline, one module per stage: [`oci`] resolves and fetches, [`cache`] stores
 //! and serves, [`abi`] inspects and checks, [`workloads`] finds each selected pod's Envoy,
-//! [`render`] builds children, [`controller`] applies them and writes status.
+//! [`render`] builds children, [`controller`] applies them and writes status, [`xds`] serves
+//! plain Envoys over ECDS and hears whether they loaded it.
 #![forbid(unsafe_code)]
 
 pub mod abi;
@@ -16,5 +17,6 @@ pub mod names;
 pub mod oci;
 pub mod render;
 pub mod workloads;
+pub mod xds;
 
 pub use error::Error;

@@ -24,6 +24,8 @@ pub mod condition {
     pub const RESOLVED: &str = "Resolved";
     pub const DEPLOYED: &str = "Deployed";
     pub const COMPATIBLE: &str = "Compatible";
+    /// `target: Ecds`: whether the selected, connected Envoys loaded the module (their ACKs).
+    pub const LOADED: &str = "Loaded";
 }
 
 /// Reasons used in conditions when things went well. Failure reasons come from
@@ -38,6 +40,12 @@ pub mod reason {
     pub const INCOMPATIBLE: &str = "Incompatible";
     pub const ENVOY_VERSION_UNKNOWN: &str = "EnvoyVersionUnknown";
     pub const NO_WORKLOADS: &str = "NoWorkloads";
+    pub const LOADED: &str = "Loaded";
+    pub const LOAD_FAILED: &str = "LoadFailed";
+    pub const LOAD_PENDING: &str = "LoadPending";
+    pub const NOT_SUBSCRIBED: &str = "NotSubscribed";
+    pub const NOT_SENT: &str = "NotSent";
+    pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
 }
 
 /// Istio's API groups and kinds the operator writes.

@@ -17,6 +17,8 @@ use crate::error::Backoff;
 use crate::metrics::{self, Metrics};
 use crate::oci::{self, Credentials, Format, RegistryConfig, Resolver};
 use crate::render::ModuleServer;
+use crate::render::ecds::{self, ApiType};
+use crate::xds::{self, Xds};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,10 +43,36 @@ pub enum Command {
     Pull(PullArgs),
     /// Show a module's format, digests, declared ABI and root ids, exports and imports.
     Inspect(InspectArgs),
+    /// Print the filter-chain entry that makes a plain Envoy subscribe to a `target: Ecds`
+    /// WasmFilter (an `http_filters` item, or a network `filters` item with --type NETWORK).
+    EcdsEntry(EcdsEntryArgs),
     /// Say whether given Envoy versions will load a module, and if not, every reason.
     /// Exit 0: every Envoy loads it; 1: some Envoy refuses it; 2: the input cannot be read
     /// or parsed, or an Envoy version has no measured host data.
     Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EcdsEntryArgs {
+    /// The WasmFilter, as NAMESPACE/NAME (its ECDS resource name).
+    pub filter: String,
+    /// HTTP (an http_filters item) or NETWORK (a listener filter_chains filters item).
+    #[arg(long = "type", value_enum, default_value_t = EntryType::Http)]
+    pub filter_type: EntryType,
+    /// Name of the bootstrap's cluster that reaches the operator's --xds-listen port.
+    #[arg(long, default_value = "wasmfilter_xds")]
+    pub xds_cluster: String,
+    /// Subscribe with incremental xDS (DELTA_GRPC) instead of state of the world (GRPC).
+    #[arg(long)]
+    pub delta: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum EntryType {
+    #[value(name = "HTTP")]
+    Http,
+    #[value(name = "NETWORK")]
+    Network,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +282,16 @@ pub struct OperatorArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve plain Envoys over ECDS (gRPC, state of the world and delta) on this address;
+    /// `target: Ecds` filters need it.
+    #[arg(long, value_name = "ADDR", env = "WASMFILTER_XDS_LISTEN")]
+    pub xds_listen: Option<SocketAddr>,
+    /// PEM certificate (chain) for TLS on the ECDS port.
+    #[arg(long, value_name = "FILE", requires_all = ["xds_listen", "xds_tls_key"])]
+    pub xds_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the ECDS port.
+    #[arg(long, value_name = "FILE", requires = "xds_tls_cert")]
+    pub xds_tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -295,7 +333,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(args) => pull(args).await,
         Command::Inspect(args) => inspect(args).await,
         Command::Check(args) => check(args).await,
+        Command::EcdsEntry(args) => ecds_entry(&args),
     }
+}
+
+fn ecds_entry(args: &EcdsEntryArgs) -> anyhow::Result<()> {
+    let Some((ns, name)) = args.filter.split_once('/') else {
+        bail!("name the WasmFilter as NAMESPACE/NAME, e.g. shop/add-header");
+    };
+    if ns.is_empty() || name.is_empty() || name.contains('/') {
+        bail!("name the WasmFilter as NAMESPACE/NAME, e.g. shop/add-header");
+    }
+    let filter_type = match args.filter_type {
+        EntryType::Http => crate::api::FilterType::Http,
+        EntryType::Network => crate::api::FilterType::Network,
+    };
+    let api = if args.delta {
+        ApiType::DeltaGrpc
+    } else {
+        ApiType::Grpc
+    };
+    let entry = ecds::filter_entry(
+        &ecds::resource_name(ns, name),
+        filter_type,
+        &args.xds_cluster,
+        api,
+    );
+    print!("{}", serde_norway::to_string(&entry)?);
+    Ok(())
 }
 
 /// The CRD as committed under `crds/`.
@@ -379,10 +444,37 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         instance: args.instance,
         cache_max_bytes: args.cache_max_bytes,
     };
-    let ctx = Arc::new(Context::new(client, metrics, resolver, cache, settings));
+    let (xds, xds_events) = match args.xds_listen {
+        Some(addr) => {
+            let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {
+                (Some(cert), Some(key)) => Some((
+                    std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+                    std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+                )),
+                _ => None,
+            };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the ECDS server to {addr}"))?;
+            let (xds, events) = Xds::new();
+            tracing::info!(%addr, tls = tls.is_some(), "serving ECDS");
+            let serving = xds.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                if let Err(e) = xds::server::serve(listener, serving, Some(client), tls).await {
+                    tracing::error!(error = %e, "the ECDS server stopped");
+                }
+            });
+            (Some(xds), Some(events))
+        }
+        None => (None, None),
+    };
+    let ctx = Arc::new(Context::new(
+        client, metrics, resolver, cache, settings, xds,
+    ));
     let _ = late_ctx.set(ctx.clone());
     tracing::info!(namespace = ?ctx.settings.namespace, "controller starting");
-    controller::run(ctx).await;
+    controller::run(ctx, xds_events).await;
     Ok(())
 }
 

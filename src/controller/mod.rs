@@ -3,7 +3,7 @@
 
 pub mod status;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,13 +21,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::abi::ModuleInfo;
-use crate::api::{OnIncompatible, PullPolicy, WasmFilter, WorkloadStatus};
+use crate::api::{OnIncompatible, PullPolicy, Target, WasmFilter, WorkloadStatus};
 use crate::cache::{FetchFailure, ModuleCache, OnDemand};
 use crate::error::{Backoff, Error};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::oci::{Artifact, Credentials, Resolver};
-use crate::render::{self, Module, ModuleServer};
+use crate::render::{self, Module, ModuleServer, ecds};
+use crate::xds::{Offer, Xds};
 
 /// How the controller runs.
 #[derive(Debug, Clone)]
@@ -66,6 +67,8 @@ pub struct Context {
     inspected: Mutex<HashMap<String, Arc<ModuleInfo>>>,
     /// Wakes the eviction task after a pull.
     evict_soon: tokio::sync::Notify,
+    /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
+    pub xds: Option<Arc<Xds>>,
 }
 
 impl Context {
@@ -75,6 +78,7 @@ impl Context {
         resolver: Resolver,
         cache: ModuleCache,
         settings: Settings,
+        xds: Option<Arc<Xds>>,
     ) -> Self {
         let reporter = Reporter {
             controller: names::CONTROLLER_NAME.to_string(),
@@ -92,6 +96,7 @@ impl Context {
             inflight: tokio::sync::Mutex::new(HashMap::new()),
             inspected: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
+            xds,
         }
     }
 
@@ -135,7 +140,9 @@ impl Context {
         Ok(info)
     }
 
-    /// Every selected pod's Envoy and verdict, and the `Compatible` condition they add up to.
+    /// Every selected pod's Envoy and verdict (most urgent first), and the `Compatible`
+    /// condition they add up to. For `target: Ecds`, a pod whose Envoy is connected is checked
+    /// against the version that Envoy reported.
     async fn assess_workloads(
         &self,
         wf: &WasmFilter,
@@ -156,11 +163,15 @@ impl Context {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(Error::ListWorkloads)?;
+        let live = self.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);
         let mut workloads: Vec<WorkloadStatus> = list
             .items
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .map(|p| crate::workloads::assess(p, &info))
+            .map(|p| {
+                let version = live.and_then(|x| x.node_version(ns, &p.name_any()));
+                crate::workloads::assess_live(p, &info, version)
+            })
             .collect();
         // Refusing first, then unknown, then by name: what a person must see first.
         workloads.sort_by_key(|w| {
@@ -171,9 +182,7 @@ impl Context {
             };
             (rank, w.name.clone())
         });
-        let total = workloads.len();
-        let cond = status::compatibility(&workloads, total);
-        workloads.truncate(status::MAX_LISTED_WORKLOADS);
+        let cond = status::compatibility(&workloads, workloads.len());
         Ok((workloads, cond))
     }
 
@@ -404,8 +413,16 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Str
     }
 }
 
-/// Runs the controller until a shutdown signal.
-pub async fn run(ctx: Arc<Context>) {
+/// How long a restarted operator's ECDS server waits for every known filter to be decided
+/// before it answers with what it has (undecided filters are held, never removed).
+const ECDS_START_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the controller until a shutdown signal. `xds_events` names filters whose proxies
+/// answered (ACK/NACK), connected or went away.
+pub async fn run(
+    ctx: Arc<Context>,
+    xds_events: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
     let filters: Api<WasmFilter> = match &ns {
@@ -428,9 +445,32 @@ pub async fn run(ctx: Arc<Context>) {
     // Reconcile on spec changes (generation) and owned-child changes, not on our own status
     // writes, which would otherwise echo straight back as a new reconcile.
     let (reader, writer) = reflector::store();
+    let xds = ctx.xds.clone();
+    let listed = reader.clone();
     let trigger = watcher(filters, watcher::Config::default())
         .default_backoff()
         .reflect(writer)
+        // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
+        // and after every full list which filters exist at all.
+        .inspect(move |event| {
+            let Some(xds) = &xds else { return };
+            match event {
+                Ok(watcher::Event::Delete(wf)) => {
+                    if let Some(name) = ecds_name(wf) {
+                        xds.withdraw(&name);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => xds.sync(
+                    listed
+                        .state()
+                        .iter()
+                        .filter(|wf| wf.spec.target == Target::Ecds)
+                        .filter_map(|wf| ecds_name(wf))
+                        .collect(),
+                ),
+                _ => {}
+            }
+        })
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     // Pods come and go: a new one matching a selector is checked in the next reconcile of
@@ -458,7 +498,7 @@ pub async fn run(ctx: Arc<Context>) {
         })
         .predicate_filter(workload_fingerprint, Default::default());
     let filters_store = reader.clone();
-    let controller = Controller::for_stream(trigger, reader)
+    let mut controller = Controller::for_stream(trigger, reader)
         .owns_with(children(&wp), wp, owned.clone())
         .owns_with(children(&ef), ef, owned)
         .watches_stream(pod_trigger, move |pod: Pod| {
@@ -475,6 +515,21 @@ pub async fn run(ctx: Arc<Context>) {
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal();
+    if let Some(events) = xds_events {
+        let answered = tokio_stream::wrappers::UnboundedReceiverStream::new(events).filter_map(
+            |name| async move {
+                let (ns, name) = name.split_once('/')?;
+                Some(ObjectRef::<WasmFilter>::new(name).within(ns))
+            },
+        );
+        controller = controller.reconcile_on(answered);
+    }
+    if let Some(xds) = ctx.xds.clone() {
+        tokio::spawn(async move {
+            tokio::time::sleep(ECDS_START_WAIT).await;
+            xds.force_ready();
+        });
+    }
     let store = controller.store();
     let _ = ctx.store.set(store.clone());
     let metrics = ctx.metrics.clone();
@@ -556,6 +611,12 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
         }
         Err(err) => {
             tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
+            // Proxies keep what they were sent; a restarted operator stops waiting for this one.
+            if let (Some(xds), Some(name)) = (&ctx.xds, ecds_name(&wf))
+                && wf.spec.target == Target::Ecds
+            {
+                xds.decided(&name);
+            }
             let status = status::failed(&wf, &err);
             if let Err(e) = patch_status(&ctx.client, &wf, &status).await {
                 tracing::warn!(error = %e, "could not write failure status");
@@ -583,9 +644,25 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(delay)
 }
 
-/// Refuses, before any network work, what this version cannot do, rather than ignoring it.
-fn check_supported(wf: &WasmFilter) -> Result<(), Error> {
-    render::target_supported(wf.spec.target)
+/// Refuses, before any network work, what this operator cannot do, rather than ignoring it.
+fn check_supported(wf: &WasmFilter, ctx: &Context) -> Result<(), Error> {
+    if wf.spec.target == Target::Ecds && ctx.xds.is_none() {
+        return Err(Error::Unsupported {
+            field: "spec.target: Ecds",
+            detail: "this operator serves no ECDS: start it with --xds-listen ADDR (the Helm \
+                     value xds.enabled), or use WasmPlugin or EnvoyFilter"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+/// The ECDS resource name of a filter.
+fn ecds_name(wf: &WasmFilter) -> Option<String> {
+    Some(ecds::resource_name(
+        wf.metadata.namespace.as_deref()?,
+        wf.metadata.name.as_deref()?,
+    ))
 }
 
 /// The digest to stick to: with `IfNotPresent`, the one the same image resolved to before.
@@ -633,7 +710,7 @@ fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
 
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
-    check_supported(wf)?;
+    check_supported(wf, ctx)?;
 
     let artifact = match cached_artifact(wf, &ctx.cache) {
         Some(artifact) => {
@@ -664,11 +741,12 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    let (workloads, compatible) = ctx
+    let (mut workloads, compatible) = ctx
         .assess_workloads(wf, &ns, &artifact.module_sha256)
         .await?;
     let incompatible = compatible.status == "False";
     if incompatible && wf.spec.on_incompatible == OnIncompatible::Block {
+        workloads.truncate(status::MAX_LISTED_WORKLOADS);
         return Err(Error::Incompatible {
             message: compatible.message,
             workloads,
@@ -676,23 +754,51 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     }
     let compatible_message = compatible.message.clone();
 
-    let module = Module {
-        sha256: artifact.module_sha256.clone(),
+    let (kind, notes, loaded) = match (wf.spec.target, &ctx.xds) {
+        (Target::Ecds, Some(xds)) => {
+            let loaded = serve_ecds(wf, ctx, xds, &ns, &artifact, &mut workloads).await?;
+            remove_other_children(wf, ctx, &ns, None).await?;
+            ("ECDS resource", Vec::new(), Some(loaded))
+        }
+        _ => {
+            let module = Module {
+                sha256: artifact.module_sha256.clone(),
+            };
+            let child = render::child(wf, &module, &ctx.settings.module_server)?;
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &ns, &child.resource);
+            let pp = PatchParams::apply(names::FIELD_MANAGER).force();
+            api.patch(&wf.name_any(), &pp, &Patch::Apply(&child.object))
+                .await
+                .map_err(|source| Error::ApplyChild {
+                    kind: child.resource.kind.clone(),
+                    name: wf.name_any(),
+                    source,
+                })?;
+            remove_other_children(wf, ctx, &ns, Some(&child.resource)).await?;
+            if let (Some(xds), Some(name)) = (&ctx.xds, ecds_name(wf)) {
+                xds.withdraw(&name);
+            }
+            let kind = if child.resource.kind == render::envoy_filter_resource().kind {
+                "EnvoyFilter"
+            } else {
+                "WasmPlugin"
+            };
+            (kind, child.notes, None)
+        }
     };
-    let child = render::child(wf, &module, &ctx.settings.module_server)?;
-    let kind = child.resource.kind.as_str();
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &child.resource);
-    let pp = PatchParams::apply(names::FIELD_MANAGER).force();
-    api.patch(&wf.name_any(), &pp, &Patch::Apply(&child.object))
-        .await
-        .map_err(|source| Error::ApplyChild {
-            kind: kind.to_string(),
-            name: wf.name_any(),
-            source,
-        })?;
-    remove_other_children(wf, ctx, &ns, &child.resource).await?;
 
-    let status = status::ready(wf, &artifact, kind, &child.notes, workloads, compatible);
+    let status = status::ready(
+        wf,
+        &artifact,
+        kind,
+        &notes,
+        status::Workloads {
+            all: workloads,
+            compatible,
+            loaded,
+        },
+    );
     let was_incompatible = wf
         .status
         .as_ref()
@@ -720,20 +826,78 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
-/// Deletes a child of the kind the filter no longer targets (after `target` changed), but
-/// only one this filter owns.
+/// Offers the verified module to the ECDS server for the selected pods, and reads back what
+/// each connected Envoy did with it: the `Loaded` condition and how many loaded it.
+async fn serve_ecds(
+    wf: &WasmFilter,
+    ctx: &Context,
+    xds: &Xds,
+    ns: &str,
+    artifact: &Artifact,
+    workloads: &mut [WorkloadStatus],
+) -> Result<(status::Cond, u32), Error> {
+    let name = ecds::resource_name(ns, &wf.name_any());
+    let sha = &artifact.module_sha256;
+    let offer = match xds.offered(&name) {
+        Some(o) if o.module_sha256 == *sha && o.spec == wf.spec => o,
+        previous => {
+            // The bytes are in memory already when the same module is offered again.
+            let module = match previous.filter(|o| o.module_sha256 == *sha) {
+                Some(o) => o.module.clone(),
+                None => Arc::new(read_module(&ctx.cache, sha).await?),
+            };
+            let info = ctx.module_info(sha).await?;
+            Arc::new(Offer::new(wf.spec.clone(), sha.clone(), module, info))
+        }
+    };
+    let selected: BTreeSet<String> = workloads.iter().map(|w| w.name.clone()).collect();
+    xds.publish(&name, ns, selected, Some(offer));
+    let current = ecds::version_base(&wf.spec, sha);
+    let loads: Vec<_> = workloads
+        .iter()
+        .map(|w| xds.load(&name, ns, &w.name, &current))
+        .collect();
+    Ok(status::loaded(
+        workloads,
+        &loads,
+        &name,
+        &sha[..12.min(sha.len())],
+    ))
+}
+
+/// The verified bytes of a cached module, read off the async threads.
+async fn read_module(cache: &ModuleCache, sha256: &str) -> Result<Vec<u8>, Error> {
+    let err = |message: String| Error::ReadModule {
+        sha256: sha256.to_string(),
+        message,
+    };
+    let cache = cache.clone();
+    let sha = sha256.to_string();
+    tokio::task::spawn_blocking(move || {
+        cache
+            .read_verified(&sha)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "not in the cache".to_string())
+    })
+    .await
+    .map_err(|e| err(e.to_string()))?
+    .map_err(err)
+}
+
+/// Deletes a child of a kind the filter no longer targets (after `target` changed), but only
+/// one this filter owns. `current` is the kind it targets now (`None`: no Istio child).
 async fn remove_other_children(
     wf: &WasmFilter,
     ctx: &Context,
     ns: &str,
-    current: &ApiResource,
+    current: Option<&ApiResource>,
 ) -> Result<(), Error> {
     let uid = wf.uid();
     for ar in [
         render::wasm_plugin_resource(),
         render::envoy_filter_resource(),
     ] {
-        if ar.kind == current.kind {
+        if current.is_some_and(|c| c.kind == ar.kind) {
             continue;
         }
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);

@@ -6,6 +6,7 @@ use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
 use crate::error::Error;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
+use crate::xds::Load;
 
 /// A condition as the operator means it; `lastTransitionTime` is filled in against the previous
 /// status so it only moves when the status does.
@@ -175,14 +176,23 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
     }
 }
 
+/// The selected workloads, as a successful reconcile found them.
+#[derive(Debug, Clone)]
+pub struct Workloads {
+    /// Every selected pod, most urgent first (status lists the first [`MAX_LISTED_WORKLOADS`]).
+    pub all: Vec<WorkloadStatus>,
+    pub compatible: Cond,
+    /// `target: Ecds`: the `Loaded` condition and how many pods' Envoys loaded the module.
+    pub loaded: Option<(Cond, u32)>,
+}
+
 /// Status after a successful reconcile.
 pub fn ready(
     wf: &WasmFilter,
     artifact: &Artifact,
     child_kind: &str,
     notes: &[String],
-    workloads: Vec<WorkloadStatus>,
-    compatible: Cond,
+    workloads: Workloads,
 ) -> WasmFilterStatus {
     let previous = wf
         .status
@@ -223,17 +233,42 @@ pub fn ready(
         resolved.push_str("; ");
         resolved.push_str(&note);
     }
-    let conds = [
-        Cond::new(condition::RESOLVED, true, reason::RESOLVED, resolved),
+    let Workloads {
+        mut all,
         compatible,
-        Cond::new(condition::DEPLOYED, true, reason::DEPLOYED, deployed),
-        Cond::new(
+        loaded,
+    } = workloads;
+    // Ready waits for the proxies that were sent the module, and fails with them.
+    let ready = match &loaded {
+        Some((l, _)) if l.status == "False" => {
+            Cond::new(condition::READY, false, &l.reason, l.message.clone())
+        }
+        Some((l, _)) if l.reason == reason::LOAD_PENDING => {
+            Cond::new(condition::READY, false, &l.reason, l.message.clone())
+        }
+        Some(_) => Cond::new(
+            condition::READY,
+            true,
+            reason::READY,
+            "module verified, served over ECDS, and loaded by every connected proxy it was sent to",
+        ),
+        None => Cond::new(
             condition::READY,
             true,
             reason::READY,
             "module verified and deployed",
         ),
+    };
+    let mut conds = vec![
+        Cond::new(condition::RESOLVED, true, reason::RESOLVED, resolved),
+        compatible,
+        Cond::new(condition::DEPLOYED, true, reason::DEPLOYED, deployed),
     ];
+    let loaded_count = loaded.as_ref().map(|(_, n)| *n);
+    conds.extend(loaded.map(|(l, _)| l));
+    conds.push(ready);
+    let selected = u32::try_from(all.len()).unwrap_or(u32::MAX);
+    all.truncate(MAX_LISTED_WORKLOADS);
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(previous, &conds, wf.metadata.generation),
@@ -241,8 +276,128 @@ pub fn ready(
             previous_manifest_digest,
             ..artifact_status(artifact)
         }),
-        workloads,
+        workloads: all,
+        selected_workloads: Some(selected),
+        loaded_workloads: loaded_count,
     }
+}
+
+/// Writes each pod's load state (`loads[i]` for `workloads[i]`, `None`: no proxy of it is
+/// connected) into its status, and sums them up as the `Loaded` condition with the number
+/// that loaded. `filter` is the ECDS name, `module` the short sha256.
+pub fn loaded(
+    workloads: &mut [WorkloadStatus],
+    loads: &[Option<Load>],
+    filter: &str,
+    module: &str,
+) -> (Cond, u32) {
+    let mut failed = Vec::new();
+    let mut not_sent = Vec::new();
+    let mut pending = 0usize;
+    let mut connected = 0usize;
+    let mut ok = 0u32;
+    for (w, load) in workloads.iter_mut().zip(loads) {
+        let Some(load) = load else { continue };
+        connected += 1;
+        let (l, e) = match load {
+            Load::Loaded => {
+                ok += 1;
+                (Some(true), None)
+            }
+            Load::Failed(e) => {
+                failed.push((w.name.clone(), reason::LOAD_FAILED, e.clone()));
+                (Some(false), Some(e.clone()))
+            }
+            Load::NotSubscribed => {
+                let e = format!(
+                    "its Envoy is connected but subscribes to no ECDS filter named {filter:?}: add \
+                     the entry `wasmfilter ecds-entry {filter}` prints to its filter chain"
+                );
+                failed.push((w.name.clone(), reason::NOT_SUBSCRIBED, e.clone()));
+                (Some(false), Some(e))
+            }
+            Load::NotSent(why) => {
+                not_sent.push(w.name.clone());
+                (Some(false), Some(format!("not sent: {why}")))
+            }
+            Load::Pending => {
+                pending += 1;
+                (None, None)
+            }
+        };
+        w.loaded = l;
+        w.load_error = e;
+    }
+    let skipped = if not_sent.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; not sent to {} whose Envoy would refuse it ({})",
+            not_sent.len(),
+            not_sent.join(", ")
+        )
+    };
+    let sent = connected - not_sent.len();
+    let cond = if !failed.is_empty() {
+        // The reason of the most telling failure: Envoy's refusal first.
+        let why = failed
+            .iter()
+            .map(|(_, r, _)| *r)
+            .find(|r| *r == reason::LOAD_FAILED)
+            .unwrap_or(failed[0].1);
+        let mut parts: Vec<String> = failed
+            .iter()
+            .take(3)
+            .map(|(pod, _, e)| format!("{pod}: {e}"))
+            .collect();
+        if failed.len() > 3 {
+            parts.push(format!("and {} more", failed.len() - 3));
+        }
+        let kept = if why == reason::LOAD_FAILED {
+            " (a proxy that refused it keeps the config it had)"
+        } else {
+            ""
+        };
+        Cond::new(
+            condition::LOADED,
+            false,
+            why,
+            format!(
+                "{} of {sent} connected proxies did not load module sha256:{module}{kept}: {}{skipped}",
+                failed.len(),
+                parts.join("; ")
+            ),
+        )
+    } else if pending > 0 {
+        Cond::unknown(
+            condition::LOADED,
+            reason::LOAD_PENDING,
+            format!("waiting for {pending} of {sent} connected proxies to answer{skipped}"),
+        )
+    } else if connected == 0 {
+        Cond::unknown(
+            condition::LOADED,
+            reason::NO_PROXY_CONNECTED,
+            format!(
+                "no selected pod's Envoy is connected to the ECDS server; each one gets {filter} \
+                 when it connects"
+            ),
+        )
+    } else {
+        Cond::new(
+            condition::LOADED,
+            true,
+            reason::LOADED,
+            format!(
+                "{ok} of {sent} connected proxies loaded module sha256:{module}{}{skipped}",
+                match workloads.len() - connected {
+                    0 => String::new(),
+                    n => format!(" ({n} selected pods have no connected proxy)"),
+                }
+            ),
+        )
+    };
+    (cond, ok)
 }
 
 /// When the artifact's config declares ABI versions the module's own marker disagrees with,
@@ -346,12 +501,15 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
             }
         }
     }
+    // What the proxies said of the module they run is still true.
+    conds.extend(carry(condition::LOADED));
     conds.push(Cond::new(condition::READY, false, err.reason(), message));
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(&old.conditions, &conds, wf.metadata.generation),
         artifact: old.artifact,
         workloads,
+        ..old
     }
 }
 
@@ -437,6 +595,7 @@ mod tests {
                 Some(false) => vec!["Wasm module is missing malloc function.".into()],
                 None => vec!["no version".into()],
             },
+            ..Default::default()
         }
     }
 
@@ -477,7 +636,17 @@ mod tests {
 
     /// Ready with no notes and no selected workloads.
     fn plain_ready(wf: &WasmFilter, a: &Artifact) -> WasmFilterStatus {
-        ready(wf, a, "WasmPlugin", &[], Vec::new(), compatibility(&[], 0))
+        ready(
+            wf,
+            a,
+            "WasmPlugin",
+            &[],
+            Workloads {
+                all: Vec::new(),
+                compatible: compatibility(&[], 0),
+                loaded: None,
+            },
+        )
     }
 
     fn cond<'a>(s: &'a WasmFilterStatus, t: &str) -> &'a Condition {

@@ -9,6 +9,8 @@ use crate::api::{FailurePolicy, FilterType, Phase, Target, TrafficMode, WasmFilt
 use crate::error::Error;
 use crate::names::{self, istio};
 
+pub mod ecds;
+
 /// Where proxies fetch modules from: the operator's cache service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleServer {
@@ -81,26 +83,17 @@ pub fn envoy_filter_resource() -> ApiResource {
     )
 }
 
-/// Whether this version can render `target` at all.
-pub fn target_supported(target: Target) -> Result<(), Error> {
-    match target {
-        Target::WasmPlugin | Target::EnvoyFilter => Ok(()),
+/// Renders the Istio child for the filter's target (`Ecds` has none: it is served by the
+/// operator itself, see [`ecds`]).
+pub fn child(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Result<Child, Error> {
+    match wf.spec.target {
+        Target::EnvoyFilter => Ok(envoy_filter(wf, module, server)),
+        Target::WasmPlugin => Ok(wasm_plugin(wf, module, server)),
         Target::Ecds => Err(Error::Unsupported {
             field: "spec.target: Ecds",
-            detail: "serving plain Envoys over ECDS is not implemented yet; use WasmPlugin or \
-                     EnvoyFilter"
-                .into(),
+            detail: "an ECDS filter has no Istio child".into(),
         }),
     }
-}
-
-/// Renders the child for the filter's target.
-pub fn child(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Result<Child, Error> {
-    target_supported(wf.spec.target)?;
-    Ok(match wf.spec.target {
-        Target::EnvoyFilter => envoy_filter(wf, module, server),
-        _ => wasm_plugin(wf, module, server),
-    })
 }
 
 fn metadata(wf: &WasmFilter, module: &Module) -> ObjectMeta {

@@ -38,6 +38,8 @@ fn istio_table() -> &'static IstioTable {
 /// Where a workload's Envoy version came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// Reported live by the pod's Envoy over ECDS (`user_agent_build_version`).
+    XdsNode,
     Annotation,
     IstioProxyImage,
     EnvoyImage,
@@ -47,6 +49,7 @@ pub enum Source {
 impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
+            Source::XdsNode => "xds-node",
             Source::Annotation => "annotation",
             Source::IstioProxyImage => "istio-proxy-image",
             Source::EnvoyImage => "envoy-image",
@@ -192,7 +195,20 @@ pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
 
 /// Whether `pod`'s Envoy will load the module.
 pub fn assess(pod: &Pod, info: &ModuleInfo) -> WorkloadStatus {
-    let envoy = envoy_version(pod);
+    assess_live(pod, info, None)
+}
+
+/// Like [`assess`], with the version the pod's connected Envoy reported over xDS, which
+/// beats every other source: it is the exact build that will load the module.
+pub fn assess_live(pod: &Pod, info: &ModuleInfo, live: Option<String>) -> WorkloadStatus {
+    let envoy = match live {
+        Some(v) => EnvoyVersion {
+            detail: format!("its Envoy reported {v} over xDS"),
+            version: Some(v),
+            source: Source::XdsNode,
+        },
+        None => envoy_version(pod),
+    };
     let verdict: Option<Result<Verdict, String>> = envoy.version.as_deref().map(|v| {
         check::host_for(v)
             .map(|(host, measured)| check::check(info, &measured, host))
@@ -212,6 +228,7 @@ pub fn assess(pod: &Pod, info: &ModuleInfo) -> WorkloadStatus {
         version_source: envoy.source.as_str().to_string(),
         compatible,
         reasons,
+        ..Default::default()
     }
 }
 
