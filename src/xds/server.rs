@@ -336,12 +336,15 @@ impl ExtensionConfigDiscoveryService for Service {
                             }
                             let first = session.id.is_none();
                             service.node(&mut session, req.node.as_ref());
-                            if first {
-                                // What the node already has (after our restart, or its
-                                // reconnect): not sent again when it is still current.
-                                for (name, version) in req.initial_resource_versions {
-                                    session.sent.insert(name, Some(version));
-                                }
+                            // What the node already runs (after our restart, or its reconnect):
+                            // it accepted it once, and it is not sent again while current.
+                            let held: Vec<(String, String)> = if first {
+                                req.initial_resource_versions.into_iter().collect()
+                            } else {
+                                Vec::new()
+                            };
+                            for (name, version) in &held {
+                                session.sent.insert(name.clone(), Some(version.clone()));
                             }
                             if !req.response_nonce.is_empty() {
                                 session.answer(&xds, &req.response_nonce, error_text(req.error_detail));
@@ -353,6 +356,9 @@ impl ExtensionConfigDiscoveryService for Service {
                             session.subscribed.extend(req.resource_names_subscribe);
                             if let Some(id) = session.id {
                                 xds.set_subscriptions(id, session.subscribed.clone());
+                                for (name, version) in held {
+                                    xds.report(id, &name, Report::Acked(version));
+                                }
                             }
                         }
                         Ok(None) | Err(_) => break,

@@ -515,3 +515,183 @@ pub fn plugin_layer(module: &[u8]) -> Vec<u8> {
     tar.append_data(&mut header, "plugin.wasm", module).unwrap();
     tar.into_inner().unwrap().finish().unwrap()
 }
+
+/// How a test Envoy finds its pod and subscribes.
+pub struct EcdsNode<'a> {
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    /// ECDS names for its HTTP filter chain, in order (each entry printed by `wasmfilter
+    /// ecds-entry`).
+    pub filters: &'a [String],
+    /// `DELTA_GRPC` rather than `GRPC`.
+    pub delta: bool,
+    /// Name the pod through node metadata `NAMESPACE`/`NAME` (else through the id only).
+    pub metadata: bool,
+    /// The operator's ECDS port.
+    pub xds_port: u16,
+    /// PEM CA to verify the ECDS port's TLS certificate with (plain gRPC when `None`).
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// `wasmfilter ecds-entry ARGS` as JSON: the filter-chain entry a user pastes.
+pub fn ecds_entry(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .arg("ecds-entry")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ecds-entry: {}", stderr(&out));
+    serde_norway::from_slice(&out.stdout).unwrap()
+}
+
+impl Envoy {
+    /// Starts Envoy `version` from the README's bootstrap (`examples/ecds-bootstrap.yaml`),
+    /// naming `node`'s pod and subscribing to its filters over ECDS; its one cluster is the
+    /// operator's ECDS port.
+    pub fn start_ecds(version: &str, node: &EcdsNode) -> Self {
+        let env = env();
+        let (listen_port, admin_port) = (free_port(), free_port());
+        let mut b: Value =
+            serde_norway::from_str(include_str!("../../examples/ecds-bootstrap.yaml")).unwrap();
+        b["node"]["id"] = json!(format!("{}.{}", node.pod, node.namespace));
+        if node.metadata {
+            b["node"]["metadata"] = json!({"NAMESPACE": node.namespace, "NAME": node.pod});
+        } else {
+            b["node"].as_object_mut().unwrap().remove("metadata");
+        }
+        b["admin"]["address"]["socket_address"]["port_value"] = json!(admin_port);
+        let listener = &mut b["static_resources"]["listeners"][0];
+        listener["address"]["socket_address"]["port_value"] = json!(listen_port);
+        let hcm = &mut listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let router = hcm["http_filters"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        let mut chain: Vec<Value> = node
+            .filters
+            .iter()
+            .map(|f| {
+                let mut args = vec![f.as_str()];
+                if node.delta {
+                    args.push("--delta");
+                }
+                ecds_entry(&args)
+            })
+            .collect();
+        chain.push(router);
+        hcm["http_filters"] = json!(chain);
+        let cluster = &mut b["static_resources"]["clusters"][0];
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"] = json!(node.xds_port);
+        if let Some(ca) = &node.tls_ca {
+            cluster["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": "127.0.0.1",
+                    "common_tls_context": {
+                        "alpn_protocols": ["h2"],
+                        "validation_context": {
+                            "trusted_ca": {"filename": ca},
+                            "match_typed_subject_alt_names": [{"san_type": "IP_ADDRESS", "matcher": {"exact": "127.0.0.1"}}],
+                        },
+                    },
+                },
+            });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec(&b).unwrap()).unwrap();
+        let log = dir.path().join("envoy.log");
+        let child = Command::new(env.envoy_dir.join(version).join("envoy"))
+            .arg("-c")
+            .arg(&config)
+            .args(["--base-id", &fastrand::u32(1..1_000_000).to_string()])
+            .args(["--log-level", "info", "--concurrency", "1"])
+            .arg("--log-path")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start envoy");
+        Envoy {
+            child,
+            listen_port,
+            admin_port,
+            dir,
+        }
+    }
+
+    /// A GET through the listener: (status, response headers).
+    pub async fn get(&self) -> Option<(u16, reqwest::header::HeaderMap)> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}/", self.listen_port))
+            .await
+            .ok()?;
+        Some((r.status().as_u16(), r.headers().clone()))
+    }
+
+    /// Waits until a response carries header `name` with `value` (`None`: until the response
+    /// is `status` without that header).
+    pub async fn wait_header(&self, name: &str, value: Option<&str>, status: u16) {
+        let what = format!(
+            "envoy :{} answering {status} with {name}={value:?}",
+            self.listen_port
+        );
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((s, h)) = self.get().await {
+                let got = h.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+                if s == status && got.as_deref() == value {
+                    return;
+                }
+                last = Some((s, got));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last answer {last:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One of Envoy's counters or gauges (`/stats`), 0 when Envoy has none of that name.
+    pub async fn stat(&self, name: &str) -> u64 {
+        self.try_stat(name)
+            .await
+            .unwrap_or_else(|| panic!("envoy admin unreachable:\n{}", self.logs()))
+    }
+
+    /// Like [`Envoy::stat`]; `None` while the admin port does not answer.
+    pub async fn try_stat(&self, name: &str) -> Option<u64> {
+        let url = format!(
+            "http://127.0.0.1:{}/stats?filter=^{}$",
+            self.admin_port,
+            name.replace('.', "\\.")
+        );
+        let body = reqwest::get(url).await.ok()?.text().await.ok()?;
+        Some(
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+        )
+    }
+
+    /// Kills it, as a crash or a node loss would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pod object (no kubelet runs it) labelled `app`, whose container image names an Envoy.
+pub fn envoy_pod_yaml(ns: &str, name: &str, app: &str, envoy_image_tag: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+         spec: {{containers: [{{name: envoy, image: \"docker.io/envoyproxy/envoy:{envoy_image_tag}\"}}]}}\n"
+    )
+}
