@@ -1,48 +1,65 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a local control plane, registry and Envoy, brought up by
-# the project itself. Pushes a filter, applies a WasmFilter, lets the operator resolve, verify,
-# cache and deploy it, then sends a request through a real Envoy configured from the generated
-# EnvoyFilter and prints the response: its x-wasmfilter headers are the filter at work.
+# The main job on the embedded default: a local control plane, registry, the operator and two
+# real Envoys of different versions, all brought up by the project itself on 127.0.0.1.
+#   1. pushes a filter, applies a WasmFilter with target: Ecds; the operator resolves, verifies,
+#      caches and checks it, and serves it to both Envoys over ECDS;
+#   2. prints a response through each Envoy (the x-wasmfilter headers are the filter at work),
+#      changes the filter's config and shows the change live, then the per-workload status
+#      (each Envoy's reported version and whether it loaded the module);
+#   3. the Istio output: a WasmFilter with target: EnvoyFilter, and a request through an Envoy
+#      configured from the generated EnvoyFilter.
+# Stops everything it started at the end (WASMFILTER_KEEP_ENV=1 keeps the control plane up).
 source "$(dirname "$0")/lib/common.sh"
 cd "$ROOT"
 
-log "1/6 tools"
+log "1/7 tools"
 "$ROOT/e2e/setup.sh"
-log "2/6 build the operator"
+log "2/7 build the operator"
 run_with_heartbeat "cargo build" cargo build --locked --bin wasmfilter
 bin=$ROOT/target/debug/wasmfilter
 
-log "3/6 local control plane and registry"
+log "3/7 local control plane and registry"
 env_file=$("$ROOT/e2e/env.sh" up | tail -n 1)
 # shellcheck disable=SC1090
 source "$env_file"
 work=$ROOT/target/e2e-env/demo
-mkdir -p "$work"
+rm -rf "$work" && mkdir -p "$work"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ "${WASMFILTER_KEEP_ENV:-0}" = 1 ]; then
+    log "the control plane is still up: source $env_file; kubectl get wf -A. Stop it with e2e/env.sh down"
+  else
+    "$ROOT/e2e/env.sh" down >/dev/null 2>&1 || true
+  fi
+}
 trap cleanup EXIT
 
-log "4/6 operator"
-cache_port=$(free_port); admin_port=$(free_port)
+log "4/7 operator (module cache, ECDS server)"
+cache_port=$(free_port); admin_port=$(free_port); xds_port=$(free_port)
 "$bin" operator --cache-url http://wasmfilter-cache.wasmfilter-system.svc:8080 \
   --cache-listen "127.0.0.1:$cache_port" --admin-listen "127.0.0.1:$admin_port" \
+  --xds-listen "127.0.0.1:$xds_port" \
   --cache-dir "$work/cache" --insecure-registry "$WASMFILTER_REGISTRY" >"$work/operator.log" 2>&1 &
 pids+=($!)
 wait_for "operator /readyz" 60 curl -fsS "http://127.0.0.1:$admin_port/readyz"
 
-log "5/6 push a filter and apply a WasmFilter"
+log "5/7 push a filter, two Envoy workloads, and a WasmFilter (target: Ecds)"
 image=$WASMFILTER_REGISTRY/filters/add-header:1.0.0
 "$bin" push tests/fixtures/modules/add_header.wat "$image" --plain-http --root-id add_header
 kubectl delete namespace shop --ignore-not-found --wait=true --timeout=60s >/dev/null
 kubectl create namespace shop >/dev/null
-envoy_version=$(echo "$ENVOY_VERSIONS" | awk '{print $NF}')
-# The workload the filter selects: a pod object (no kubelet here) running the Envoy below.
-cat <<YAML | kubectl apply -f - >/dev/null
+old_envoy=$(echo "$ENVOY_VERSIONS" | awk '{print $1}')
+new_envoy=$(echo "$ENVOY_VERSIONS" | awk '{print $NF}')
+# The workloads: pod objects (no kubelet here), each standing for one Envoy process below.
+for v in "$old_envoy" "$new_envoy"; do
+  cat <<YAML | kubectl apply -f - >/dev/null
 apiVersion: v1
 kind: Pod
-metadata: {name: checkout, namespace: shop, labels: {app: checkout}}
-spec: {containers: [{name: envoy, image: "docker.io/envoyproxy/envoy:v$envoy_version"}]}
+metadata: {name: checkout-${v//./-}, namespace: shop, labels: {app: checkout}}
+spec: {containers: [{name: envoy, image: "docker.io/envoyproxy/envoy:v$v"}]}
 YAML
+done
 cat <<YAML | tee "$work/wasmfilter.yaml" | kubectl apply -f -
 apiVersion: wasmfilter.dev/v1alpha1
 kind: WasmFilter
@@ -50,28 +67,72 @@ metadata: {name: add-header, namespace: shop}
 spec:
   module: {image: "$image"}
   selector: {matchLabels: {app: checkout}}
-  target: EnvoyFilter
+  target: Ecds
   rootId: add_header
   config: {greeting: hello}
 YAML
+
+log "6/7 two real Envoys ($old_envoy over state-of-the-world ECDS, $new_envoy over delta), from examples/ecds-bootstrap.yaml"
+declare -A listen
+for v in "$old_envoy" "$new_envoy"; do
+  pod=checkout-${v//./-}; listen[$v]=$(free_port); envoy_admin=$(free_port)
+  api=GRPC; [ "$v" = "$new_envoy" ] && api=DELTA_GRPC
+  sed -e "s/checkout-7d9f/$pod/g" -e "s/port_value: 9901/port_value: $envoy_admin/" \
+      -e "s/port_value: 10000/port_value: ${listen[$v]}/" -e "s/port_value: 18000/port_value: $xds_port/" \
+      -e "s/api_type: GRPC /api_type: $api /" examples/ecds-bootstrap.yaml >"$work/envoy-$v.yaml"
+  "$WASMFILTER_ENVOY_DIR/$v/envoy" -c "$work/envoy-$v.yaml" --base-id "$RANDOM" --concurrency 1 \
+    --log-path "$work/envoy-$v.log" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_for "envoy $v" 30 curl -fsS "http://127.0.0.1:$envoy_admin/ready"
+done
 kubectl wait --for=condition=Ready wf/add-header -n shop --timeout=60s \
   || { tail -n 20 "$work/operator.log"; die "WasmFilter did not become Ready"; }
-kubectl get wf -n shop
-log "the operator checked the module against the selected workload's Envoy before deploying:"
-kubectl get wf add-header -n shop -o jsonpath='{.status.conditions[?(@.type=="Compatible")].message}{"\n"}'
-"$bin" check tests/fixtures/modules/add_header.wat $(for v in $ENVOY_VERSIONS; do printf -- '--envoy %s ' "$v"; done)
-kubectl get envoyfilter add-header -n shop -o json >"$work/envoyfilter.json"
+for v in "$old_envoy" "$new_envoy"; do
+  echo; echo "\$ curl -si http://127.0.0.1:${listen[$v]}/    # Envoy $v"
+  curl -sS -i "http://127.0.0.1:${listen[$v]}/"
+done
 
-log "6/6 a real Envoy ($envoy_version) with the generated filter"
+log "changing the filter's config: greeting hello -> bonjour"
+kubectl patch wf add-header -n shop --type merge -p '{"spec":{"config":{"greeting":"bonjour"}}}' >/dev/null
+for v in "$old_envoy" "$new_envoy"; do
+  wait_for "Envoy $v to run the new config" 30 \
+    sh -c "curl -sS -i http://127.0.0.1:${listen[$v]}/ | grep -q bonjour"
+  echo "Envoy $v: $(curl -sS -i "http://127.0.0.1:${listen[$v]}/" | grep -i '^x-wasmfilter-config')"
+done
+loaded_now() {
+  [ "$(kubectl get wf add-header -n shop -o jsonpath='{.metadata.generation}/{.status.loadedWorkloads}')" = \
+    "$(kubectl get wf add-header -n shop -o jsonpath='{.status.observedGeneration}')/2" ]
+}
+wait_for "both Envoys to report the new config loaded" 30 loaded_now
+echo
+kubectl get wf -n shop -o wide
+echo
+log "per workload: the Envoy version each proxy reported over xDS, and whether it loaded the module"
+kubectl get wf add-header -n shop -o jsonpath='{range .status.workloads[*]}{.name}{"\t"}Envoy {.envoyVersion} ({.versionSource}){"\t"}compatible={.compatible}{"\t"}loaded={.loaded}{"\n"}{end}'
+kubectl get wf add-header -n shop -o jsonpath='{.status.conditions[?(@.type=="Loaded")].message}{"\n"}'
+
+log "7/7 the Istio output: the same module as an EnvoyFilter, in a real Envoy ($new_envoy)"
+cat <<YAML | kubectl apply -f - >/dev/null
+apiVersion: wasmfilter.dev/v1alpha1
+kind: WasmFilter
+metadata: {name: add-header-istio, namespace: shop}
+spec:
+  module: {image: "$image"}
+  selector: {matchLabels: {app: checkout}}
+  target: EnvoyFilter
+  rootId: add_header
+  config: {greeting: hello from the EnvoyFilter}
+YAML
+kubectl wait --for=condition=Ready wf/add-header-istio -n shop --timeout=60s \
+  || { tail -n 20 "$work/operator.log"; die "WasmFilter did not become Ready"; }
+kubectl get envoyfilter add-header-istio -n shop -o json >"$work/envoyfilter.json"
 listen_port=$(free_port); envoy_admin=$(free_port)
-python3 "$ROOT/e2e/envoy/bootstrap.py" "$work/envoyfilter.json" "$listen_port" "$envoy_admin" "$cache_port" >"$work/envoy.json"
-"$WASMFILTER_ENVOY_DIR/$envoy_version/envoy" -c "$work/envoy.json" \
-  --base-id "$RANDOM" --concurrency 1 --log-path "$work/envoy.log" >/dev/null 2>&1 &
+python3 "$ROOT/e2e/envoy/bootstrap.py" "$work/envoyfilter.json" "$listen_port" "$envoy_admin" "$cache_port" >"$work/envoy-istio.json"
+"$WASMFILTER_ENVOY_DIR/$new_envoy/envoy" -c "$work/envoy-istio.json" \
+  --base-id "$RANDOM" --concurrency 1 --log-path "$work/envoy-istio.log" >/dev/null 2>&1 &
 pids+=($!)
 wait_for "envoy" 30 curl -fsS "http://127.0.0.1:$envoy_admin/ready"
-echo
-echo "\$ curl -i http://127.0.0.1:$listen_port/"
+echo "\$ curl -si http://127.0.0.1:$listen_port/    # Envoy $new_envoy, from the generated EnvoyFilter"
 curl -sS -i "http://127.0.0.1:$listen_port/"
 echo
-log "the x-wasmfilter headers above were added by the Wasm filter, fetched by Envoy from the operator's cache (sha256-pinned)"
-log "the control plane is still up: source $env_file; kubectl get wf -A. Stop it with e2e/env.sh down"
+log "done: the x-wasmfilter headers above were added by the Wasm filter; over ECDS it came inline, sha256-verified by the operator; through the EnvoyFilter Envoy fetched it from the operator's cache"
