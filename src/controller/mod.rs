@@ -159,8 +159,11 @@ impl Context {
             .collect::<Vec<_>>()
             .join(",");
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        // From the API server's watch cache (resourceVersion 0): a consistent LIST waits for
+        // the cache to confirm it is current with etcd, ~90 ms a reconcile on Kubernetes 1.35.
+        // A pod change the cache has not seen yet triggers its own reconcile when it is.
         let list = pods
-            .list(&ListParams::default().labels(&selector))
+            .list(&ListParams::default().labels(&selector).match_any())
             .await
             .map_err(Error::ListWorkloads)?;
         let live = self.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);
