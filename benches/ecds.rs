@@ -181,6 +181,7 @@ async fn main() {
             metadata: true,
             xds_port: xds,
             tls_ca: None,
+            default_module: None,
         },
     );
     envoy

@@ -82,6 +82,7 @@ fn node<'a>(
         metadata: true,
         xds_port,
         tls_ca: None,
+        default_module: None,
     }
 }
 
@@ -425,13 +426,22 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     apply_ok(&filter_yaml(n, "hdr", &image, "hello", "Block"));
     let ours = [format!("{n}/hdr")];
     let other = [format!("{n}/something-else")];
+    apply_ok(&envoy_pod_yaml(n, "falls-back", "web", "v1.40.0"));
     let sotw = Envoy::start_ecds(NEW, &node(n, "keeps", &ours, false, xds));
     let delta = Envoy::start_ecds(NEW, &node(n, "drops", &ours, true, xds));
+    // Its bootstrap entry carries a default_config: the same filter answering "df".
+    let fallback = Envoy::start_ecds(
+        NEW,
+        &EcdsNode {
+            default_module: Some(wasm(&variant("df", &format!("df-{n}")))),
+            ..node(n, "falls-back", &ours, true, xds)
+        },
+    );
     // Selected, connected, but its bootstrap asks for another name.
     let _unsubscribed = Envoy::start_ecds(NEW, &node(n, "elsewhere", &other, true, xds));
     // Names a pod that does not exist.
     let ghost = Envoy::start_ecds(NEW, &node(n, "ghost", &ours, true, xds));
-    for e in [&sotw, &delta] {
+    for e in [&sotw, &delta, &fallback] {
         e.wait_header("x-wasmfilter", Some("on"), 200).await;
     }
     let wf = wait_status(&client, n, "hdr", "the unsubscribed proxy reported", |wf| {
@@ -470,10 +480,12 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     .await;
     assert!(workload(&wf, "ghost").is_none());
 
-    // Deleted: the delta Envoy is told it is gone (no default_config: its listener answers 500);
-    // state of the world cannot take one filter away, so that Envoy keeps the last config.
+    // Deleted: a delta Envoy is told it is gone: without a default_config its listener answers
+    // 500, with one it runs the default; state of the world cannot take one filter away, so that
+    // Envoy keeps the last config.
     kubectl(&["delete", "wasmfilter", "hdr", "-n", n]);
     delta.wait_header("x-wasmfilter", None, 500).await;
+    fallback.wait_header("x-wasmfilter", Some("df"), 200).await;
     sotw.wait_header("x-wasmfilter", Some("on"), 200).await;
     assert_eq!(
         op.logs()

@@ -653,6 +653,142 @@ mod tests {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
+    fn ecds_ready(loads: &[Option<Load>]) -> WasmFilterStatus {
+        let mut all: Vec<WorkloadStatus> = (0..loads.len())
+            .map(|i| workload(&format!("p{i}"), Some("1.40.0"), Some(true)))
+            .collect();
+        let l = loaded(&mut all, loads, "n/f", "aaaa");
+        ready(
+            &wf(),
+            &artifact(),
+            "ECDS resource",
+            &[],
+            Workloads {
+                all,
+                compatible: compatibility(&[], 0),
+                loaded: Some(l),
+            },
+        )
+    }
+
+    #[test]
+    fn loaded_sums_up_what_each_proxy_said_and_ready_follows_it() {
+        let s = ecds_ready(&[Some(Load::Loaded), None]);
+        assert_eq!(
+            (
+                cond(&s, "Loaded").status.as_str(),
+                cond(&s, "Ready").status.as_str()
+            ),
+            ("True", "True")
+        );
+        assert_eq!(
+            cond(&s, "Loaded").message,
+            "1 of 1 connected proxies loaded module sha256:aaaa (1 selected pods have no connected proxy)"
+        );
+        assert_eq!(
+            (s.selected_workloads, s.loaded_workloads),
+            (Some(2), Some(1))
+        );
+        assert_eq!(s.workloads[0].loaded, Some(true));
+        assert_eq!(
+            s.workloads[1].loaded, None,
+            "not connected: absent, not false"
+        );
+
+        // Still waiting for an answer: Ready is not claimed.
+        let s = ecds_ready(&[Some(Load::Loaded), Some(Load::Pending)]);
+        assert_eq!(cond(&s, "Loaded").status, "Unknown");
+        assert_eq!(cond(&s, "Loaded").reason, "LoadPending");
+        assert_eq!(
+            (
+                cond(&s, "Ready").status.as_str(),
+                cond(&s, "Ready").reason.as_str()
+            ),
+            ("False", "LoadPending")
+        );
+        assert_eq!(s.workloads[1].loaded, None);
+
+        // Nobody connected: nothing to wait for, nothing claimed.
+        let s = ecds_ready(&[None, None]);
+        assert_eq!(
+            (
+                cond(&s, "Loaded").status.as_str(),
+                cond(&s, "Loaded").reason.as_str()
+            ),
+            ("Unknown", "NoProxyConnected")
+        );
+        assert_eq!(cond(&s, "Ready").status, "True");
+
+        // A NACK wins over a missing subscription, and fails Ready with Envoy's words.
+        let s = ecds_ready(&[
+            Some(Load::NotSubscribed),
+            Some(Load::Failed("Unable to create Wasm plugin n/f".into())),
+            Some(Load::Loaded),
+        ]);
+        let l = cond(&s, "Loaded");
+        assert_eq!(
+            (l.status.as_str(), l.reason.as_str()),
+            ("False", "LoadFailed")
+        );
+        assert!(
+            l.message
+                .starts_with("2 of 3 connected proxies did not load module sha256:aaaa"),
+            "{}",
+            l.message
+        );
+        assert!(
+            l.message.contains("p1: Unable to create Wasm plugin n/f"),
+            "{}",
+            l.message
+        );
+        assert_eq!(
+            (
+                cond(&s, "Ready").status.as_str(),
+                cond(&s, "Ready").reason.as_str()
+            ),
+            ("False", "LoadFailed")
+        );
+        assert_eq!(
+            s.workloads[1].load_error.as_deref(),
+            Some("Unable to create Wasm plugin n/f")
+        );
+
+        // Not sent because its Envoy would refuse it (Warn): said, but not a load failure.
+        let s = ecds_ready(&[
+            Some(Load::NotSent(
+                "Envoy 1.36.2 would refuse the module: x".into(),
+            )),
+            Some(Load::Loaded),
+        ]);
+        let l = cond(&s, "Loaded");
+        assert_eq!(l.status, "True");
+        assert!(
+            l.message
+                .ends_with("not sent to 1 whose Envoy would refuse it (p0)"),
+            "{}",
+            l.message
+        );
+        assert_eq!(s.workloads[0].loaded, Some(false));
+        assert_eq!(
+            s.workloads[0].load_error.as_deref(),
+            Some("not sent: Envoy 1.36.2 would refuse the module: x")
+        );
+    }
+
+    #[test]
+    fn a_failure_keeps_what_the_proxies_said() {
+        let mut w = wf();
+        w.status = Some(ecds_ready(&[Some(Load::Loaded)]));
+        let s = failed(
+            &w,
+            &Error::ManifestNotFound {
+                reference: "r/f:2".into(),
+            },
+        );
+        assert_eq!(cond(&s, "Loaded").status, "True");
+        assert_eq!(s.loaded_workloads, Some(1));
+    }
+
     #[test]
     fn ready_sets_every_condition_and_the_generation() {
         let s = plain_ready(&wf(), &artifact());

@@ -535,6 +535,9 @@ pub struct EcdsNode<'a> {
     pub xds_port: u16,
     /// PEM CA to verify the ECDS port's TLS certificate with (plain gRPC when `None`).
     pub tls_ca: Option<PathBuf>,
+    /// A `default_config` for every entry: this module inline, as a Wasm filter with root id
+    /// `add_header`.
+    pub default_module: Option<Vec<u8>>,
 }
 
 /// `wasmfilter ecds-entry ARGS` as JSON: the filter-chain entry a user pastes.
@@ -581,7 +584,18 @@ impl Envoy {
                 if node.delta {
                     args.push("--delta");
                 }
-                ecds_entry(&args)
+                let mut entry = ecds_entry(&args);
+                if let Some(m) = &node.default_module {
+                    use base64::Engine as _;
+                    entry["config_discovery"]["default_config"] = json!({
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": {"root_id": "add_header", "vm_config": {
+                            "runtime": "envoy.wasm.runtime.v8",
+                            "code": {"local": {"inline_bytes": base64::engine::general_purpose::STANDARD.encode(m)}},
+                        }},
+                    });
+                }
+                entry
             })
             .collect();
         chain.push(router);
