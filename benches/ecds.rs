@@ -295,7 +295,7 @@ async fn main() {
         Duration::from_secs(120),
         || async {
             let wf = api.get("bench").await.ok()?;
-            (wf.status?.selected_workloads? as usize >= STREAMS + 1).then_some(())
+            (wf.status?.selected_workloads? as usize > STREAMS).then_some(())
         },
     )
     .await;
