@@ -501,7 +501,7 @@ async fn changing_the_target_replaces_the_child() {
         "old WasmPlugin must be removed"
     );
 
-    // Ecds is part of the API but not built yet: said so, not ignored.
+    // Ecds on an operator started without --xds-listen: said so, with the fix, not ignored.
     apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "Ecds"));
     let wf = wait_for(
         "Ready=False at generation 3",
@@ -514,6 +514,14 @@ async fn changing_the_target_replaces_the_child() {
     )
     .await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "Unsupported");
+    assert!(
+        condition(&wf, "Ready")
+            .unwrap()
+            .message
+            .contains("start it with --xds-listen ADDR"),
+        "{:?}",
+        condition(&wf, "Ready")
+    );
     let _ = api.delete("f", &DeleteParams::default()).await;
 }
 

@@ -652,8 +652,8 @@ fn check_supported(wf: &WasmFilter, ctx: &Context) -> Result<(), Error> {
     if wf.spec.target == Target::Ecds && ctx.xds.is_none() {
         return Err(Error::Unsupported {
             field: "spec.target: Ecds",
-            detail: "this operator serves no ECDS: start it with --xds-listen ADDR (the Helm \
-                     value xds.enabled), or use WasmPlugin or EnvoyFilter"
+            detail: "this operator serves no ECDS: start it with --xds-listen ADDR, or use \
+                     WasmPlugin or EnvoyFilter"
                 .into(),
         });
     }

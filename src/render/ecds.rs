@@ -17,7 +17,7 @@ use envoy_types::pb::google::protobuf::{Any, StringValue};
 use prost::Message;
 use serde_json::{Value, json};
 
-use crate::api::{FailurePolicy, FilterType, WasmFilter, WasmFilterSpec};
+use crate::api::{FailurePolicy, FilterType, WasmFilterSpec};
 
 /// What every ECDS response carries.
 pub const TYPED_EXTENSION_CONFIG_URL: &str =
@@ -188,18 +188,6 @@ pub fn filter_entry(
             "type_urls": [wasm_type_url(filter_type)],
         },
     })
-}
-
-/// [`filter_entry`] for a WasmFilter object.
-pub fn filter_entry_for(wf: &WasmFilter, xds_cluster: &str, api: ApiType) -> Option<Value> {
-    let ns = wf.metadata.namespace.as_deref()?;
-    let name = wf.metadata.name.as_deref()?;
-    Some(filter_entry(
-        &resource_name(ns, name),
-        wf.spec.filter_type,
-        xds_cluster,
-        api,
-    ))
 }
 
 #[cfg(test)]

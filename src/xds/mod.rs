@@ -410,7 +410,7 @@ impl Xds {
                 tracing::warn!(node = %st.node.id, filter = name, version = v, error = %e, "Envoy refused the filter config (NACK)")
             }
             Report::Acked(v) => {
-                tracing::info!(node = %st.node.id, filter = name, version = v, "Envoy loaded the filter (ACK)")
+                tracing::debug!(node = %st.node.id, filter = name, version = v, "Envoy loaded the filter (ACK)")
             }
             _ => {}
         }

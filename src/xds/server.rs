@@ -25,6 +25,9 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Decision, NodeInfo, Report, Xds};
 use crate::render::ecds::TYPED_EXTENSION_CONFIG_URL;
 
+/// Unanswered responses remembered per stream.
+const MAX_PENDING: usize = 64;
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Serves ECDS on `listener` until the process ends.
@@ -102,6 +105,24 @@ impl Session {
         self.nonce.to_string()
     }
 
+    /// Keeps what a response changed until Envoy answers it; a client that never answers
+    /// cannot grow this past [`MAX_PENDING`] (the oldest go first).
+    fn remember(&mut self, nonce: String, changed: Vec<(String, Option<String>)>) {
+        self.pending.insert(nonce, changed);
+        while self.pending.len() > MAX_PENDING {
+            let oldest = self
+                .pending
+                .keys()
+                .filter_map(|k| k.parse::<u64>().ok())
+                .min()
+                .map(|k| k.to_string());
+            match oldest {
+                Some(k) => self.pending.remove(&k),
+                None => break,
+            };
+        }
+    }
+
     /// Records Envoy's answer to the response `nonce`.
     fn answer(&mut self, xds: &Xds, nonce: &str, error: Option<String>) {
         let Some(id) = self.id else { return };
@@ -169,7 +190,7 @@ impl Session {
                 xds.report(id, name, Report::Sent(v.clone()));
             }
         }
-        self.pending.insert(nonce.clone(), changed);
+        self.remember(nonce.clone(), changed);
         let digest = ring::digest::digest(&ring::digest::SHA256, versions.join(",").as_bytes());
         Some(DiscoveryResponse {
             version_info: hex::encode(&digest.as_ref()[..8]),
@@ -209,8 +230,7 @@ impl Session {
             if let (Some(id), Some(v)) = (self.id, &version) {
                 xds.report(id, &name, Report::Sent(v.clone()));
             }
-            self.pending
-                .insert(nonce.clone(), vec![(name.clone(), version.clone())]);
+            self.remember(nonce.clone(), vec![(name.clone(), version.clone())]);
             out.push(match (resource, version) {
                 (Some(resource), Some(version)) => DeltaDiscoveryResponse {
                     system_version_info: version.clone(),
