@@ -182,6 +182,7 @@ async fn main() {
             xds_port: xds,
             tls_ca: None,
             default_module: None,
+            network_filter: None,
         },
     );
     envoy

@@ -83,6 +83,7 @@ fn node<'a>(
         xds_port,
         tls_ca: None,
         default_module: None,
+        network_filter: None,
     }
 }
 
@@ -559,6 +560,46 @@ async fn the_ecds_port_can_serve_tls() {
             .await
             .is_none_or(|(_, h)| h.get("x-wasmfilter").is_none())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_filters_are_served_too() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("ecds-l4");
+    let n = &ns.name;
+    apply_ok(&envoy_pod_yaml(n, "l4", "web", "v1.40.0"));
+    let (_op, xds) = operator(n).await;
+    let image = format!("{}/ecds/{n}:v1", env.registry);
+    push_module(&image, wasm(&variant("on", &format!("l4-{n}")))).await;
+    apply_ok(
+        &filter_yaml(n, "tcp", &image, "hello", "Block")
+            .replace("target: Ecds\n", "target: Ecds\n  type: NETWORK\n"),
+    );
+    let name = format!("{n}/tcp");
+    let e = Envoy::start_ecds(
+        NEW,
+        &EcdsNode {
+            network_filter: Some(&name),
+            ..node(n, "l4", &[], true, xds)
+        },
+    );
+    let wf = wait_status(&client, n, "tcp", "the network filter loaded", |wf| {
+        cond_is(wf, "Loaded", "True", "Loaded")
+    })
+    .await;
+    assert_eq!(workload(&wf, "l4").unwrap().loaded, Some(true));
+    let loaded = format!("extension_config_discovery.network_filter.{name}.config_reload");
+    assert_eq!(
+        e.stat(&loaded).await,
+        1,
+        "Envoy counted it as a network filter"
+    );
+    // Traffic flows through the TCP listener whose chain holds it.
+    let r = reqwest::get(format!("http://127.0.0.1:{}/", e.tcp_port.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test]

@@ -430,6 +430,8 @@ pub struct Envoy {
     child: Child,
     pub listen_port: u16,
     pub admin_port: u16,
+    /// The TCP listener of [`EcdsNode::network_filter`], when there is one.
+    pub tcp_port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -469,6 +471,7 @@ impl Envoy {
             child,
             listen_port,
             admin_port,
+            tcp_port: None,
             dir,
         }
     }
@@ -538,6 +541,9 @@ pub struct EcdsNode<'a> {
     /// A `default_config` for every entry: this module inline, as a Wasm filter with root id
     /// `add_header`.
     pub default_module: Option<Vec<u8>>,
+    /// An ECDS name for a network filter: a second listener (on `Envoy::tcp_port`) whose network
+    /// chain is that filter then a TCP proxy to the HTTP listener.
+    pub network_filter: Option<&'a str>,
 }
 
 /// `wasmfilter ecds-entry ARGS` as JSON: the filter-chain entry a user pastes.
@@ -619,6 +625,30 @@ impl Envoy {
                 },
             });
         }
+        let tcp_port = node.network_filter.map(|name| {
+            let port = free_port();
+            let mut entry = ecds_entry(&[name, "--type", "NETWORK", "--delta"]);
+            entry["config_discovery"]["config_source"]["api_config_source"]["api_type"] =
+                json!(if node.delta { "DELTA_GRPC" } else { "GRPC" });
+            let listeners = b["static_resources"]["listeners"].as_array_mut().unwrap();
+            listeners.push(json!({
+                "name": "tcp",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [entry, {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "tcp", "cluster": "http_listener"},
+                }]}],
+            }));
+            let clusters = b["static_resources"]["clusters"].as_array_mut().unwrap();
+            clusters.push(json!({
+                "name": "http_listener", "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": "http_listener", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}}}}]}]},
+            }));
+            port
+        });
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("envoy.json");
         std::fs::write(&config, serde_json::to_vec(&b).unwrap()).unwrap();
@@ -638,6 +668,7 @@ impl Envoy {
             child,
             listen_port,
             admin_port,
+            tcp_port,
             dir,
         }
     }
