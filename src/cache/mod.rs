@@ -201,18 +201,16 @@ impl ModuleCache {
         }
     }
 
-    /// Marks a module as just used, so eviction takes least recently used modules first.
+    /// Marks a module as just used (served, or reused by a reconcile), so eviction takes least
+    /// recently used modules first.
     pub fn touch(&self, sha256: &str) {
         if !is_sha256_hex(sha256) {
             return;
         }
-        if let Ok(f) = std::fs::File::options()
-            .append(true)
-            .open(self.path(sha256))
-        {
-            let now = SystemTime::now();
-            let _ = f.set_times(std::fs::FileTimes::new().set_accessed(now));
-        }
+        self.used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sha256.to_string(), SystemTime::now());
     }
 
     fn entries(&self) -> std::io::Result<Vec<Entry>> {
@@ -379,6 +377,29 @@ mod tests {
         // Under the limit: nothing more goes, even with nothing referenced.
         let r = cache.evict(1000, &HashSet::new(), Duration::ZERO).unwrap();
         assert!(r.removed.is_empty());
+    }
+
+    #[test]
+    fn a_module_used_lately_outlives_one_written_later_but_never_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModuleCache::open(dir.path()).unwrap();
+        let written = |sha: &str, t: SystemTime| {
+            let f = std::fs::File::options()
+                .append(true)
+                .open(cache.path(sha))
+                .unwrap();
+            f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+                .unwrap();
+        };
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let used = cache.insert(&[5u8; 100]).unwrap();
+        let unused = cache.insert(&[6u8; 100]).unwrap();
+        written(&used, hour_ago);
+        written(&unused, hour_ago + Duration::from_secs(60));
+        cache.touch(&used);
+        let r = cache.evict(100, &HashSet::new(), Duration::ZERO).unwrap();
+        assert_eq!(r.removed, vec![(unused, 100)]);
+        assert!(cache.contains(&used));
     }
 
     #[test]
