@@ -62,12 +62,17 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     let env = env();
     let client = client().await;
     let ns = TestNamespace::new("tagmove");
-    let _op = Operator::start(&ns.name, &["--resync-seconds", "1"]).await;
+    let op = Operator::start(&ns.name, &["--resync-seconds", "1"]).await;
     let image = format!("{}/tagmove/{}:stable", env.registry, ns.name);
     let first = module("tagmove-first");
     let first_digest = push_module(&image, first.clone()).await;
     apply_ok(&filter_yaml(&ns.name, "f", &image, "Always"));
     wait_module(&client, &ns.name, "f", &sha256_hex(&first)).await;
+    // No --cache-max-bytes: the cache's size is reported all the same.
+    wait_for("the cache size metric", Duration::from_secs(10), || async {
+        (metric(&op, "wasmfilter_cache_bytes").await == first.len() as f64).then_some(())
+    })
+    .await;
     let children = child_api(&client, &ns.name, "WasmPlugin");
 
     // The tag moves to something that is not a module: refused, the child keeps the first.

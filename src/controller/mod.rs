@@ -205,6 +205,11 @@ impl Context {
     /// Trims the cache to its bound, keeping every module in use.
     pub fn evict(&self) {
         let Some(max) = self.settings.cache_max_bytes else {
+            // Unbounded: nothing to evict, but the size is still reported.
+            match self.cache.total_bytes() {
+                Ok(bytes) => self.metrics.evicted(0, bytes),
+                Err(e) => tracing::warn!(error = %e, "could not size the module cache"),
+            }
             return;
         };
         // Without the full list of filters we cannot know what is in use: evict nothing.
