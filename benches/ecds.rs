@@ -7,7 +7,10 @@
 //! 2. the operator's resident memory (now and peak);
 //! 3. one change pushed to 500 connected ECDS streams (a bounded load generator on loopback:
 //!    50 connections × 10 streams, each naming its own selected pod and ACKing what it gets):
-//!    time until every stream holds the new config, beside the same change to one stream.
+//!    time until every stream holds the new config, beside the same change to one stream;
+//! 4. a 20 MiB module (inline in every response) sent to 50 streams connecting at once: time
+//!    until all hold it and the operator's peak memory, with the default send budget
+//!    (`--xds-send-budget-bytes`, 256 MiB) and with a budget too large to ever bind.
 //!
 //! Run with `e2e/bench.sh ecds`.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
@@ -38,6 +41,8 @@ const UPDATES: usize = 50;
 const STREAMS: usize = 500;
 const CONNECTIONS: usize = 50;
 const ROUNDS: usize = 5;
+const BIG_STREAMS: usize = 50;
+const BIG_MODULE: usize = 20 << 20;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -379,4 +384,103 @@ async fn main() {
         STREAMS + 1
     );
     stop.cancel();
+
+    drop(op);
+    drop(envoy);
+
+    println!(
+        "ECDS: a {} MiB module to {BIG_STREAMS} streams connecting at once",
+        BIG_MODULE >> 20
+    );
+    for (label, budget) in [
+        ("default send budget (256 MiB)", None),
+        ("no budget (64 GiB)", Some("68719476736")),
+    ] {
+        let (all, rss_before, peak) = big_push(budget).await;
+        println!(
+            "  {label:<30} all hold it in {}  operator RSS before {} MiB, peak {} MiB",
+            ms(all),
+            rss_before / 1024,
+            peak / 1024
+        );
+    }
+}
+
+/// Part 4: a fresh operator (so its peak memory is this push's), one big module selected by
+/// `BIG_STREAMS` pods, then as many streams connecting at once. Returns the time until every
+/// stream holds the module, the operator's RSS before they connect, and its peak.
+async fn big_push(budget: Option<&str>) -> (Duration, u64, u64) {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("bench-big");
+    let n = ns.name.clone();
+    let xds = free_port();
+    let listen = format!("127.0.0.1:{xds}");
+    let mut args = vec!["--xds-listen", listen.as_str()];
+    if let Some(b) = budget {
+        args.extend(["--xds-send-budget-bytes", b]);
+    }
+    let op = Operator::start(&n, &args).await;
+    let image = format!("{}/bench/ecds-big:{n}", env.registry);
+    push_module(&image, module_of_size(BIG_MODULE)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &n);
+    for i in 0..BIG_STREAMS {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("big-{i}"), "labels": {"app": "big"}},
+            "spec": {"containers": [{"name": "envoy", "image": "docker.io/envoyproxy/envoy:v1.40.0"}]},
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+    }
+    apply_ok(&format!(
+        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: big, namespace: {n}}}\n\
+         spec:\n  module: {{image: \"{image}\"}}\n  selector: {{matchLabels: {{app: big}}}}\n  \
+         target: Ecds\n  rootId: add_header\n  config: {{greeting: big}}\n"
+    ));
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &n);
+    wait_for(
+        "the big module cached and every pod selected",
+        Duration::from_secs(120),
+        || async {
+            let wf = api.get("big").await.ok()?;
+            let st = wf.status?;
+            (st.selected_workloads? as usize == BIG_STREAMS && st.artifact.is_some()).then_some(())
+        },
+    )
+    .await;
+    // Let the controller settle (status writes) before the streams connect.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss_before, _) = rss_kib(op.pid());
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{xds}")).unwrap();
+    let channel = endpoint.connect().await.unwrap();
+    let start = Instant::now();
+    for i in 0..BIG_STREAMS {
+        tokio::spawn(fake_envoy(
+            channel.clone(),
+            n.clone(),
+            format!("big-{i}"),
+            format!("{n}/big"),
+            seen_tx.clone(),
+            i,
+            stop.clone(),
+        ));
+    }
+    let mut have = [false; BIG_STREAMS];
+    let deadline = start + Duration::from_secs(300);
+    while have.iter().any(|h| !h) {
+        let (i, g, _) = tokio::time::timeout_at(deadline.into(), seen_rx.recv())
+            .await
+            .expect("every stream gets the big module within 300 s")
+            .unwrap();
+        if g == "big" {
+            have[i] = true;
+        }
+    }
+    let all = start.elapsed();
+    let (_, peak) = rss_kib(op.pid());
+    stop.cancel();
+    (all, rss_before, peak)
 }

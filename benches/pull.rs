@@ -6,7 +6,10 @@
 //! operator's in-process resolve with the module already in its cache: `Always` (the tag is
 //! resolved against the registry, the module comes from the cache) and `IfNotPresent` (the
 //! module is only re-verified, no registry round trip).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,34 +17,12 @@ use std::time::{Duration, Instant};
 use oci_client::Reference;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
+use support::module_of_size;
 use wasmfilter::cache::ModuleCache;
 use wasmfilter::oci::{Credentials, Format, RegistryConfig, Resolver};
 
 const RUNS: usize = 7;
 const WARM_RUNS: usize = 200;
-
-/// The add-header fixture padded with a custom section to `size` bytes: a valid module.
-fn module_of_size(size: usize) -> Vec<u8> {
-    let src = include_str!("../tests/fixtures/modules/add_header.wat");
-    let mut m = wat::parse_str(src).unwrap();
-    let name = b"padding";
-    let header = 1 + 5 + 1 + name.len();
-    let payload = size.saturating_sub(m.len() + header);
-    let body_len = 1 + name.len() + payload;
-    m.push(0); // custom section id
-    let mut n = body_len as u32;
-    for i in 0..5 {
-        // fixed-width LEB128, so the header size is known up front
-        let byte = (n & 0x7f) as u8;
-        n >>= 7;
-        m.push(if i < 4 { byte | 0x80 } else { byte });
-    }
-    m.push(name.len() as u8);
-    m.extend_from_slice(name);
-    m.resize(m.len() + payload, 0xa5);
-    wasmparser::Validator::new().validate_all(&m).unwrap();
-    m
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -292,6 +292,10 @@ pub struct OperatorArgs {
     /// PEM private key for TLS on the ECDS port.
     #[arg(long, value_name = "FILE", requires = "xds_tls_cert")]
     pub xds_tls_key: Option<PathBuf>,
+    /// Bytes of ECDS responses (which carry modules inline) that may exist at once across all
+    /// connected Envoys; pushes beyond it wait their turn.
+    #[arg(long, value_name = "BYTES", default_value_t = xds::server::DEFAULT_SEND_BUDGET)]
+    pub xds_send_budget_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -461,7 +465,10 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             let serving = xds.clone();
             let client = client.clone();
             tokio::spawn(async move {
-                if let Err(e) = xds::server::serve(listener, serving, Some(client), tls).await {
+                let budget = args.xds_send_budget_bytes;
+                if let Err(e) =
+                    xds::server::serve(listener, serving, Some(client), tls, budget).await
+                {
                     tracing::error!(error = %e, "the ECDS server stopped");
                 }
             });

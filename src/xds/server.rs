@@ -18,8 +18,8 @@ use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_s
 use futures::Stream;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use prost::Message;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Decision, NodeInfo, Report, Xds};
@@ -30,16 +30,28 @@ const MAX_PENDING: usize = 64;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Serves ECDS on `listener` until the process ends.
+/// Bytes of responses that may exist at once across all streams, by default: modules travel
+/// inline, and without a bound one large module pushed to many Envoys at once would hold a copy
+/// per stream.
+pub const DEFAULT_SEND_BUDGET: u64 = 256 << 20;
+
+/// Serves ECDS on `listener` until the process ends. `send_budget` bounds the bytes of
+/// responses in flight across all streams (a single response larger than it still goes, alone).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     xds: Arc<Xds>,
     client: Option<kube::Client>,
     tls: Option<(Vec<u8>, Vec<u8>)>,
+    send_budget: u64,
 ) -> Result<(), tonic::transport::Error> {
-    let service = ExtensionConfigDiscoveryServiceServer::new(Service { xds, client })
-        // Modules travel inline; requests from Envoy are small.
-        .max_encoding_message_size(usize::MAX);
+    let budget = Budget::new(send_budget);
+    let service = ExtensionConfigDiscoveryServiceServer::new(Service {
+        xds,
+        client,
+        budget,
+    })
+    // Modules travel inline; requests from Envoy are small.
+    .max_encoding_message_size(usize::MAX);
     let mut builder = tonic::transport::Server::builder();
     if let Some((cert, key)) = tls {
         builder = builder.tls_config(
@@ -56,6 +68,63 @@ pub async fn serve(
 struct Service {
     xds: Arc<Xds>,
     client: Option<kube::Client>,
+    budget: Budget,
+}
+
+/// The shared bound on response bytes in flight, counted in KiB.
+#[derive(Clone)]
+struct Budget {
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+impl Budget {
+    fn new(bytes: u64) -> Self {
+        let total_kib = u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX >> 4);
+        Budget {
+            permits: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Waits for room for a response of `len` bytes.
+    async fn reserve(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let kib = u32::try_from(len / 1024 + 1)
+            .unwrap_or(u32::MAX)
+            .min(self.total_kib);
+        self.permits.clone().acquire_many_owned(kib).await.ok()
+    }
+}
+
+/// Sends `item` on a stream's channel: first a slot (the previous response was taken by the
+/// transport), then room in the budget, so a client that stops reading holds budget for at
+/// most the one response waiting for it.
+async fn send<T: Message>(
+    tx: &mpsc::Sender<Outgoing<T>>,
+    budget: &Budget,
+    item: T,
+) -> Result<(), ()> {
+    let slot = tx.reserve().await.map_err(|_| ())?;
+    let permit = budget.reserve(item.encoded_len()).await;
+    slot.send((Ok(item), permit));
+    Ok(())
+}
+
+type Outgoing<T> = (Result<T, Status>, Option<OwnedSemaphorePermit>);
+
+/// The response stream: each response's budget is given back when the transport asks for the
+/// next one: by then it has encoded the previous one and handed it to HTTP/2, which asks for
+/// more only as the connection's flow-control window lets it send.
+fn outgoing<T: Send + 'static>(rx: mpsc::Receiver<Outgoing<T>>) -> ResponseStream<T> {
+    let held: Option<OwnedSemaphorePermit> = None;
+    Box::pin(futures::stream::unfold(
+        (rx, held),
+        |(mut rx, held)| async move {
+            drop(held);
+            let (item, permit) = rx.recv().await?;
+            Some((item, (rx, permit)))
+        },
+    ))
 }
 
 impl Service {
@@ -287,10 +356,11 @@ impl ExtensionConfigDiscoveryService for Service {
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
         let peer: Option<SocketAddr> = request.remote_addr();
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(1);
         let service = Service {
             xds: self.xds.clone(),
             client: self.client.clone(),
+            budget: self.budget.clone(),
         };
         tokio::spawn(async move {
             let xds = service.xds.clone();
@@ -301,7 +371,7 @@ impl ExtensionConfigDiscoveryService for Service {
                     msg = inbound.message() => match msg {
                         Ok(Some(req)) => {
                             if let Err(e) = check_type(&req.type_url) {
-                                let _ = tx.send(Err(e)).await;
+                                let _ = tx.send((Err(e), None)).await;
                                 break;
                             }
                             service.node(&mut session, req.node.as_ref());
@@ -318,7 +388,7 @@ impl ExtensionConfigDiscoveryService for Service {
                     changed = changes.changed() => if changed.is_err() { break },
                 }
                 if let Some(resp) = session.sotw_response(&xds)
-                    && tx.send(Ok(resp)).await.is_err()
+                    && send(&tx, &service.budget, resp).await.is_err()
                 {
                     break;
                 }
@@ -328,7 +398,7 @@ impl ExtensionConfigDiscoveryService for Service {
             }
             tracing::info!(node = ?session.node.map(|n| n.id), ?peer, "ECDS stream closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(outgoing(rx)))
     }
 
     async fn delta_extension_configs(
@@ -337,10 +407,11 @@ impl ExtensionConfigDiscoveryService for Service {
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
         let peer: Option<SocketAddr> = request.remote_addr();
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(1);
         let service = Service {
             xds: self.xds.clone(),
             client: self.client.clone(),
+            budget: self.budget.clone(),
         };
         tokio::spawn(async move {
             let xds = service.xds.clone();
@@ -351,7 +422,7 @@ impl ExtensionConfigDiscoveryService for Service {
                     msg = inbound.message() => match msg {
                         Ok(Some(req)) => {
                             if let Err(e) = check_type(&req.type_url) {
-                                let _ = tx.send(Err(e)).await;
+                                let _ = tx.send((Err(e), None)).await;
                                 break;
                             }
                             let first = session.id.is_none();
@@ -386,7 +457,7 @@ impl ExtensionConfigDiscoveryService for Service {
                     changed = changes.changed() => if changed.is_err() { break },
                 }
                 for resp in session.delta_responses(&xds) {
-                    if tx.send(Ok(resp)).await.is_err() {
+                    if send(&tx, &service.budget, resp).await.is_err() {
                         break 'stream;
                     }
                 }
@@ -396,7 +467,7 @@ impl ExtensionConfigDiscoveryService for Service {
             }
             tracing::info!(node = ?session.node.map(|n| n.id), ?peer, "ECDS delta stream closed");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(outgoing(rx)))
     }
 
     async fn fetch_extension_configs(
@@ -406,5 +477,93 @@ impl ExtensionConfigDiscoveryService for Service {
         Err(Status::unimplemented(
             "REST-style fetch is not served; use api_type GRPC or DELTA_GRPC",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::*;
+
+    fn response(bytes: usize) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: "x".repeat(bytes),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_push_waits_while_the_budget_is_held_by_responses_not_yet_taken() {
+        let budget = Budget::new(100 << 10);
+        let (tx_a, rx_a) = mpsc::channel(1);
+        let (tx_b, rx_b) = mpsc::channel(1);
+        let mut stream_a = outgoing(rx_a);
+        let mut stream_b = outgoing(rx_b);
+
+        send(&tx_a, &budget, response(60 << 10)).await.unwrap();
+        // 60 KiB of 100 are held by stream A's response until its transport takes the next one.
+        let second = tokio::spawn({
+            let budget = budget.clone();
+            async move { send(&tx_b, &budget, response(60 << 10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the second push must wait for room");
+
+        // A's transport takes its response: the budget is still held while it is written...
+        let first = stream_a.next().await.unwrap().unwrap();
+        assert_eq!(first.version_info.len(), 60 << 10);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished());
+        // ...and given back when the transport asks for A's next response.
+        drop(tx_a);
+        assert!(stream_a.next().await.is_none());
+        tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second push goes once A's response was written")
+            .unwrap()
+            .unwrap();
+        let got = stream_b.next().await.unwrap().unwrap();
+        assert_eq!(got.version_info.len(), 60 << 10);
+    }
+
+    #[tokio::test]
+    async fn a_response_larger_than_the_whole_budget_still_goes_alone() {
+        let budget = Budget::new(16 << 10);
+        let (tx, rx) = mpsc::channel(1);
+        let mut stream = outgoing(rx);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            send(&tx, &budget, response(1 << 20)),
+        )
+        .await
+        .expect("an oversized response is not stuck")
+        .unwrap();
+        assert_eq!(
+            stream.next().await.unwrap().unwrap().version_info.len(),
+            1 << 20
+        );
+        // Once written, the whole budget is free again.
+        drop(tx);
+        assert!(stream.next().await.is_none());
+        assert_eq!(budget.permits.available_permits(), 16);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_at_most_one_response_of_budget() {
+        let budget = Budget::new(100 << 10);
+        let (tx, _stalled) = mpsc::channel(1);
+        send(&tx, &budget, response(30 << 10)).await.unwrap();
+        // The next push to the stalled stream waits for a slot before it takes any budget.
+        let blocked = tokio::spawn({
+            let budget = budget.clone();
+            async move { send(&tx, &budget, response(30 << 10)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!blocked.is_finished());
+        assert_eq!(budget.permits.available_permits(), 100 - 31);
+        blocked.abort();
     }
 }

@@ -272,6 +272,29 @@ pub fn module(marker: &str) -> Vec<u8> {
     wat::parse_str(unique).unwrap()
 }
 
+/// The add-header fixture padded with a custom section to `size` bytes: a valid module.
+pub fn module_of_size(size: usize) -> Vec<u8> {
+    let src = include_str!("../fixtures/modules/add_header.wat");
+    let mut m = wat::parse_str(src).unwrap();
+    let name = b"padding";
+    let header = 1 + 5 + 1 + name.len();
+    let payload = size.saturating_sub(m.len() + header);
+    let body_len = 1 + name.len() + payload;
+    m.push(0); // custom section id
+    let mut n = body_len as u32;
+    for i in 0..5 {
+        // fixed-width LEB128, so the header size is known up front
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        m.push(if i < 4 { byte | 0x80 } else { byte });
+    }
+    m.push(name.len() as u8);
+    m.extend_from_slice(name);
+    m.resize(m.len() + payload, 0xa5);
+    wasmparser::Validator::new().validate_all(&m).unwrap();
+    m
+}
+
 pub fn registry_client() -> Client {
     Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
