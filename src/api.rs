@@ -12,8 +12,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An OCI reference: optional `oci://`, optional registry host[:port], a repository path, then a
-/// tag and/or a `@sha256:` digest. The same grammar as the distribution reference, written for RE2.
-pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:[0-9]+)?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
+/// tag and/or a `@sha256:` digest. The same grammar as the distribution reference, written for RE2,
+/// except that a port must be 1 to 65535.
+pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
 
 /// Desired state: which module to deploy, to which workloads, and how.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -47,6 +48,8 @@ pub struct WasmFilterSpec {
     /// The plugin's root id, handed to the module as `root_id` (Istio calls it `pluginName`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = kube::core::Rule::new(r"!self.matches('[\\x00-\\x1f\\x7f]')")
+        .message("must not contain control characters"))]
     pub root_id: Option<String>,
     /// Configuration handed to the plugin, as JSON. Any object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -56,8 +59,9 @@ pub struct WasmFilterSpec {
     /// (just before the router).
     #[serde(default)]
     pub phase: Phase,
-    /// Order among plugins in the same phase; higher runs first.
+    /// Order among plugins in the same phase; higher runs first. A 32-bit integer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = i32::MIN, max = i32::MAX))]
     pub priority: Option<i32>,
     /// What the proxy does when the plugin fails: `FailClosed` (default: reject traffic),
     /// `FailOpen` (skip the plugin), `FailReload` (restart the VM and retry).
@@ -90,6 +94,7 @@ pub struct ModuleSource {
     /// for the registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = secret_name_rule())]
     pub pull_secret: Option<String>,
     /// `IfNotPresent` (default) pins the digest the tag resolved to first; `Always` re-resolves
     /// the tag on every resync and rolls out a moved tag once the new module passes every check.
@@ -110,8 +115,13 @@ pub struct ModuleSource {
 #[x_kube(validation = kube::core::Rule::new("size(self.matchLabels) > 0")
     .message("selector.matchLabels must name at least one label; an empty selector would match every workload"))]
 pub struct WorkloadSelector {
-    /// Pods whose labels include all of these get the filter.
-    #[schemars(extend("maxProperties" = 64))]
+    /// Pods whose labels include all of these get the filter. Keys and values follow
+    /// Kubernetes label syntax.
+    #[schemars(extend(
+        "maxProperties" = 64,
+        "additionalProperties" = {"type": "string", "maxLength": 63}
+    ))]
+    #[x_kube(validation = label_keys_rule(), validation = label_values_rule())]
     pub match_labels: BTreeMap<String, String>,
 }
 
@@ -124,7 +134,11 @@ pub struct TrafficSelector {
     pub mode: TrafficMode,
     /// Ports the plugin applies to; empty means every port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(range(min = 1, max = 65535)))]
+    #[schemars(
+        length(max = 64),
+        inner(range(min = 1, max = 65535)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub ports: Vec<i32>,
 }
 
@@ -282,12 +296,52 @@ pub struct ArtifactStatus {
     pub previous_manifest_digest: Option<String>,
 }
 
+/// A DNS subdomain (RFC 1123), the syntax of most object names, Secrets' among them.
+const DNS_SUBDOMAIN_RE: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// A label key: an optional DNS subdomain prefix (at most 253 characters) and `/`, then a name
+/// of at most 63 characters.
+pub const LABEL_KEY_RE: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+
+/// A label value: empty, or at most 63 characters.
+pub const LABEL_VALUE_RE: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+
+/// A regex as a CEL single-quoted string literal's content.
+fn cel_literal(re: &str) -> String {
+    re.replace('\\', "\\\\")
+}
+
+fn secret_name_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!("self.matches('{}')", cel_literal(DNS_SUBDOMAIN_RE))).message(
+        "must be a Secret name: lowercase letters, digits, '-' and '.', starting and ending \
+         with a letter or digit",
+    )
+}
+
+fn label_keys_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!(
+        "self.all(k, k.indexOf('/') <= 253 && k.matches('{}'))",
+        cel_literal(LABEL_KEY_RE)
+    ))
+    .message(
+        "keys must be label keys: an optional DNS subdomain prefix and '/', then at most 63 \
+         characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit",
+    )
+}
+
+fn label_values_rule() -> kube::core::Rule {
+    kube::core::Rule::new(format!("self.all(k, self[k].matches('{LABEL_VALUE_RE}'))")).message(
+        "values must be label values: empty, or at most 63 characters of letters, digits, '-', \
+         '_' and '.', starting and ending with a letter or digit",
+    )
+}
+
 /// CEL for `spec.module.image`, built from [`IMAGE_REFERENCE_RE`] so the schema and the
 /// operator's own parsing agree on one grammar.
 fn image_rule() -> kube::core::Rule {
     kube::core::Rule::new(format!(
         "self.matches('{}')",
-        IMAGE_REFERENCE_RE.replace('\\', "\\\\")
+        cel_literal(IMAGE_REFERENCE_RE)
     ))
     .message(
         "must be an OCI reference such as registry.example.com/filters/add-header:1.2.0 \

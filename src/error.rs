@@ -79,6 +79,9 @@ pub enum Error {
         actual: String,
     },
 
+    #[error("manifest of {reference} is invalid: {message}")]
+    InvalidManifest { reference: String, message: String },
+
     #[error("{reference} holds no Wasm module: {found}")]
     NotAWasmArtifact { reference: String, found: String },
 
@@ -174,6 +177,7 @@ impl Error {
             Error::PullSecret { missing: true, .. } => "PullSecretNotFound",
             Error::PullSecret { .. } => "InvalidPullSecret",
             Error::ManifestDigestMismatch { .. } => "ManifestDigestMismatch",
+            Error::InvalidManifest { .. } => "InvalidManifest",
             Error::NotAWasmArtifact { .. } => "NotAWasmArtifact",
             Error::ModuleTooLarge { .. } => "ModuleTooLarge",
             Error::ExtractModule { source, .. } => match source {
@@ -247,6 +251,7 @@ impl Error {
             Error::InvalidReference { .. }
             | Error::ManifestNotFound { .. }
             | Error::RegistryDenied { .. }
+            | Error::InvalidManifest { .. }
             | Error::NotAWasmArtifact { .. }
             | Error::ExtractModule { .. }
             | Error::ModuleTooLarge { .. }

@@ -242,6 +242,32 @@ async fn bad_modules_are_reported_and_never_deployed() {
     .await;
     let good = module("pinned");
     push_module(&format!("{repo}/pinned:v1"), good).await;
+    // A manifest whose module layer claims a negative size (the registry stores it as sent).
+    push_module(&format!("{repo}/negative:v1"), module("negative")).await;
+    let manifests = format!(
+        "http://{repo}/negative/manifests",
+        repo = repo.replacen('/', "/v2/", 1)
+    );
+    let media = "application/vnd.oci.image.manifest.v1+json";
+    let http = reqwest::Client::new();
+    let mut manifest: serde_json::Value = http
+        .get(format!("{manifests}/v1"))
+        .header("Accept", media)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    manifest["layers"][0]["size"] = (-1).into();
+    let put = http
+        .put(format!("{manifests}/v2"))
+        .header("Content-Type", media)
+        .body(manifest.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
     let down = format!("127.0.0.1:{}/filters/x:v1", free_port());
 
     let cases = [
@@ -268,6 +294,12 @@ async fn bad_modules_are_reported_and_never_deployed() {
             format!("{repo}/image:v1"),
             "NotAWasmArtifact",
             "application/vnd.oci.image.layer.v1.tar",
+        ),
+        (
+            "negative-size",
+            format!("{repo}/negative:v2"),
+            "InvalidManifest",
+            "negative size (-1)",
         ),
         (
             "corrupt",

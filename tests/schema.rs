@@ -24,7 +24,9 @@ fn api_server_refuses_malformed_specs_with_a_clear_message() {
     let ok = dry_run(&filter(&ns.name, VALID));
     assert!(ok.status.success(), "valid spec refused: {}", stderr(&ok));
     let digest_ref = format!(
-        "  module: {{image: \"oci://127.0.0.1:5000/f/a@sha256:{}\", sha256: \"{}\"}}\n  selector: {{matchLabels: {{app: web}}}}\n  match: [{{mode: SERVER, ports: [1, 65535]}}]\n",
+        "  module: {{image: \"oci://127.0.0.1:65535/f/a@sha256:{}\", sha256: \"{}\", pullSecret: regcred.v1}}\n  \
+         selector: {{matchLabels: {{app.kubernetes.io/name: web, tier: \"\", x_Y.z-1: A.b_c-D}}}}\n  \
+         match: [{{mode: SERVER, ports: [1, 65535]}}]\n  priority: -2147483648\n  rootId: \"my root é\"\n",
         "0".repeat(64),
         "a".repeat(64)
     );
@@ -84,6 +86,51 @@ fn api_server_refuses_malformed_specs_with_a_clear_message() {
             "port 65536",
             format!("{VALID}  match: [{{mode: SERVER, ports: [65536]}}]\n"),
             "should be less than or equal to 65535",
+        ),
+        (
+            "image port above 65535",
+            VALID.replace("registry.example.com/", "registry.example.com:99999/"),
+            "must be an OCI reference",
+        ),
+        (
+            "priority outside int32",
+            format!("{VALID}  priority: 3000000000\n"),
+            "spec.priority: Invalid value: 3000000000: spec.priority in body should be less than or equal to 2147483647",
+        ),
+        (
+            "selector value that is not a label value (a selector injection)",
+            VALID.replace("{app: web}", "{app: \"web,tier=x\"}"),
+            "spec.selector.matchLabels: Invalid value: values must be label values",
+        ),
+        (
+            "selector value longer than 63 characters",
+            VALID.replace("{app: web}", &format!("{{app: {}}}", "a".repeat(64))),
+            "spec.selector.matchLabels.app: Too long",
+        ),
+        (
+            "selector key that is not a label key",
+            VALID.replace("{app: web}", "{\"app in (a)\": web}"),
+            "spec.selector.matchLabels: Invalid value: keys must be label keys",
+        ),
+        (
+            "selector key with an empty name",
+            VALID.replace("{app: web}", "{\"example.com/\": web}"),
+            "keys must be label keys",
+        ),
+        (
+            "pullSecret that is not a Secret name",
+            VALID.replace("1.2.0\"}", "1.2.0\", pullSecret: \"Reg Cred\"}"),
+            "spec.module.pullSecret: Invalid value: \"Reg Cred\": must be a Secret name",
+        ),
+        (
+            "rootId with a control character",
+            format!("{VALID}  rootId: \"add\\nheader\"\n"),
+            r#"spec.rootId: Invalid value: "add\nheader": must not contain control characters"#,
+        ),
+        (
+            "duplicate ports",
+            format!("{VALID}  match: [{{mode: SERVER, ports: [80, 443, 80]}}]\n"),
+            "spec.match[0].ports[2]: Duplicate value: 80",
         ),
         (
             "empty selector",

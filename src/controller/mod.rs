@@ -13,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -150,27 +151,25 @@ impl Context {
         module_sha256: &str,
     ) -> Result<(Vec<WorkloadStatus>, status::Cond), Error> {
         let info = self.module_info(module_sha256).await?;
-        let selector = wf
-            .spec
-            .selector
-            .match_labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
+        // Built from the structured labels, and checked again on each listed pod: a value that
+        // slipped past the schema can never widen or narrow the selection.
+        let selector: Selector = wf.spec.selector.match_labels.clone().into_iter().collect();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         // From the API server's watch cache (resourceVersion 0): a consistent LIST waits for
         // the cache to confirm it is current with etcd, ~90 ms a reconcile on Kubernetes 1.35.
         // A pod change the cache has not seen yet triggers its own reconcile when it is.
         let list = pods
-            .list(&ListParams::default().labels(&selector).match_any())
+            .list(&ListParams::default().labels_from(&selector).match_any())
             .await
             .map_err(Error::ListWorkloads)?;
         let live = self.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);
         let mut workloads: Vec<WorkloadStatus> = list
             .items
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && crate::workloads::selects(&wf.spec.selector.match_labels, p.labels())
+            })
             .map(|p| {
                 let version = live.and_then(|x| x.node_version(ns, &p.name_any()));
                 crate::workloads::assess_live(p, &info, version)

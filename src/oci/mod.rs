@@ -140,6 +140,14 @@ pub struct Fetched {
 }
 
 /// Parses a user-written reference, accepting an `oci://` prefix.
+/// A descriptor's `size`, which the OCI spec makes a non-negative int64.
+fn descriptor_size(reference: &Reference, what: &str, size: i64) -> Result<u64, Error> {
+    u64::try_from(size).map_err(|_| Error::InvalidManifest {
+        reference: reference.whole(),
+        message: format!("the {what} descriptor has a negative size ({size})"),
+    })
+}
+
 pub fn parse_reference(image: &str) -> Result<Reference, Error> {
     reference::parse(image).ok_or_else(|| Error::InvalidReference {
         image: image.to_string(),
@@ -287,7 +295,7 @@ impl Resolver {
                 reference: reference.whole(),
                 found,
             })?;
-        let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+        let size = descriptor_size(&reference, "module layer", layer.size)?;
         if size > self.config.max_module_bytes {
             return Err(Error::ModuleTooLarge {
                 reference: reference.whole(),
@@ -439,7 +447,7 @@ impl Resolver {
     ) -> Result<format::DeclaredConfig, Error> {
         const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
         let config = &manifest.config;
-        let size = u64::try_from(config.size).unwrap_or(u64::MAX);
+        let size = descriptor_size(reference, "config", config.size)?;
         let invalid = |message: String| Error::InvalidArtifactConfig {
             reference: reference.whole(),
             message,

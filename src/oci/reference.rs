@@ -39,7 +39,8 @@ fn valid_registry(r: &str) -> bool {
         Some((h, p)) => (h, Some(p)),
         None => (r, None),
     };
-    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    // 1 to 65535, no sign, no leading zero.
+    if port.is_some_and(|p| p.starts_with(['0', '+']) || p.parse::<u16>().is_err()) {
         return false;
     }
     !host.is_empty()
@@ -133,6 +134,8 @@ mod tests {
         "localhost/a",
         "a/b/c",
         "r.io/a--b",
+        "r.io:65535/a",
+        "r.io:1/a",
     ];
     const REFUSED: &[&str] = &[
         "",
@@ -147,6 +150,11 @@ mod tests {
         "r.io/a:",
         "r.io:/a",
         "r.io:5000x/a",
+        "r.io:99999/a",
+        "r.io:65536/a",
+        "r.io:0/a",
+        "r.io:05000/a",
+        "r.io:+500/a",
         "-r.io/a",
         "r.io/a:-tag",
         "r.io/a/",
