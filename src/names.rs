@@ -46,6 +46,7 @@ pub mod reason {
     pub const NOT_SUBSCRIBED: &str = "NotSubscribed";
     pub const NOT_SENT: &str = "NotSent";
     pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
 }
 
 /// Istio's API groups and kinds the operator writes.

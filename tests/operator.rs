@@ -601,3 +601,119 @@ async fn if_not_present_reuses_the_cached_module_without_the_registry() {
         .unwrap();
     assert_eq!(wp.data["spec"]["pluginConfig"]["greeting"], "again");
 }
+
+/// Cluster-scoped RBAC a test created, deleted when it ends.
+struct ClusterRbac(String);
+
+impl Drop for ClusterRbac {
+    fn drop(&mut self) {
+        kubectl(&[
+            "delete",
+            "clusterrolebinding,clusterrole",
+            &self.0,
+            "--ignore-not-found",
+        ]);
+    }
+}
+
+/// SIGTERM ends the operator promptly even while a watch cannot list (here: an identity that
+/// may read the CRDs and nothing else, so the controller waits for stores that never fill).
+#[tokio::test]
+async fn sigterm_ends_the_operator_promptly_while_its_watches_cannot_list() {
+    client().await;
+    let ns = TestNamespace::new("sigterm");
+    let n = &ns.name;
+    let rbac = ClusterRbac(format!("wasmfilter-test-{n}"));
+    for args in [
+        vec!["create", "serviceaccount", "op", "-n", n],
+        vec![
+            "create",
+            "clusterrole",
+            &rbac.0,
+            "--verb=get",
+            "--resource=customresourcedefinitions.apiextensions.k8s.io",
+        ],
+    ] {
+        let out = kubectl(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let subject = format!("--serviceaccount={n}:op");
+    let role = format!("--clusterrole={}", rbac.0);
+    let out = kubectl(&["create", "clusterrolebinding", &rbac.0, &role, &subject]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(n, "op", dir.path());
+
+    let mut op = Operator::launch_as(n, &[], &kubeconfig);
+    wait_for(
+        "the operator's watches refused",
+        Duration::from_secs(30),
+        || async { op.logs().contains("forbidden").then_some(()) },
+    )
+    .await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", op.admin_port))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while it cannot list");
+    let start = std::time::Instant::now();
+    let status = op.terminate(Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "not ended cleanly within 5 s of SIGTERM ({status:?}):\n{}",
+        op.logs()
+    );
+    assert!(op.logs().contains("stopped"), "{}", op.logs());
+    println!("ended {:?} after SIGTERM", start.elapsed());
+}
+
+/// After SIGTERM a reconcile in flight may finish, but for at most 10 s: here it waits on a
+/// registry that accepts connections and never answers.
+#[tokio::test]
+async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
+    client().await;
+    let ns = TestNamespace::new("sigterm-busy");
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let registry = silent.local_addr().unwrap().to_string();
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let mut op = Operator::start(
+        &ns.name,
+        &[
+            "--insecure-registry",
+            &registry,
+            "--registry-timeout-seconds",
+            "120",
+        ],
+    )
+    .await;
+    apply_ok(&wasm_filter_yaml(
+        &ns.name,
+        "f",
+        &format!("{registry}/filters/silent:v1"),
+        "WasmPlugin",
+    ));
+    // The reconcile is waiting on the registry.
+    tokio::time::timeout(Duration::from_secs(30), accepted.recv())
+        .await
+        .expect("the operator connects to the registry");
+    let start = std::time::Instant::now();
+    let status = op.terminate(Duration::from_secs(15));
+    let took = start.elapsed();
+    assert!(status.is_some(), "still running 15 s after SIGTERM");
+    assert!(
+        took >= Duration::from_secs(9) && took < Duration::from_secs(12),
+        "ended {took:?} after SIGTERM:\n{}",
+        op.logs()
+    );
+    assert!(
+        op.logs()
+            .contains("reconciles still in flight; exiting anyway")
+    );
+    held.abort();
+}

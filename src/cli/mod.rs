@@ -385,8 +385,68 @@ fn init_tracing(format: LogFormat) {
     };
 }
 
+/// How long reconciles in flight may take to finish after SIGTERM or SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the operator until SIGTERM or SIGINT, then exits as soon as no reconcile is in flight
+/// (at most [`SHUTDOWN_GRACE`] later), whatever state it is in: waiting for CRDs, for a watch
+/// that cannot list, or in the middle of a pull.
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
+    let late_ctx: Arc<OnceLock<Arc<Context>>> = Arc::new(OnceLock::new());
+    // Kept running after a signal: dropping it would cancel the reconciles in flight.
+    let mut run = std::pin::pin!(run_operator(args, late_ctx.clone()));
+    let signal = tokio::select! {
+        result = &mut run => return result,
+        signal = shutdown_signal() => signal,
+    };
+    tracing::info!(
+        signal,
+        "shutting down once reconciles in flight finish (a second signal: now)"
+    );
+    if let Some(ctx) = late_ctx.get() {
+        ctx.stop();
+    }
+    let drained = async {
+        while late_ctx.get().is_some_and(|c| c.reconciles_in_flight() > 0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        _ = &mut run => {}
+        () = drained => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still in flight; exiting anyway");
+        }
+        again = shutdown_signal() => tracing::warn!(signal = again, "exiting now"),
+    }
+    tracing::info!("stopped");
+    // Not a return: the runtime would wait for blocking tasks (a cache write, a hash).
+    std::process::exit(0)
+}
+
+/// The first SIGTERM or SIGINT.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            tracing::warn!("cannot listen for signals");
+            std::future::pending().await
+        }
+    }
+}
+
+async fn run_operator(
+    args: OperatorArgs,
+    late_ctx: Arc<OnceLock<Arc<Context>>>,
+) -> anyhow::Result<()> {
     let cache = ModuleCache::open(&args.cache_dir)
         .with_context(|| format!("opening cache dir {}", args.cache_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
@@ -413,7 +473,6 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => return Err(e).context("verifying the module cache"),
     }
-    let late_ctx: Arc<OnceLock<Arc<Context>>> = Arc::new(OnceLock::new());
     let cache_app = cache::router(cache.clone(), Some(late_ctx.clone()));
     let admin_app = metrics::router(metrics.clone());
     tokio::spawn(async move { axum::serve(cache_listener, cache_app).await });

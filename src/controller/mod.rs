@@ -1,11 +1,13 @@
 //! The reconcile loop: resolve (client) → inspect (pure) → render (pure) → apply (client) →
 //! status. A failure anywhere before apply leaves existing children exactly as they were.
 
+mod decode;
 pub mod status;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -70,6 +72,10 @@ pub struct Context {
     evict_soon: tokio::sync::Notify,
     /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
     pub xds: Option<Arc<Xds>>,
+    /// Reconciles running now (shutdown waits for them).
+    reconciling: AtomicUsize,
+    /// Set on shutdown: no new reconcile starts.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -98,7 +104,19 @@ impl Context {
             inspected: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
             xds,
+            reconciling: AtomicUsize::new(0),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Starts no new reconcile from now on; those in flight run to their end.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// How many reconciles are running now.
+    pub fn reconciles_in_flight(&self) -> usize {
+        self.reconciling.load(Ordering::SeqCst)
     }
 
     fn remember_info(&self, sha256: &str, info: Arc<ModuleInfo>) {
@@ -432,10 +450,13 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
-    let filters: Api<WasmFilter> = match &ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+    let filter_resource = ApiResource::erase::<WasmFilter>(&());
+    let filters: Api<DynamicObject> = match &ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &filter_resource),
+        None => Api::all_with(client.clone(), &filter_resource),
     };
+    let (bad_tx, bad_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(decode::report(bad_rx, ctx.clone()));
     let children = |ar: &ApiResource| -> Api<DynamicObject> {
         match &ns {
             Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
@@ -456,6 +477,7 @@ pub async fn run(
     let listed = reader.clone();
     let trigger = watcher(filters, watcher::Config::default())
         .default_backoff()
+        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
         .reflect(writer)
         // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
         // and after every full list which filters exist at all.
@@ -520,8 +542,9 @@ pub async fn run(
                 })
                 .map(|wf| ObjectRef::from_obj(&*wf))
                 .collect::<Vec<_>>()
-        })
-        .shutdown_on_signal();
+        });
+    // No `shutdown_on_signal`: on a signal its graceful shutdown drops reconciles in flight and
+    // waits for stores that may never fill; the binary handles signals (`Context::stop`).
     if let Some(events) = xds_events {
         let answered = tokio_stream::wrappers::UnboundedReceiverStream::new(events).filter_map(
             |name| async move {
@@ -603,9 +626,29 @@ fn workload_fingerprint(pod: &Pod) -> Option<u64> {
     Some(h.finish())
 }
 
+/// Counts a reconcile as running until dropped (whichever way it ends).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[tracing::instrument(skip_all, fields(filter = %wf.name_any(), namespace = wf.namespace().unwrap_or_default()))]
 async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let start = Instant::now();
+    let _counted = InFlight::enter(&ctx.reconciling);
+    if ctx.stopping.load(Ordering::SeqCst) {
+        return Ok(Action::await_change());
+    }
     let result = apply_filter(&wf, &ctx).await;
     ctx.metrics.reconciled(
         result.as_ref().map(|_| ()).map_err(Error::reason),

@@ -513,6 +513,47 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
     }
 }
 
+/// Status of a WasmFilter whose spec the operator cannot read: `Ready=False` with the reason and
+/// the decoder's words; every other condition, the artifact and the workloads stay as they were
+/// (what was deployed for it is left alone).
+pub fn undecodable(
+    old: WasmFilterStatus,
+    generation: Option<i64>,
+    error: &str,
+) -> WasmFilterStatus {
+    let mut conds: Vec<Cond> = old
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != condition::READY)
+        .filter_map(|c| {
+            [
+                condition::RESOLVED,
+                condition::COMPATIBLE,
+                condition::DEPLOYED,
+                condition::LOADED,
+            ]
+            .into_iter()
+            .find(|t| *t == c.type_)
+            .map(|t| Cond::carried(t, c))
+        })
+        .collect();
+    conds.push(Cond::new(
+        condition::READY,
+        false,
+        reason::INVALID_SPEC,
+        format!(
+            "the operator cannot read this spec ({error}); it was stored under an earlier, looser \
+             schema. Correct the field (the API server checks it now); until then nothing \
+             deployed for this filter changes"
+        ),
+    ));
+    WasmFilterStatus {
+        observed_generation: generation,
+        conditions: conditions(&old.conditions, &conds, generation),
+        ..old
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,5 +870,38 @@ mod tests {
         w.status = Some(again);
         let failed = failed(&w, &Error::MissingNamespace);
         assert_ne!(cond(&failed, "Ready").last_transition_time, t0);
+    }
+
+    #[test]
+    fn an_undecodable_spec_fails_ready_and_keeps_everything_else() {
+        let w = wf();
+        let before = plain_ready(&w, &artifact());
+        let s = undecodable(before.clone(), Some(7), "invalid value: 3000000000");
+        assert_eq!(cond(&s, "Ready").status, "False");
+        assert_eq!(cond(&s, "Ready").reason, "InvalidSpec");
+        assert!(cond(&s, "Ready").message.contains("3000000000"));
+        for t in ["Deployed", "Resolved", "Compatible"] {
+            let (now, was) = (cond(&s, t), cond(&before, t));
+            assert_eq!(
+                (
+                    &now.status,
+                    &now.reason,
+                    &now.message,
+                    &now.last_transition_time
+                ),
+                (
+                    &was.status,
+                    &was.reason,
+                    &was.message,
+                    &was.last_transition_time
+                ),
+                "{t}"
+            );
+        }
+        assert_eq!(s.artifact, before.artifact);
+        assert_eq!(s.workloads, before.workloads);
+        assert_eq!(s.observed_generation, Some(7));
+        let empty = undecodable(WasmFilterStatus::default(), None, "x");
+        assert_eq!(empty.conditions.len(), 1);
     }
 }

@@ -142,6 +142,27 @@ where
     }
 }
 
+/// A kubeconfig for ServiceAccount `ns/name` (a TokenRequest token), written into `dir`.
+pub fn service_account_kubeconfig(ns: &str, name: &str, dir: &std::path::Path) -> PathBuf {
+    let out = kubectl(&["create", "token", name, "-n", ns, "--duration", "1h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token = stdout(&out).trim().to_string();
+    let out = kubectl(&["config", "view", "--raw", "--minify", "-o", "json"]);
+    let current: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cluster = &current["clusters"][0]["cluster"];
+    let config = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": name, "namespace": ns}}],
+        "current-context": "sa",
+    });
+    let path = dir.join(format!("kubeconfig-{name}"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
 /// The operator binary, watching one namespace, with its own cache dir and ports.
 pub struct Operator {
     child: Child,
@@ -209,7 +230,26 @@ impl Operator {
             .join(format!("{sha256}.wasm"))
     }
 
+    /// Starts the operator as the identity in `kubeconfig`, without waiting for it to be ready.
+    pub fn launch_as(namespace: &str, extra: &[&str], kubeconfig: &std::path::Path) -> Self {
+        Self::spawn_with(
+            namespace,
+            extra,
+            tempfile::tempdir().unwrap(),
+            Some(kubeconfig),
+        )
+    }
+
     fn spawn(namespace: &str, extra: &[&str], cache_dir: tempfile::TempDir) -> Self {
+        Self::spawn_with(namespace, extra, cache_dir, None)
+    }
+
+    fn spawn_with(
+        namespace: &str,
+        extra: &[&str],
+        cache_dir: tempfile::TempDir,
+        kubeconfig: Option<&std::path::Path>,
+    ) -> Self {
         let env = env();
         let (cache_port, admin_port) = (free_port(), free_port());
         let log = cache_dir.path().join("operator.log");
@@ -228,6 +268,7 @@ impl Operator {
             .arg(cache_dir.path().join("modules"))
             .args(extra)
             .env("RUST_LOG", "info,wasmfilter=debug")
+            .envs(kubeconfig.map(|k| ("KUBECONFIG", k)))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
@@ -239,6 +280,21 @@ impl Operator {
             cache_dir,
             log,
         }
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the process to exit.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        let out = Command::new("kill").args(["-TERM", &pid]).output().unwrap();
+        assert!(out.status.success(), "kill -TERM {pid}");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn logs(&self) -> String {
