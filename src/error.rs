@@ -156,6 +156,11 @@ pub enum Error {
     #[error("listing the selected pods: {0}")]
     ListWorkloads(#[source] kube::Error),
 
+    #[error(
+        "the pod watch has not completed its first list in {waited_secs} s (may the operator list and watch pods?)"
+    )]
+    PodsNotSynced { waited_secs: u64 },
+
     #[error("reading module sha256:{sha256} back from the cache: {message}")]
     ReadModule { sha256: String, message: String },
 }
@@ -202,6 +207,7 @@ impl Error {
             Error::PushModule { .. } => "PushModule",
             Error::Incompatible { .. } => "Incompatible",
             Error::ListWorkloads(_) => "ListWorkloads",
+            Error::PodsNotSynced { .. } => "PodsNotSynced",
             Error::ReadModule { .. } => "ReadModule",
         }
     }
@@ -217,6 +223,7 @@ impl Error {
                 | Error::MissingNamespace
                 | Error::Incompatible { .. }
                 | Error::ListWorkloads(_)
+                | Error::PodsNotSynced { .. }
                 | Error::ReadModule { .. }
         )
     }
@@ -247,6 +254,7 @@ impl Error {
             | Error::UpdateStatus(_)
             | Error::PushModule { .. }
             | Error::ListWorkloads(_)
+            | Error::PodsNotSynced { .. }
             | Error::ReadModule { .. } => Retry::Transient,
             Error::InvalidReference { .. }
             | Error::ManifestNotFound { .. }

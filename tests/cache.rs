@@ -34,19 +34,6 @@ async fn wait_module(client: &kube::Client, ns: &str, name: &str, sha: &str) -> 
     .await
 }
 
-async fn metric(op: &Operator, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{}/metrics", op.admin_port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn set_old(path: &std::path::Path) {
     let t = SystemTime::now() - Duration::from_secs(7200);
     std::fs::File::options()
@@ -70,7 +57,7 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     wait_module(&client, &ns.name, "f", &sha256_hex(&first)).await;
     // No --cache-max-bytes: the cache's size is reported all the same.
     wait_for("the cache size metric", Duration::from_secs(10), || async {
-        (metric(&op, "wasmfilter_cache_bytes").await == first.len() as f64).then_some(())
+        (op.metric("wasmfilter_cache_bytes").await == first.len() as f64).then_some(())
     })
     .await;
     let children = child_api(&client, &ns.name, "WasmPlugin");
@@ -139,7 +126,7 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
     );
     let get = || async { reqwest::get(&url).await.unwrap() };
     assert_eq!(get().await.bytes().await.unwrap().to_vec(), m);
-    let misses = metric(&op, "wasmfilter_cache_misses_total").await;
+    let misses = op.metric("wasmfilter_cache_misses_total").await;
 
     // Bit rot (or tampering) on disk: the bad bytes are never served; the module is fetched
     // again from the registry and served.
@@ -157,7 +144,7 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
     let resp = get().await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.bytes().await.unwrap().to_vec(), m);
-    assert!(metric(&op, "wasmfilter_cache_misses_total").await >= misses + 2.0);
+    assert!(op.metric("wasmfilter_cache_misses_total").await >= misses + 2.0);
 
     // A module nobody deploys is a plain 404.
     let unknown = format!(
@@ -237,10 +224,17 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
     push_module(&b_image, b.clone()).await;
     apply_ok(&filter_yaml(&ns.name, "b", &b_image, "IfNotPresent"));
     wait_module(&client, &ns.name, "b", &sha256_hex(&b)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The pass after b's pull has run once the size it reports holds both.
+    let both = (a.len() + b.len()) as f64;
+    wait_for(
+        "the eviction pass after b's pull",
+        Duration::from_secs(10),
+        || async { (op.metric("wasmfilter_cache_bytes").await == both).then_some(()) },
+    )
+    .await;
     assert!(a_path.exists(), "a module in use was evicted");
     assert!(op.cached_module_path(&sha256_hex(&b)).exists());
-    assert!(metric(&op, "wasmfilter_cache_evictions_total").await >= 1.0);
+    assert!(op.metric("wasmfilter_cache_evictions_total").await >= 1.0);
     assert!(
         op.logs()
             .contains("modules in use exceed --cache-max-bytes"),

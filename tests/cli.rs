@@ -55,6 +55,90 @@ fn push_then_pull_round_trips_the_module_bytes() {
     assert!(text.contains(&format!("size {}", expected.len())), "{text}");
 }
 
+/// `push --abi/--root-id` land in the artifact's config, where `inspect REF` reads them back;
+/// `inspect FILE` reads a module without a registry; `check REF` pulls before it checks.
+#[test]
+fn push_declarations_land_in_the_artifact_and_inspect_and_check_read_files_and_references() {
+    let env = env();
+    let wat = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/modules/add_header.wat"
+    );
+    let module = wat::parse_file(wat).unwrap();
+    let reference = format!(
+        "{}/cli/declared-{:08x}:1.0.0",
+        env.registry,
+        fastrand::u32(..)
+    );
+    let out = wasmfilter(&[
+        "push",
+        wat,
+        &reference,
+        "--plain-http",
+        "--abi",
+        "0.2.1",
+        "--root-id",
+        "add_header",
+        "--root-id",
+        "second_root",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = wasmfilter(&["inspect", &reference, "--plain-http", "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["format"], "solo-oci");
+    assert_eq!(r["declaredAbiVersions"], serde_json::json!(["0.2.1"]));
+    assert_eq!(
+        r["rootIds"],
+        serde_json::json!(["add_header", "second_root"])
+    );
+    assert_eq!(r["abiVersion"], "0.2.1");
+    assert_eq!(r["moduleSha256"], wasmfilter::cache::sha256_hex(&module));
+    assert!(r["manifestDigest"].as_str().unwrap().starts_with("sha256:"));
+
+    // A file: the module's own facts, no artifact ones.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.wasm");
+    std::fs::write(&file, &module).unwrap();
+    let out = wasmfilter(&["inspect", file.to_str().unwrap(), "--output", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(f["moduleSha256"], r["moduleSha256"]);
+    assert_eq!(f["size"], module.len());
+    assert_eq!(f["abiVersion"], "0.2.1");
+    assert!(
+        f.get("format").is_none() && f.get("manifestDigest").is_none(),
+        "{f}"
+    );
+    assert_eq!(f["declaredAbiVersions"], serde_json::json!([]));
+    let exports: Vec<&str> = f["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(exports.contains(&"proxy_on_request_headers"), "{exports:?}");
+
+    // A reference, checked: pulled, then judged like the file.
+    let out = wasmfilter(&[
+        "check",
+        &reference,
+        "--plain-http",
+        "--envoy",
+        "1.36.2",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["compatible"], true);
+    let missing = format!("{}/cli/declared-missing:nope", env.registry);
+    let out = wasmfilter(&["check", &missing, "--plain-http", "--envoy", "1.36.2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+}
+
 #[test]
 fn pull_of_a_missing_tag_fails_with_one_line() {
     let env = env();

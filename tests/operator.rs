@@ -91,6 +91,26 @@ async fn wasm_plugin_points_at_the_cached_module_and_is_collected_with_its_filte
         (owner.kind.as_str(), owner.controller),
         ("WasmFilter", Some(true))
     );
+    // One field manager, server-side apply, for the child and for the filter's status.
+    let managers = |fields: &Option<
+        Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry>,
+    >,
+                    subresource: Option<&str>| {
+        fields
+            .iter()
+            .flatten()
+            .filter(|m| m.subresource.as_deref() == subresource)
+            .map(|m| {
+                (
+                    m.manager.clone().unwrap_or_default(),
+                    m.operation.clone().unwrap_or_default(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let ours = vec![("wasmfilter.dev/operator".to_string(), "Apply".to_string())];
+    assert_eq!(managers(&wp.metadata.managed_fields, None), ours);
+    assert_eq!(managers(&wf.metadata.managed_fields, Some("status")), ours);
 
     // The cache serves exactly those bytes, with HEAD, ETag and ranges.
     let http = reqwest::Client::new();
@@ -456,7 +476,7 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
     let env = env();
     let client = client().await;
     let ns = TestNamespace::new("keep");
-    let _op = Operator::start(&ns.name, &[]).await;
+    let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/keep-{}:v1", env.registry, ns.name);
     let good = module("keep");
     push_module(&image, good.clone()).await;
@@ -486,8 +506,17 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
         before_wf.status.as_ref().unwrap().artifact,
         "status.artifact must still describe the deployed module"
     );
-    // Give the operator a few retries' time, then check nothing touched the child.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A registry that is down is retried with backoff; after three failed attempts nothing
+    // has touched the child either.
+    let down = format!("127.0.0.1:{}/filters/keep:v1", free_port());
+    apply_ok(&wasm_filter_yaml(&ns.name, "f", &down, "EnvoyFilter"));
+    wait_for("3 failed retries", Duration::from_secs(60), || async {
+        let failed = op
+            .metric("wasmfilter_reconcile_errors_total{reason=\"RegistryUnavailable\"}")
+            .await;
+        (failed >= 3.0).then_some(())
+    })
+    .await;
     let after: DynamicObject = efs.get("f").await.unwrap();
     assert_eq!(
         after.metadata.resource_version,

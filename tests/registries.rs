@@ -254,16 +254,10 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
     ));
     wait_ready(&client, &ns.name, "f", "True").await;
     // pullPolicy Always re-resolves every second: several pulls, one token.
-    let metrics_url = format!("http://127.0.0.1:{}/metrics", op.admin_port);
     wait_for("at least 4 pulls", Duration::from_secs(30), || async {
-        let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
-        let pulls: f64 = text
-            .lines()
-            .find(|l| l.starts_with("wasmfilter_module_pulls_total{result=\"pulled\"}"))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()?;
+        let pulls = op
+            .metric("wasmfilter_module_pulls_total{result=\"pulled\"}")
+            .await;
         (pulls >= 4.0).then_some(())
     })
     .await;

@@ -98,17 +98,10 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
         },
     )
     .await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", op.admin_port))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("wasmfilter_reconcile_errors_total{reason=\"InvalidSpec\"}")),
-        "{metrics}"
+    assert_eq!(
+        op.metric("wasmfilter_reconcile_errors_total{reason=\"InvalidSpec\"}")
+            .await,
+        1.0
     );
     assert_eq!(
         op.logs().matches("cannot decode WasmFilter").count(),

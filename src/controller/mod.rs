@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::Selector;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -31,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::oci::{Artifact, Credentials, Resolver};
 use crate::render::{self, Module, ModuleServer, ecds};
+use crate::workloads::index::{self, PodIndex};
 use crate::xds::{Offer, Xds};
 
 /// How the controller runs.
@@ -72,6 +72,8 @@ pub struct Context {
     evict_soon: tokio::sync::Notify,
     /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
     pub xds: Option<Arc<Xds>>,
+    /// Every pod in scope, from one watch.
+    pub pods: Arc<PodIndex>,
     /// Reconciles running now (shutdown waits for them).
     reconciling: AtomicUsize,
     /// Set on shutdown: no new reconcile starts.
@@ -104,6 +106,7 @@ impl Context {
             inspected: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
             xds,
+            pods: Arc::default(),
             reconciling: AtomicUsize::new(0),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -169,25 +172,17 @@ impl Context {
         module_sha256: &str,
     ) -> Result<(Vec<WorkloadStatus>, status::Cond), Error> {
         let info = self.module_info(module_sha256).await?;
-        // Built from the structured labels, and checked again on each listed pod: a value that
-        // slipped past the schema can never widen or narrow the selection.
-        let selector: Selector = wf.spec.selector.match_labels.clone().into_iter().collect();
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
-        // From the API server's watch cache (resourceVersion 0): a consistent LIST waits for
-        // the cache to confirm it is current with etcd, ~90 ms a reconcile on Kubernetes 1.35.
-        // A pod change the cache has not seen yet triggers its own reconcile when it is.
-        let list = pods
-            .list(&ListParams::default().labels_from(&selector).match_any())
-            .await
-            .map_err(Error::ListWorkloads)?;
+        if !self.pods.wait_synced(POD_SYNC_WAIT).await {
+            return Err(Error::PodsNotSynced {
+                waited_secs: POD_SYNC_WAIT.as_secs(),
+            });
+        }
+        // From the operator's own pod index (one watch), not a LIST per reconcile; matched on
+        // the structured labels, never a selector string.
+        let selected = self.pods.select(ns, &wf.spec.selector.match_labels);
         let live = self.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);
-        let mut workloads: Vec<WorkloadStatus> = list
-            .items
+        let mut workloads: Vec<WorkloadStatus> = selected
             .iter()
-            .filter(|p| {
-                p.metadata.deletion_timestamp.is_none()
-                    && crate::workloads::selects(&wf.spec.selector.match_labels, p.labels())
-            })
             .map(|p| {
                 let version = live.and_then(|x| x.node_version(ns, &p.name_any()));
                 crate::workloads::assess_live(p, &info, version)
@@ -442,6 +437,9 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Str
 /// before it answers with what it has (undecided filters are held, never removed).
 const ECDS_START_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a reconcile waits for the pod index's first full list.
+const POD_SYNC_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs the controller until a shutdown signal. `xds_events` names filters whose proxies
 /// answered (ACK/NACK), connected or went away.
 pub async fn run(
@@ -509,8 +507,16 @@ pub async fn run(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let index = ctx.pods.clone();
     let pod_trigger = watcher(pods, watcher::Config::default())
         .default_backoff()
+        .modify(index::trim)
+        // The index sees each event before the reconcile it triggers runs.
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                index.apply(event);
+            }
+        })
         .filter_map(|event| async move {
             match event {
                 Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => Some(Ok(pod)),

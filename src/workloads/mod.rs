@@ -14,6 +14,8 @@ use crate::abi::ModuleInfo;
 use crate::abi::check::{self, Verdict};
 use crate::api::WorkloadStatus;
 
+pub mod index;
+
 /// Pod annotation that states the pod's Envoy version outright.
 pub const ANNOTATION_ENVOY_VERSION: &str = "wasmfilter.dev/envoy-version";
 

@@ -282,6 +282,20 @@ impl Operator {
         }
     }
 
+    /// The sum of the operator's metric lines starting with `name` (a name, or a name with
+    /// labels such as `wasmfilter_reconcile_errors_total{reason="InvalidSpec"}`); 0 when absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        let Ok(r) = reqwest::get(&url).await else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Sends SIGTERM and waits up to `within` for the process to exit.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let pid = self.child.id().to_string();
