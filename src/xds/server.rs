@@ -96,17 +96,30 @@ impl Budget {
     }
 }
 
-/// Sends `item` on a stream's channel: first a slot (the previous response was taken by the
-/// transport), then room in the budget, so a client that stops reading holds budget for at
-/// most the one response waiting for it.
-async fn send<T: Message>(
+/// Sends what `build` makes on a stream's channel, `need` bytes of it: first a slot (the
+/// previous response was taken by the transport), then room in the budget, and only then are
+/// the responses built, since building copies the module into each. So a client that stops
+/// reading holds budget for at most the one response waiting for it, and a push to many
+/// streams holds at most the budget in responses. The budget goes back with the last one.
+async fn send_batch<T: Message>(
     tx: &mpsc::Sender<Outgoing<T>>,
     budget: &Budget,
-    item: T,
+    need: usize,
+    build: impl FnOnce() -> Vec<T>,
 ) -> Result<(), ()> {
     let slot = tx.reserve().await.map_err(|_| ())?;
-    let permit = budget.reserve(item.encoded_len()).await;
-    slot.send((Ok(item), permit));
+    let mut permit = budget.reserve(need).await;
+    let mut items = build().into_iter().peekable();
+    let Some(first) = items.next() else {
+        return Ok(());
+    };
+    let last = items.peek().is_none();
+    slot.send((Ok(first), if last { permit.take() } else { None }));
+    while let Some(item) = items.next() {
+        let last = items.peek().is_none();
+        let held = if last { permit.take() } else { None };
+        tx.send((Ok(item), held)).await.map_err(|_| ())?;
+    }
     Ok(())
 }
 
@@ -228,6 +241,39 @@ impl Session {
         if let Some(id) = self.id {
             xds.report(id, name, Report::Refused(why));
         }
+    }
+
+    /// Bytes of the SotW response [`Session::sotw_response`] would make now (0: none).
+    fn sotw_pending(&self, xds: &Xds) -> usize {
+        let decisions = self.decisions(xds);
+        let changed = decisions.iter().any(|(name, d)| {
+            matches!(d, Decision::Send { version, .. } if self.sent.get(name) != Some(&Some(version.clone())))
+        });
+        if !changed {
+            return 0;
+        }
+        decisions
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Decision::Send { resource, .. } => Some(resource.encoded_len()),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// Bytes of the delta responses [`Session::delta_responses`] would make now.
+    fn delta_pending(&self, xds: &Xds) -> usize {
+        self.decisions(xds)
+            .iter()
+            .filter_map(|(name, d)| match d {
+                Decision::Send { version, resource }
+                    if self.sent.get(name) != Some(&Some(version.clone())) =>
+                {
+                    Some(resource.encoded_len())
+                }
+                _ => None,
+            })
+            .sum()
     }
 
     /// State of the world: every resource the node should have, when any of them changed.
@@ -387,9 +433,9 @@ impl ExtensionConfigDiscoveryService for Service {
                     },
                     changed = changes.changed() => if changed.is_err() { break },
                 }
-                if let Some(resp) = session.sotw_response(&xds)
-                    && send(&tx, &service.budget, resp).await.is_err()
-                {
+                let need = session.sotw_pending(&xds);
+                let build = || session.sotw_response(&xds).into_iter().collect();
+                if send_batch(&tx, &service.budget, need, build).await.is_err() {
                     break;
                 }
             }
@@ -456,10 +502,10 @@ impl ExtensionConfigDiscoveryService for Service {
                     },
                     changed = changes.changed() => if changed.is_err() { break },
                 }
-                for resp in session.delta_responses(&xds) {
-                    if send(&tx, &service.budget, resp).await.is_err() {
-                        break 'stream;
-                    }
+                let need = session.delta_pending(&xds);
+                let build = || session.delta_responses(&xds);
+                if send_batch(&tx, &service.budget, need, build).await.is_err() {
+                    break 'stream;
                 }
             }
             if let Some(id) = session.id {
@@ -493,6 +539,51 @@ mod tests {
             version_info: "x".repeat(bytes),
             ..Default::default()
         }
+    }
+
+    async fn send(
+        tx: &mpsc::Sender<Outgoing<DiscoveryResponse>>,
+        budget: &Budget,
+        item: DiscoveryResponse,
+    ) -> Result<(), ()> {
+        send_batch(tx, budget, item.encoded_len(), || vec![item]).await
+    }
+
+    #[tokio::test]
+    async fn responses_are_built_only_once_there_is_room_for_them() {
+        let budget = Budget::new(100 << 10);
+        let (tx_a, rx_a) = mpsc::channel(1);
+        let mut stream_a = outgoing(rx_a);
+        send(&tx_a, &budget, response(80 << 10)).await.unwrap();
+        let built = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx_b, rx_b) = mpsc::channel(1);
+        let mut stream_b = outgoing(rx_b);
+        let waiting = tokio::spawn({
+            let (budget, built) = (budget.clone(), built.clone());
+            async move {
+                send_batch(&tx_b, &budget, 80 << 10, || {
+                    built.store(true, std::sync::atomic::Ordering::SeqCst);
+                    vec![response(40 << 10), response(40 << 10)]
+                })
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !built.load(std::sync::atomic::Ordering::SeqCst),
+            "built before there was room"
+        );
+        stream_a.next().await.unwrap().unwrap();
+        drop(tx_a);
+        assert!(stream_a.next().await.is_none());
+        // Both of B's responses go; the budget comes back after the last one was taken.
+        stream_b.next().await.unwrap().unwrap();
+        stream_b.next().await.unwrap().unwrap();
+        waiting.await.unwrap().unwrap();
+        assert!(built.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(budget.permits.available_permits() < 100);
+        assert!(stream_b.next().await.is_none());
+        assert_eq!(budget.permits.available_permits(), 100);
     }
 
     #[tokio::test]
