@@ -38,6 +38,13 @@ if [ ! -x "$ORAS_BIN/oras" ]; then
     go build -ldflags='-s -w' -o "$ORAS_BIN.tmp/" oras.land/oras/cmd/oras)
   rm -rf "$ORAS_BIN" && mv "$ORAS_BIN.tmp" "$ORAS_BIN"
 fi
+if [ ! -x "$HELM_BIN/helm" ]; then
+  log "building helm $HELM_VERSION from its Go module (cold: a few minutes; cached in $HELM_BIN)"
+  mkdir -p "$HELM_BIN.tmp"
+  (cd "$ROOT/e2e/tools/helm" && run_with_heartbeat "go build (helm $HELM_VERSION)" \
+    go build -ldflags='-s -w' -o "$HELM_BIN.tmp/" helm.sh/helm/v3/cmd/helm)
+  rm -rf "$HELM_BIN" && mv "$HELM_BIN.tmp" "$HELM_BIN"
+fi
 
 if [ ! -s "$FIXTURE_MODULES/clang_filter.wasm" ]; then
   log "building the real filter fixtures (proxy-wasm Go SDK with GOOS=wasip1; C with clang --target=wasm32)"

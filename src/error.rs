@@ -67,6 +67,15 @@ pub enum Error {
         missing: bool,
     },
 
+    #[error(
+        "pull secret {name:?}: the operator may not read it ({message}); grant it `get` on secrets in namespace {namespace:?} (the Helm chart's Role does)"
+    )]
+    PullSecretForbidden {
+        name: String,
+        namespace: String,
+        message: String,
+    },
+
     #[error("resolving {reference}: {message}")]
     ResolveDigest { reference: String, message: String },
 
@@ -181,6 +190,7 @@ impl Error {
             Error::InvalidArtifactConfig { .. } => "InvalidArtifactConfig",
             Error::PullSecret { missing: true, .. } => "PullSecretNotFound",
             Error::PullSecret { .. } => "InvalidPullSecret",
+            Error::PullSecretForbidden { .. } => "PullSecretForbidden",
             Error::ManifestDigestMismatch { .. } => "ManifestDigestMismatch",
             Error::InvalidManifest { .. } => "InvalidManifest",
             Error::NotAWasmArtifact { .. } => "NotAWasmArtifact",
@@ -244,6 +254,7 @@ impl Error {
             Error::RegistryUnavailable { .. }
             | Error::RegistryThrottled { .. }
             | Error::PullSecret { missing: true, .. }
+            | Error::PullSecretForbidden { .. }
             | Error::ResolveDigest { .. }
             | Error::FetchBlob { .. }
             | Error::BlobDigestMismatch { .. }

@@ -21,6 +21,9 @@ FIXTURE_MODULES="$WASMFILTER_CACHE/fixtures/modules-$(cat "$ROOT"/e2e/fixtures/g
 # The oras CLI (interop tests and the pull benchmark), built from its Go module.
 ORAS_VERSION=v1.3.0
 ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/oras/go.sum" | cut -c1-12)"
+# The helm CLI (chart tests), built from its Go module.
+HELM_VERSION=v3.22.0
+HELM_BIN="$WASMFILTER_CACHE/bin/helm-$HELM_VERSION-$(sha256sum "$ROOT/e2e/tools/helm/go.sum" | cut -c1-12)"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

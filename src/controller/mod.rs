@@ -263,7 +263,14 @@ impl Context {
         let secret = secrets
             .get_opt(name)
             .await
-            .map_err(|e| err(format!("cannot read it: {e}"), true))?
+            .map_err(|e| match &e {
+                kube::Error::Api(status) if status.code == 403 => Error::PullSecretForbidden {
+                    name: name.to_string(),
+                    namespace: ns.to_string(),
+                    message: status.message.clone(),
+                },
+                _ => err(format!("cannot read it: {e}"), true),
+            })?
             .ok_or_else(|| {
                 err(
                     format!(

@@ -282,6 +282,57 @@ impl Operator {
         }
     }
 
+    /// Runs the operator binary with exactly `args` (after `operator`) as the identity in
+    /// `kubeconfig`, its listen addresses and cache directory replaced by loopback ports and a
+    /// temporary directory; waits until it is ready.
+    pub async fn run_as(args: &[String], kubeconfig: &std::path::Path) -> Self {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let (cache_port, admin_port) = (free_port(), free_port());
+        let local = |a: &String| {
+            if a.starts_with("--cache-listen") {
+                format!("--cache-listen=127.0.0.1:{cache_port}")
+            } else if a.starts_with("--admin-listen") {
+                format!("--admin-listen=127.0.0.1:{admin_port}")
+            } else if a.starts_with("--cache-dir") {
+                format!("--cache-dir={}", cache_dir.path().join("modules").display())
+            } else {
+                a.clone()
+            }
+        };
+        let args: Vec<String> = args.iter().map(local).collect();
+        let log = cache_dir.path().join("operator.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+            .args(&args)
+            .env("RUST_LOG", "info,wasmfilter=debug")
+            .env("KUBECONFIG", kubeconfig)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start operator");
+        let mut op = Operator {
+            child,
+            cache_port,
+            admin_port,
+            cache_dir,
+            log,
+        };
+        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return op;
+            }
+            assert!(
+                op.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+                "operator ({args:?}) not ready:\n{}",
+                op.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The sum of the operator's metric lines starting with `name` (a name, or a name with
     /// labels such as `wasmfilter_reconcile_errors_total{reason="InvalidSpec"}`); 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {

@@ -1,0 +1,400 @@
+//! The Helm chart, with the real `helm` CLI against the real API server: it lints, renders what
+//! the API server accepts, refuses wrong values with a clear message, installs, upgrades and
+//! uninstalls; and the RBAC it grants is enough for a full reconcile and no more (the operator
+//! binary runs with the installed Deployment's arguments as the chart's ServiceAccount).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use kube::Api;
+use support::*;
+use wasmfilter::api::WasmFilter;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/wasmfilter-operator");
+
+fn helm(args: &[&str]) -> Output {
+    let bin = std::env::var("WASMFILTER_HELM").expect("WASMFILTER_HELM (set by e2e/env.sh)");
+    let home = std::env::temp_dir().join("wasmfilter-helm-home");
+    Command::new(bin)
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
+#[test]
+fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
+    let ns = TestNamespace::new("chart-render");
+    let n = ns.name.as_str();
+    ok(helm(&["lint", "--strict", CHART]));
+    let variants: &[&[&str]] = &[
+        &[],
+        &[
+            "--set",
+            &format!("watchNamespace={n}"),
+            "--set",
+            "cache.persistence.enabled=true",
+            "--set",
+            "podDisruptionBudget.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set",
+            "xds.enabled=true",
+            "--set",
+            "cache.maxBytes=1000000",
+            "--set",
+            "registry.insecure[0]=registry.local:5000",
+            "--set",
+            "registry.caConfigMap=registry-ca",
+        ],
+    ];
+    for extra in variants {
+        let mut args = vec!["template", "rel", CHART, "--namespace", n];
+        args.extend_from_slice(extra);
+        let rendered = ok(helm(&args));
+        let out = kubectl_stdin(
+            &["apply", "--dry-run=server", "-n", n, "-f", "-"],
+            &rendered,
+        );
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}\n{rendered}",
+            stderr(&out)
+        );
+    }
+    // The ServiceMonitor renders (its CRD is not installed here, so no server-side check).
+    let rendered = ok(helm(&[
+        "template",
+        "rel",
+        CHART,
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+    ]));
+    assert!(rendered.contains("kind: ServiceMonitor"), "{rendered}");
+    assert!(rendered.contains("port: http-metrics"), "{rendered}");
+}
+
+#[test]
+fn wrong_values_are_refused_at_install_time_naming_the_value() {
+    let cases = [
+        ("replicaCount=2", "'/replicaCount': maximum: got 2, want 1"),
+        (
+            "cache.port=99999",
+            "'/cache/port': maximum: got 99,999, want 65,535",
+        ),
+        ("logFormat=xml", "'/logFormat'"),
+        ("watchNamespace=Not_A_Namespace", "'/watchNamespace'"),
+        ("cache.persistence.size=lots", "'/cache/persistence/size'"),
+        ("unknownValue=1", "unknownValue"),
+    ];
+    for (set, field) in cases {
+        let out = helm(&["template", "rel", CHART, "--set", set]);
+        assert!(!out.status.success(), "{set} accepted");
+        let err = stderr(&out);
+        assert!(
+            err.contains("values don't meet the specifications of the schema")
+                && err.contains(field),
+            "{set}: {err}"
+        );
+    }
+}
+
+#[test]
+fn defaults_point_the_operator_at_its_own_cache_service() {
+    let rendered = ok(helm(&[
+        "template",
+        "rel",
+        CHART,
+        "--namespace",
+        "wasmfilter-system",
+    ]));
+    assert!(
+        rendered.contains(
+            "--cache-url=http://rel-wasmfilter-operator-cache.wasmfilter-system.svc:8080"
+        ),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("name: rel-wasmfilter-operator-cache"),
+        "{rendered}"
+    );
+    for hardening in [
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "- ALL",
+        "type: RuntimeDefault",
+    ] {
+        assert!(rendered.contains(hardening), "lacks {hardening}");
+    }
+    // No wildcard anywhere in the RBAC; Secrets only by get.
+    assert!(
+        !rendered.contains("'*'") && !rendered.contains("\"*\""),
+        "{rendered}"
+    );
+    let secrets = rendered
+        .lines()
+        .skip_while(|l| !l.contains("resources: [secrets]"))
+        .nth(1)
+        .unwrap();
+    assert_eq!(secrets.trim(), "verbs: [get]");
+}
+
+/// Installs the chart in namespaced mode, runs the operator as the chart's ServiceAccount with
+/// the installed Deployment's arguments through a full reconcile (pull secret, child, status,
+/// Event); shows a rule is needed by removing it; upgrades; uninstalls.
+#[tokio::test]
+async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("chart");
+    let n = ns.name.as_str();
+    // Cluster-scoped names derive from the release: one per test namespace.
+    let release = format!("r{}", &n[n.len() - 8..]);
+    let release = release.as_str();
+    ok(helm(&[
+        "install",
+        release,
+        CHART,
+        "--namespace",
+        n,
+        "--set",
+        &format!("watchNamespace={n}"),
+        "--set",
+        &format!("registry.insecure[0]={}", env.registry),
+        "--set",
+        "logFormat=text",
+        "--wait=false",
+    ]));
+    let fullname = format!("{release}-wasmfilter-operator");
+    let fullname = fullname.as_str();
+    let deployment = || {
+        let out = kubectl(&["get", "deploy", fullname, "-n", n, "-o", "json"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let args = |d: &serde_json::Value| -> Vec<String> {
+        d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let installed = args(&deployment());
+    assert!(
+        installed.contains(&format!("--namespace={n}")),
+        "{installed:?}"
+    );
+    assert_eq!(
+        deployment()["spec"]["template"]["spec"]["serviceAccountName"],
+        fullname
+    );
+
+    // The operator as the chart's ServiceAccount, with the Deployment's own arguments.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(n, fullname, dir.path());
+    let op = Operator::run_as(&installed, &kubeconfig).await;
+    let image = format!("{}/chart/{n}:v1", env.registry);
+    push_module(&image, module(&format!("chart-{n}"))).await;
+    let secret = serde_json::json!({"auths": {env.registry.clone(): {"auth": "dXNlcjpwYXNz"}}});
+    let out = kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "regcred",
+        "-n",
+        n,
+        "--type=kubernetes.io/dockerconfigjson",
+        &format!("--from-literal=.dockerconfigjson={secret}"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let with_secret = |name: &str| {
+        wasm_filter_yaml(n, name, &image, "WasmPlugin")
+            .replace("\"}\n", "\", pullSecret: regcred}\n")
+    };
+    apply_ok(&with_secret("first"));
+    let wf = wait_ready(&client, n, "first", "True").await;
+    assert!(wf.status.unwrap().artifact.is_some());
+    child_api(&client, n, "WasmPlugin")
+        .get("first")
+        .await
+        .unwrap();
+    // Its Events are written too (a Normal one on success is not promised; force a Warning).
+    apply_ok(&wasm_filter_yaml(
+        n,
+        "missing",
+        &image.replace(":v1", ":nope"),
+        "WasmPlugin",
+    ));
+    wait_ready(&client, n, "missing", "False").await;
+    wait_for("a Warning Event", Duration::from_secs(30), || async {
+        (!warning_events(n, "missing").is_empty()).then_some(())
+    })
+    .await;
+    assert!(!op.logs().contains("forbidden"), "{}", op.logs());
+
+    // Without `get` on Secrets, a pull secret cannot be read: the same reconcile fails.
+    let role: serde_json::Value =
+        serde_json::from_slice(&kubectl(&["get", "role", fullname, "-n", n, "-o", "json"]).stdout)
+            .unwrap();
+    let index = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| r["resources"] == serde_json::json!(["secrets"]))
+        .unwrap();
+    let out = kubectl(&[
+        "patch",
+        "role",
+        fullname,
+        "-n",
+        n,
+        "--type=json",
+        "-p",
+        &format!(r#"[{{"op": "remove", "path": "/rules/{index}"}}]"#),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    apply_ok(&with_secret("second"));
+    let wf = wait_ready(&client, n, "second", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "PullSecretForbidden", "{}", ready.message);
+    assert!(
+        ready.message.contains("may not read it") && ready.message.contains("forbidden"),
+        "{}",
+        ready.message
+    );
+    drop(op);
+
+    // Upgrade with a changed value: the Deployment's arguments follow.
+    ok(helm(&[
+        "upgrade",
+        release,
+        CHART,
+        "--namespace",
+        n,
+        "--reuse-values",
+        "--set",
+        "cache.maxBytes=1000000",
+        "--wait=false",
+    ]));
+    assert!(args(&deployment()).contains(&"--cache-max-bytes=1000000".to_string()));
+    // The chart put its Role back.
+    let role = stdout(&kubectl(&["get", "role", fullname, "-n", n, "-o", "yaml"]));
+    assert!(role.contains("secrets"), "{role}");
+
+    ok(helm(&["uninstall", release, "--namespace", n]));
+    for kind in ["deploy", "role", "sa", "svc"] {
+        let out = kubectl(&[
+            "get",
+            kind,
+            "-n",
+            n,
+            "-l",
+            "app.kubernetes.io/instance=wf",
+            "-o",
+            "name",
+        ]);
+        assert_eq!(stdout(&out).trim(), "", "{kind} left after uninstall");
+    }
+    let out = kubectl(&["get", "clusterrole", &format!("{fullname}-crds")]);
+    assert!(!out.status.success(), "cluster role left after uninstall");
+    // The CRD stays (Helm never deletes crds/), and so do the users' filters.
+    let api: Api<WasmFilter> = Api::namespaced(client.clone(), n);
+    api.get("first").await.unwrap();
+}
+
+/// What `kubectl apply -k config/default` created, removed again (never the CRD: other tests'
+/// filters live under it).
+struct KustomizeInstall;
+
+impl Drop for KustomizeInstall {
+    fn drop(&mut self) {
+        kubectl(&["delete", "namespace", "wasmfilter-system", "--wait=false"]);
+        kubectl(&[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            "app.kubernetes.io/instance=wasmfilter-operator",
+        ]);
+    }
+}
+
+#[test]
+fn kustomize_installs_the_rendered_chart_and_the_samples_are_valid() {
+    env();
+    // config/default/operator.yaml is the chart rendered with its defaults.
+    let rendered = ok(helm(&[
+        "template",
+        "wasmfilter-operator",
+        CHART,
+        "--namespace",
+        "wasmfilter-system",
+    ]));
+    let rendered: String = rendered
+        .lines()
+        .filter(|l| !l.starts_with("# Source: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/default/operator.yaml"
+    ))
+    .unwrap();
+    assert!(
+        rendered == committed,
+        "config/default/operator.yaml is stale: run e2e/generate.sh"
+    );
+
+    let _cleanup = KustomizeInstall;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config/default");
+    ok(kubectl(&["apply", "-k", dir]));
+    for (kind, name) in [
+        ("deployment", "wasmfilter-operator"),
+        ("serviceaccount", "wasmfilter-operator"),
+        ("service", "wasmfilter-operator-cache"),
+        ("service", "wasmfilter-operator-metrics"),
+    ] {
+        ok(kubectl(&["get", kind, name, "-n", "wasmfilter-system"]));
+    }
+    ok(kubectl(&["get", "clusterrole", "wasmfilter-operator"]));
+    ok(kubectl(&[
+        "get",
+        "clusterrolebinding",
+        "wasmfilter-operator-crds",
+    ]));
+    let out = kubectl(&[
+        "auth",
+        "can-i",
+        "list",
+        "secrets",
+        "--as=system:serviceaccount:wasmfilter-system:wasmfilter-operator",
+    ]);
+    assert_eq!(
+        stdout(&out).trim(),
+        "no",
+        "the operator must not list Secrets"
+    );
+    let out = kubectl(&[
+        "auth",
+        "can-i",
+        "patch",
+        "wasmplugins.extensions.istio.io",
+        "-n",
+        "default",
+        "--as=system:serviceaccount:wasmfilter-system:wasmfilter-operator",
+    ]);
+    assert_eq!(stdout(&out).trim(), "yes");
+
+    let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/samples");
+    ok(kubectl(&["apply", "--dry-run=server", "-k", samples]));
+}
