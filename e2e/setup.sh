@@ -4,7 +4,7 @@
 # and real Envoy binaries. Each step is skipped when its cached result is already there.
 source "$(dirname "$0")/lib/common.sh"
 
-apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld)
+apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld lua5.1)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -44,6 +44,13 @@ if [ ! -x "$HELM_BIN/helm" ]; then
   (cd "$ROOT/e2e/tools/helm" && run_with_heartbeat "go build (helm $HELM_VERSION)" \
     go build -ldflags='-s -w' -o "$HELM_BIN.tmp/" helm.sh/helm/v3/cmd/helm)
   rm -rf "$HELM_BIN" && mv "$HELM_BIN.tmp" "$HELM_BIN"
+fi
+if [ ! -x "$KSTATUS_BIN/kstatus" ]; then
+  log "building kstatus (sigs.k8s.io/cli-utils) from e2e/tools/kstatus (cached in $KSTATUS_BIN)"
+  mkdir -p "$KSTATUS_BIN.tmp"
+  (cd "$ROOT/e2e/tools/kstatus" && run_with_heartbeat "go build (kstatus)" \
+    go build -ldflags='-s -w' -o "$KSTATUS_BIN.tmp/kstatus" .)
+  rm -rf "$KSTATUS_BIN" && mv "$KSTATUS_BIN.tmp" "$KSTATUS_BIN"
 fi
 
 if [ ! -s "$FIXTURE_MODULES/clang_filter.wasm" ]; then

@@ -18,9 +18,14 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Annotation on children recording the module sha256 they point at.
 pub const ANNOTATION_MODULE_SHA256: &str = "wasmfilter.dev/module-sha256";
 
-/// Condition types (kstatus-compatible: `Ready` plus `observedGeneration`).
+/// Condition types (kstatus-compatible: `Ready` plus `observedGeneration`, and kstatus's
+/// abnormal-true `Reconciling` and `Stalled`).
 pub mod condition {
     pub const READY: &str = "Ready";
+    /// True while the operator works on the filter or retries a failure that may pass.
+    pub const RECONCILING: &str = "Reconciling";
+    /// True when it failed in a way that needs a change (spec, registry content, RBAC).
+    pub const STALLED: &str = "Stalled";
     pub const RESOLVED: &str = "Resolved";
     pub const DEPLOYED: &str = "Deployed";
     pub const COMPATIBLE: &str = "Compatible";
@@ -47,6 +52,7 @@ pub mod reason {
     pub const NOT_SENT: &str = "NotSent";
     pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const RECONCILING: &str = "Reconciling";
 }
 
 /// Istio's API groups and kinds the operator writes.

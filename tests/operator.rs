@@ -111,6 +111,13 @@ async fn wasm_plugin_points_at_the_cached_module_and_is_collected_with_its_filte
     let ours = vec![("wasmfilter.dev/operator".to_string(), "Apply".to_string())];
     assert_eq!(managers(&wp.metadata.managed_fields, None), ours);
     assert_eq!(managers(&wf.metadata.managed_fields, Some("status")), ours);
+    // It never writes a WasmFilter's spec or metadata, so GitOps tools see no drift: only
+    // kubectl (the user) manages the main resource.
+    let main = managers(&wf.metadata.managed_fields, None);
+    assert!(
+        !main.is_empty() && main.iter().all(|(m, _)| m.starts_with("kubectl")),
+        "{main:?}"
+    );
 
     // The cache serves exactly those bytes, with HEAD, ETag and ranges.
     let http = reqwest::Client::new();

@@ -24,6 +24,8 @@ ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/
 # The helm CLI (chart tests), built from its Go module.
 HELM_VERSION=v3.22.0
 HELM_BIN="$WASMFILTER_CACHE/bin/helm-$HELM_VERSION-$(sha256sum "$ROOT/e2e/tools/helm/go.sum" | cut -c1-12)"
+# kstatus (sigs.k8s.io/cli-utils), as Flux reads status, built from e2e/tools/kstatus.
+KSTATUS_BIN="$WASMFILTER_CACHE/bin/kstatus-$(cat "$ROOT"/e2e/tools/kstatus/{go.sum,main.go} | sha256sum | cut -c1-12)"
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

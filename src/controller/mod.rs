@@ -773,6 +773,14 @@ fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
 
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
+    if wf.status.is_none() {
+        patch_status(
+            &ctx.client,
+            wf,
+            &status::reconciling(wf.metadata.generation),
+        )
+        .await?;
+    }
     check_supported(wf, ctx)?;
 
     let artifact = match cached_artifact(wf, &ctx.cache) {

@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
-use crate::error::Error;
+use crate::error::{Error, Retry};
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
 use crate::xds::Load;
@@ -503,13 +503,43 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
     }
     // What the proxies said of the module they run is still true.
     conds.extend(carry(condition::LOADED));
-    conds.push(Cond::new(condition::READY, false, err.reason(), message));
+    conds.push(Cond::new(
+        condition::READY,
+        false,
+        err.reason(),
+        message.clone(),
+    ));
+    // kstatus: a failure that may pass is work in progress; one that needs a change is stalled.
+    conds.push(match err.retry() {
+        Retry::Transient => Cond::new(
+            condition::RECONCILING,
+            true,
+            err.reason(),
+            format!("retrying with backoff: {message}"),
+        ),
+        Retry::Invalid => Cond::new(condition::STALLED, true, err.reason(), message),
+    });
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(&old.conditions, &conds, wf.metadata.generation),
         artifact: old.artifact,
         workloads,
         ..old
+    }
+}
+
+/// Status written when the operator first takes up a new WasmFilter (it has no status yet):
+/// `Reconciling=True` and `Ready=Unknown`, so kstatus readers (Flux, `kubectl wait`-style
+/// tools) see it in progress rather than assume it is current.
+pub fn reconciling(generation: Option<i64>) -> WasmFilterStatus {
+    let message = "resolving the module and checking the selected workloads";
+    let conds = [
+        Cond::unknown(condition::READY, reason::RECONCILING, message),
+        Cond::new(condition::RECONCILING, true, reason::RECONCILING, message),
+    ];
+    WasmFilterStatus {
+        conditions: conditions(&[], &conds, generation),
+        ..WasmFilterStatus::default()
     }
 }
 
@@ -537,6 +567,13 @@ pub fn undecodable(
             .map(|t| Cond::carried(t, c))
         })
         .collect();
+    let stalled = Cond::new(
+        condition::STALLED,
+        true,
+        reason::INVALID_SPEC,
+        "the spec cannot be read; it needs a correction",
+    );
+    conds.push(stalled);
     conds.push(Cond::new(
         condition::READY,
         false,
@@ -902,6 +939,41 @@ mod tests {
         assert_eq!(s.workloads, before.workloads);
         assert_eq!(s.observed_generation, Some(7));
         let empty = undecodable(WasmFilterStatus::default(), None, "x");
-        assert_eq!(empty.conditions.len(), 1);
+        assert_eq!(empty.conditions.len(), 2);
+        assert_eq!(cond(&empty, "Stalled").status, "True");
+    }
+
+    #[test]
+    fn kstatus_reads_failures_as_stalled_or_in_progress_and_a_new_filter_as_in_progress() {
+        let w = wf();
+        let invalid = failed(
+            &w,
+            &Error::ManifestNotFound {
+                reference: "r/f:2".into(),
+            },
+        );
+        assert_eq!(cond(&invalid, "Stalled").status, "True");
+        assert_eq!(cond(&invalid, "Stalled").reason, "ManifestNotFound");
+        assert!(invalid.conditions.iter().all(|c| c.type_ != "Reconciling"));
+        let transient = failed(
+            &w,
+            &Error::RegistryUnavailable {
+                registry: "r".into(),
+                message: "refused".into(),
+            },
+        );
+        assert_eq!(cond(&transient, "Reconciling").status, "True");
+        assert!(transient.conditions.iter().all(|c| c.type_ != "Stalled"));
+        // Ready again: neither is left.
+        let ok = plain_ready(&w, &artifact());
+        assert!(
+            ok.conditions
+                .iter()
+                .all(|c| c.type_ != "Stalled" && c.type_ != "Reconciling")
+        );
+        let new = reconciling(Some(1));
+        assert_eq!(cond(&new, "Reconciling").status, "True");
+        assert_eq!(cond(&new, "Ready").status, "Unknown");
+        assert_eq!(new.observed_generation, None);
     }
 }
