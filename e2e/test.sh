@@ -7,17 +7,21 @@
 source "$(dirname "$0")/lib/common.sh"
 cd "$ROOT"
 
-log "1/5 tools (apt, Go-built control plane, Istio CRDs, Envoy)"
+log "1/6 tools (apt, Go-built control plane, Istio CRDs, Envoy)"
 "$ROOT/e2e/setup.sh"
 
-log "2/5 format and lint"
+log "2/6 format and lint"
 cargo fmt --check
 run_with_heartbeat "cargo clippy" cargo clippy --locked --all-targets -- -D warnings
 
-log "3/5 build"
+log "3/6 build"
 run_with_heartbeat "cargo build" cargo build --locked --all-targets
 
-log "4/5 test environment"
+log "4/6 fuzz targets (built, not run: e2e/fuzz.sh SECONDS runs them) and the image's static binary"
+"$ROOT/e2e/fuzz.sh" 0
+"$ROOT/e2e/image.sh"
+
+log "5/6 test environment"
 env_file=$("$ROOT/e2e/env.sh" up | tail -n 1)
 if [ "${WASMFILTER_KEEP_ENV:-0}" != 1 ]; then
   trap '"$ROOT/e2e/env.sh" down' EXIT
@@ -25,5 +29,5 @@ fi
 # shellcheck disable=SC1090
 source "$env_file"
 
-log "5/5 cargo test (unit, API server, registry, Envoy $ENVOY_VERSIONS)"
+log "6/6 cargo test (unit, API server, registry, Envoy $ENVOY_VERSIONS)"
 cargo test --locked --no-fail-fast -- --test-threads "${WASMFILTER_TEST_THREADS:-4}"

@@ -11,10 +11,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// An OCI reference: optional `oci://`, optional registry host[:port], a repository path, then a
-/// tag and/or a `@sha256:` digest. The same grammar as the distribution reference, written for RE2,
-/// except that a port must be 1 to 65535.
-pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
+/// An OCI reference: optional `oci://`, optional registry, a repository path, then a tag and/or a
+/// `@sha256:` digest. As Docker reads it, a first component followed by `/` is the registry when
+/// it has a dot or a port or is `localhost` (then it must be a valid host), else a path
+/// component; a name without `/` is a path (on docker.io). The same grammar as the distribution
+/// reference, written for RE2, except that a port must be 1 to 65535.
+pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?(([a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?)+(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?|[a-zA-Z0-9]([a-zA-Z0-9-]*[a-zA-Z0-9])?:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])|localhost)/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*|[a-z0-9]+((_|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)+|[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
 
 /// Desired state: which module to deploy, to which workloads, and how.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -103,15 +103,9 @@ async fn flux_kstatus_and_the_argocd_health_check_read_every_state_right() {
     let client = client().await;
     let ns = TestNamespace::new("gitops");
     let n = ns.name.as_str();
-    // A registry that accepts connections and never answers: a pull that stays in flight.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let silent_addr = silent.local_addr().unwrap().to_string();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-        }
-    });
+    // A pull that stays in flight.
+    let silent = SilentRegistry::start().await;
+    let silent_addr = silent.addr.clone();
     let _op = Operator::start(
         n,
         &[
@@ -171,5 +165,4 @@ async fn flux_kstatus_and_the_argocd_health_check_read_every_state_right() {
     let mut bare = states[0].clone();
     bare.as_object_mut().unwrap().remove("status");
     assert_eq!(argocd_health(&bare).0, "Progressing");
-    held.abort();
 }

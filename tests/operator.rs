@@ -271,21 +271,11 @@ async fn bad_modules_are_reported_and_never_deployed() {
     push_module(&format!("{repo}/pinned:v1"), good).await;
     // A manifest whose module layer claims a negative size (the registry stores it as sent).
     push_module(&format!("{repo}/negative:v1"), module("negative")).await;
-    let manifests = format!(
-        "http://{repo}/negative/manifests",
-        repo = repo.replacen('/', "/v2/", 1)
-    );
+    let repository = repo.split_once('/').unwrap().1;
+    let mut manifest = get_manifest(&env.registry, &format!("{repository}/negative"), "v1").await;
     let media = "application/vnd.oci.image.manifest.v1+json";
+    let manifests = format!("http://{}/v2/{repository}/negative/manifests", env.registry);
     let http = reqwest::Client::new();
-    let mut manifest: serde_json::Value = http
-        .get(format!("{manifests}/v1"))
-        .header("Accept", media)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     manifest["layers"][0]["size"] = (-1).into();
     let put = http
         .put(format!("{manifests}/v2"))
@@ -708,16 +698,8 @@ async fn sigterm_ends_the_operator_promptly_while_its_watches_cannot_list() {
 async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
     client().await;
     let ns = TestNamespace::new("sigterm-busy");
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let registry = silent.local_addr().unwrap().to_string();
-    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
-    let held = tokio::spawn(async move {
-        let mut open = Vec::new();
-        while let Ok((conn, _)) = silent.accept().await {
-            open.push(conn);
-            let _ = accepted_tx.send(());
-        }
-    });
+    let mut silent = SilentRegistry::start().await;
+    let registry = silent.addr.clone();
     let mut op = Operator::start(
         &ns.name,
         &[
@@ -735,7 +717,7 @@ async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
         "WasmPlugin",
     ));
     // The reconcile is waiting on the registry.
-    tokio::time::timeout(Duration::from_secs(30), accepted.recv())
+    tokio::time::timeout(Duration::from_secs(30), silent.accepted.recv())
         .await
         .expect("the operator connects to the registry");
     let start = std::time::Instant::now();
@@ -751,5 +733,4 @@ async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
         op.logs()
             .contains("reconciles still in flight; exiting anyway")
     );
-    held.abort();
 }

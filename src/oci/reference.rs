@@ -136,6 +136,12 @@ mod tests {
         "r.io/a--b",
         "r.io:65535/a",
         "r.io:1/a",
+        "registry:5000/a",
+        "localhost:5000/a/b",
+        "a.b.c/d",
+        "a.b",
+        "a_b/c.d",
+        "a__b-c/d_e/f",
     ];
     const REFUSED: &[&str] = &[
         "",
@@ -155,6 +161,12 @@ mod tests {
         "r.io:0/a",
         "r.io:05000/a",
         "r.io:+500/a",
+        // Found by fuzzing: no dot, port or localhost, so `zuI0` is a path component (Docker
+        // reads docker.io/zuI0/3), and upper case is not allowed there.
+        "zuI0/3",
+        // Also found by fuzzing: a first component with a dot is a registry, so `_` is not
+        // allowed in it, though it is in a path.
+        "u1u4.z.u4_5/z.uu",
         "-r.io/a",
         "r.io/a:-tag",
         "r.io/a/",

@@ -142,6 +142,55 @@ where
     }
 }
 
+/// A "registry" that accepts connections and never answers: a pull against it stays in flight.
+/// `accepted` hears of each connection.
+pub struct SilentRegistry {
+    pub addr: String,
+    pub accepted: tokio::sync::mpsc::UnboundedReceiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentRegistry {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+                let _ = tx.send(());
+            }
+        });
+        SilentRegistry {
+            addr,
+            accepted,
+            task,
+        }
+    }
+}
+
+impl Drop for SilentRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An OCI image manifest from the test registry, as JSON.
+pub async fn get_manifest(registry: &str, repository: &str, reference: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!(
+            "http://{registry}/v2/{repository}/manifests/{reference}"
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A kubeconfig for ServiceAccount `ns/name` (a TokenRequest token), written into `dir`.
 pub fn service_account_kubeconfig(ns: &str, name: &str, dir: &std::path::Path) -> PathBuf {
     let out = kubectl(&["create", "token", name, "-n", ns, "--duration", "1h"]);
