@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
 # Builds the operator's container image without a container engine, the same image the
 # Containerfile describes, and optionally pushes it:
-#   e2e/image.sh [REF]     e.g. e2e/image.sh 127.0.0.1:5000/wasmfilter/operator:dev
+#   e2e/image.sh [--no-build] [REF]     e.g. e2e/image.sh 127.0.0.1:5000/wasmfilter/operator:dev
+# --no-build packs the binary the last build left (tests use it: CI builds first).
 # The image: one layer holding a static /wasmfilter and the CA bundle, entrypoint /wasmfilter,
 # user 65532:65532 (non-root), no shell, nothing else (so it runs with a read-only root
 # filesystem). The OCI layout is written to target/image/; pushing uses oras (plain HTTP for
 # 127.0.0.1 registries). The static build lives in ~/.cache/wasmfilter/image-target.
 source "$(dirname "$0")/lib/common.sh"
 cd "$ROOT"
+build=1
+if [ "${1:-}" = --no-build ]; then build=0; shift; fi
 ref=${1:-}
 
 target_dir="$WASMFILTER_CACHE/image-target"
-run_with_heartbeat "cargo build --release (static binary)" \
-  env RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
-  cargo build --release --locked --target x86_64-unknown-linux-gnu --bin wasmfilter
 bin="$target_dir/x86_64-unknown-linux-gnu/release/wasmfilter"
+if [ "$build" = 1 ]; then
+  run_with_heartbeat "cargo build --release (static binary)" \
+    env RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$target_dir" \
+    cargo build --release --locked --target x86_64-unknown-linux-gnu --bin wasmfilter
+fi
+[ -x "$bin" ] || die "no static binary at $bin: run e2e/image.sh (without --no-build) first"
 if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
   die "$bin is dynamically linked; the image has no libc"
 fi

@@ -589,10 +589,12 @@ async fn network_filters_are_served_too() {
     })
     .await;
     assert_eq!(workload(&wf, "l4").unwrap().loaded, Some(true));
+    // The counter lives under network_filter: Envoy took it as a network filter. (Under load it
+    // has read 2 in a run whose operator log shows one send and one ACK, so the count is
+    // Envoy's own and not asserted.)
     let loaded = format!("extension_config_discovery.network_filter.{name}.config_reload");
-    assert_eq!(
-        e.stat(&loaded).await,
-        1,
+    assert!(
+        e.stat(&loaded).await >= 1,
         "Envoy counted it as a network filter"
     );
     // Traffic flows through the TCP listener whose chain holds it.
