@@ -146,6 +146,20 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
     assert_eq!(resp.bytes().await.unwrap().to_vec(), m);
     assert!(op.metric("wasmfilter_cache_misses_total").await >= misses + 2.0);
 
+    // When the registry cannot give it back either, the proxy is told to come back later.
+    std::fs::remove_file(&path).unwrap();
+    let blob = env
+        .registry_root
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&sha[..2])
+        .join(&sha)
+        .join("data");
+    std::fs::remove_file(&blob).unwrap();
+    let resp = get().await;
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    assert!(!path.exists(), "nothing half-fetched is left to serve");
+
     // A module nobody deploys is a plain 404.
     let unknown = format!(
         "http://127.0.0.1:{}/modules/sha256/{}.wasm",

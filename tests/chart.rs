@@ -311,6 +311,10 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     // The CRD stays (Helm never deletes crds/), and so do the users' filters.
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), n);
     api.get("first").await.unwrap();
+    child_api(&client, n, "WasmPlugin")
+        .get("first")
+        .await
+        .unwrap();
 }
 
 /// What `kubectl apply -k config/default` created, removed again (never the CRD: other tests'

@@ -35,12 +35,14 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 run_with_heartbeat() {
   local label=$1; shift
   local logf; logf=$(mktemp "${TMPDIR:-/tmp}/wasmfilter-step.XXXXXX")
-  local start=$SECONDS
+  local start=$SECONDS last=$SECONDS
   "$@" >"$logf" 2>&1 &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
-    if (( (SECONDS - start) % 20 == 0 )) && (( SECONDS > start )); then
+    # Every 20 s, even when a loaded machine stretches the sleeps.
+    if (( SECONDS - last >= 20 )); then
+      last=$SECONDS
       log "$label: still working ($((SECONDS - start)) s)"
     fi
   done

@@ -201,6 +201,22 @@ impl ModuleCache {
         }
     }
 
+    /// [`ModuleCache::insert`] on a blocking thread (it writes, syncs and hashes).
+    pub async fn insert_off_thread(&self, bytes: Vec<u8>) -> std::io::Result<String> {
+        let cache = self.clone();
+        tokio::task::spawn_blocking(move || cache.insert(&bytes))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// [`ModuleCache::verify`] on a blocking thread (it may read and hash the whole module).
+    pub async fn verify_off_thread(&self, sha256: &str) -> std::io::Result<bool> {
+        let (cache, sha256) = (self.clone(), sha256.to_string());
+        tokio::task::spawn_blocking(move || cache.verify(&sha256))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
     /// Marks a module as just used (served, or reused by a reconcile), so eviction takes least
     /// recently used modules first.
     pub fn touch(&self, sha256: &str) {

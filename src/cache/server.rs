@@ -60,15 +60,7 @@ async fn serve_module(
             .into_response();
     };
     // Never serve bytes that do not hash to their name (hashed again only if the file changed).
-    let present = {
-        let cache = cache.clone();
-        let sha = sha.to_string();
-        tokio::task::spawn_blocking(move || cache.verify(&sha))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or(false)
-    };
+    let present = cache.verify_off_thread(sha).await.unwrap_or(false);
     if !present {
         let fetched = match &on_demand {
             Some(f) => f.fetch(sha).await,

@@ -319,7 +319,7 @@ impl Context {
             inflight.entry(sha256.to_string()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let result = if self.cache.verify(sha256).unwrap_or(false) {
+        let result = if self.cache.verify_off_thread(sha256).await.unwrap_or(false) {
             Ok(())
         } else {
             self.fetch_deployed(&wf, sha256).await
@@ -743,7 +743,7 @@ fn pinned_digest(wf: &WasmFilter) -> Option<&str> {
 
 /// With `IfNotPresent`, the module already resolved for this image, when the cache still holds
 /// its verified bytes: no registry round trip, so a registry outage cannot fail a resync.
-fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
+async fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
     pinned_digest(wf)?;
     let a = wf.status.as_ref()?.artifact.as_ref()?;
     if wf
@@ -755,7 +755,7 @@ fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifact> {
     {
         return None;
     }
-    if !cache.verify(&a.module_sha256).ok()? {
+    if !cache.verify_off_thread(&a.module_sha256).await.ok()? {
         return None;
     }
     cache.touch(&a.module_sha256);
@@ -783,7 +783,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     }
     check_supported(wf, ctx)?;
 
-    let artifact = match cached_artifact(wf, &ctx.cache) {
+    let artifact = match cached_artifact(wf, &ctx.cache).await {
         Some(artifact) => {
             ctx.metrics.cache_hit();
             artifact

@@ -207,7 +207,10 @@ impl Resolver {
             .await?;
         let info = match module {
             Some((module, info)) => {
-                cache.insert(&module).map_err(Error::CacheWrite)?;
+                cache
+                    .insert_off_thread(module)
+                    .await
+                    .map_err(Error::CacheWrite)?;
                 Some(std::sync::Arc::new(info))
             }
             None => None,
