@@ -582,6 +582,59 @@ async fn registry_faults_never_replace_a_working_filter() {
     .unwrap();
 }
 
+/// A 429's `Retry-After` is honoured: the next attempt comes no sooner, although the filter
+/// re-resolves its tag every second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_no_sooner_than_its_retry_after() {
+    let env = env();
+    let client = client().await;
+    let proxy = FaultProxy::start(&env.registry).await;
+    let ns = TestNamespace::new("throttle");
+    let _op = Operator::start(
+        &ns.name,
+        &["--insecure-registry", &proxy.addr, "--resync-seconds", "1"],
+    )
+    .await;
+    push_module(
+        &format!("{}/throttle/{}:v1", env.registry, ns.name),
+        module(&format!("throttle-{}", ns.name)),
+    )
+    .await;
+    let image = format!("{}/throttle/{}:v1", proxy.addr, ns.name);
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
+    wait_ready(&client, &ns.name, "f", "True").await;
+
+    const RETRY_AFTER: u64 = 3;
+    proxy.set(Fault::Throttle(RETRY_AFTER));
+    let start = std::time::Instant::now();
+    let throttled = wait_for(
+        "three throttled attempts",
+        Duration::from_secs(60),
+        || async {
+            let times: Vec<_> = proxy
+                .manifest_requests
+                .lock()
+                .unwrap()
+                .iter()
+                .copied()
+                .filter(|t| *t >= start)
+                .collect();
+            (times.len() >= 3).then_some(times)
+        },
+    )
+    .await;
+    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    assert_eq!(condition(&wf, "Ready").unwrap().reason, "RegistryThrottled");
+    proxy.set(Fault::None);
+    for pair in throttled.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(RETRY_AFTER * 1000 - 100),
+            "retried after {gap:?}, before Retry-After {RETRY_AFTER} s: {throttled:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_blob_that_is_not_json_is_refused() {
     let env = env();

@@ -461,6 +461,8 @@ pub enum Fault {
     CorruptBlobs,
     /// Requests are accepted and never answered.
     Stall,
+    /// 429 with `Retry-After` of this many seconds.
+    Throttle(u64),
 }
 
 /// A reverse proxy in front of a real registry that misbehaves on request.
@@ -468,6 +470,8 @@ pub struct FaultProxy {
     pub addr: String,
     fault: Arc<Mutex<Fault>>,
     pub requests: Arc<AtomicU64>,
+    /// When each manifest request arrived.
+    pub manifest_requests: Arc<Mutex<Vec<std::time::Instant>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -476,6 +480,7 @@ struct ProxyState {
     upstream: String,
     fault: Arc<Mutex<Fault>>,
     requests: Arc<AtomicU64>,
+    manifest_requests: Arc<Mutex<Vec<std::time::Instant>>>,
     http: reqwest::Client,
 }
 
@@ -484,10 +489,12 @@ impl FaultProxy {
     pub async fn start(upstream: &str) -> Self {
         let fault = Arc::new(Mutex::new(Fault::None));
         let requests = Arc::new(AtomicU64::new(0));
+        let manifest_requests = Arc::new(Mutex::new(Vec::new()));
         let state = ProxyState {
             upstream: upstream.to_string(),
             fault: fault.clone(),
             requests: requests.clone(),
+            manifest_requests: manifest_requests.clone(),
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -503,6 +510,7 @@ impl FaultProxy {
             addr: addr.to_string(),
             fault,
             requests,
+            manifest_requests,
             task,
         }
     }
@@ -524,7 +532,23 @@ async fn proxy(State(s): State<ProxyState>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let is_manifest = path.contains("/manifests/");
     let is_blob = path.contains("/blobs/");
+    if is_manifest {
+        s.manifest_requests
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
+    }
     match &fault {
+        Fault::Throttle(secs) if path != "/v2/" => {
+            let mut resp = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "{\"errors\":[{\"code\":\"TOOMANYREQUESTS\",\"message\":\"slow down\"}]}",
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*secs));
+            return resp;
+        }
         Fault::Status(code) if path != "/v2/" => {
             let mut resp = (
                 StatusCode::from_u16(*code).unwrap(),
