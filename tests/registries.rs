@@ -280,6 +280,58 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
     );
 }
 
+/// Tokens are renewed shortly (10 s) before they expire, and reused until then: with 14 s
+/// tokens and a pull every second, a few tokens serve many pulls and no pull is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_renewed_before_they_expire() {
+    let client = client().await;
+    let home = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(
+        home.path(),
+        &[("pusher", "push-pw"), ("puller", "pull-pw")],
+        Duration::from_secs(14),
+    )
+    .await;
+    let reg = TestRegistry::start(None, tokens.registry_auth()).await;
+    let image = format!("{}/renew/add-header:1.0", reg.addr);
+    let out = cli(
+        home.path(),
+        &["push", WAT, &image, "--plain-http", "--username", "pusher"],
+        &[("WASMFILTER_REGISTRY_PASSWORD", "push-pw")],
+    );
+    assert!(out.status.success(), "push: {}", stderr(&out));
+    let ns = TestNamespace::new("renew");
+    let op = Operator::start(
+        &ns.name,
+        &["--insecure-registry", &reg.addr, "--resync-seconds", "1"],
+    )
+    .await;
+    create_pull_secret(&ns.name, "regcred", &reg.addr, "puller", "pull-pw");
+    apply_ok(&filter_with_secret(
+        &ns.name, "f", &image, "regcred", "Always",
+    ));
+    wait_ready(&client, &ns.name, "f", "True").await;
+    // Over 20 s: each token is reusable for its first 4 s, so several are issued.
+    let pulls = wait_for("20 pulls", Duration::from_secs(60), || async {
+        let pulls = op
+            .metric("wasmfilter_module_pulls_total{result=\"pulled\"}")
+            .await;
+        (pulls >= 20.0).then_some(pulls)
+    })
+    .await;
+    let issued = tokens.issued_to("puller");
+    assert!(
+        issued >= 2 && (issued as f64) < pulls,
+        "{issued} tokens for {pulls} pulls: renewed, and reused in between"
+    );
+    assert_eq!(
+        op.metric("wasmfilter_reconcile_errors_total").await,
+        0.0,
+        "no pull was refused: {}",
+        op.logs()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_realm_on_a_metadata_address_is_never_contacted() {
     let client = client().await;
