@@ -273,18 +273,15 @@ async fn bad_modules_are_reported_and_never_deployed() {
     push_module(&format!("{repo}/negative:v1"), module("negative")).await;
     let repository = repo.split_once('/').unwrap().1;
     let mut manifest = get_manifest(&env.registry, &format!("{repository}/negative"), "v1").await;
-    let media = "application/vnd.oci.image.manifest.v1+json";
-    let manifests = format!("http://{}/v2/{repository}/negative/manifests", env.registry);
-    let http = reqwest::Client::new();
     manifest["layers"][0]["size"] = (-1).into();
-    let put = http
-        .put(format!("{manifests}/v2"))
-        .header("Content-Type", media)
-        .body(manifest.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success(), "{}", put.status());
+    put_manifest(
+        &env.registry,
+        &format!("{repository}/negative"),
+        "v2",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest.to_string().into_bytes(),
+    )
+    .await;
     let down = format!("127.0.0.1:{}/filters/x:v1", free_port());
 
     let cases = [
@@ -733,4 +730,86 @@ async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
         op.logs()
             .contains("reconciles still in flight; exiting anyway")
     );
+}
+
+/// An image index is followed to its Wasm entry (platform `wasm`/`wasip1`), whatever else it
+/// lists; an index with no Wasm entry and several others is refused, naming what it found.
+#[tokio::test]
+async fn an_image_index_is_followed_to_its_wasm_entry() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("index");
+    let n = &ns.name;
+    let _op = Operator::start(n, &[]).await;
+    let repository = format!("index/{n}");
+    let wasm = module(&format!("index-wasm-{n}"));
+    let other = module(&format!("index-other-{n}"));
+    let entry = |digest: &str, size: usize, arch: &str, os: &str| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest, "size": size,
+            "platform": {"architecture": arch, "os": os},
+        })
+    };
+    let mut entries = Vec::new();
+    for (tag, m, arch, os) in [
+        ("amd64", &other, "amd64", "linux"),
+        ("wasm", &wasm, "wasm", "wasip1"),
+    ] {
+        let digest = push_module(&format!("{}/{repository}:{tag}", env.registry), m.clone()).await;
+        let size = get_manifest_bytes(&env.registry, &repository, tag)
+            .await
+            .len();
+        entries.push(entry(&digest, size, arch, os));
+    }
+    let index_type = "application/vnd.oci.image.index.v1+json";
+    let index = |manifests: &[serde_json::Value]| {
+        serde_json::json!({"schemaVersion": 2, "mediaType": index_type, "manifests": manifests})
+            .to_string()
+            .into_bytes()
+    };
+    put_manifest(
+        &env.registry,
+        &repository,
+        "multi",
+        index_type,
+        index(&entries),
+    )
+    .await;
+    let mut no_wasm = entries.clone();
+    no_wasm[1] = entry(
+        entries[1]["digest"].as_str().unwrap(),
+        entries[1]["size"].as_u64().unwrap() as usize,
+        "arm64",
+        "linux",
+    );
+    put_manifest(
+        &env.registry,
+        &repository,
+        "no-wasm",
+        index_type,
+        index(&no_wasm),
+    )
+    .await;
+
+    apply_ok(&wasm_filter_yaml(
+        n,
+        "multi",
+        &format!("{}/{repository}:multi", env.registry),
+        "WasmPlugin",
+    ));
+    apply_ok(&wasm_filter_yaml(
+        n,
+        "no-wasm",
+        &format!("{}/{repository}:no-wasm", env.registry),
+        "WasmPlugin",
+    ));
+    let wf = wait_ready(&client, n, "multi", "True").await;
+    assert_eq!(
+        wf.status.unwrap().artifact.unwrap().module_sha256,
+        sha256_hex(&wasm)
+    );
+    let wf = wait_ready(&client, n, "no-wasm", "False").await;
+    let ready = condition(&wf, "Ready").unwrap();
+    assert_eq!(ready.reason, "NotAWasmArtifact", "{}", ready.message);
 }

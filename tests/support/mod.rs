@@ -191,6 +191,44 @@ pub async fn get_manifest(registry: &str, repository: &str, reference: &str) -> 
         .unwrap()
 }
 
+/// Stores `body` (of `media_type`) as manifest `reference` of `repository`; returns its digest.
+pub async fn put_manifest(
+    registry: &str,
+    repository: &str,
+    reference: &str,
+    media_type: &str,
+    body: Vec<u8>,
+) -> String {
+    let digest = format!("sha256:{}", wasmfilter::cache::sha256_hex(&body));
+    let r = reqwest::Client::new()
+        .put(format!(
+            "http://{registry}/v2/{repository}/manifests/{reference}"
+        ))
+        .header("Content-Type", media_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT manifest: {}", r.status());
+    digest
+}
+
+/// The raw bytes of a manifest.
+pub async fn get_manifest_bytes(registry: &str, repository: &str, reference: &str) -> Vec<u8> {
+    reqwest::Client::new()
+        .get(format!(
+            "http://{registry}/v2/{repository}/manifests/{reference}"
+        ))
+        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
 /// A kubeconfig for ServiceAccount `ns/name` (a TokenRequest token), written into `dir`.
 pub fn service_account_kubeconfig(ns: &str, name: &str, dir: &std::path::Path) -> PathBuf {
     let out = kubectl(&["create", "token", name, "-n", ns, "--duration", "1h"]);
