@@ -417,6 +417,38 @@ async fn every_artifact_format_is_accepted() {
             &[(&layer, layer_type)],
         )
         .await;
+        if *format == "docker" {
+            // A real Docker v2 manifest (schema 2), as `docker push` writes it, over the same blobs.
+            let repository = format!("filters/formats-{}/docker", ns.name);
+            let mut manifest = get_manifest(&env.registry, &repository, "v1").await;
+            let docker_v2 = "application/vnd.docker.distribution.manifest.v2+json";
+            manifest["mediaType"] = docker_v2.into();
+            manifest.as_object_mut().unwrap().remove("annotations");
+            put_manifest(
+                &env.registry,
+                &repository,
+                "v1",
+                docker_v2,
+                manifest.to_string().into_bytes(),
+            )
+            .await;
+            let stored: serde_json::Value = serde_json::from_slice(
+                &reqwest::Client::new()
+                    .get(format!(
+                        "http://{}/v2/{repository}/manifests/v1",
+                        env.registry
+                    ))
+                    .header("Accept", docker_v2)
+                    .send()
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(stored["mediaType"], docker_v2);
+        }
         apply_ok(&wasm_filter_yaml(
             &ns.name,
             format,
