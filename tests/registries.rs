@@ -79,6 +79,56 @@ fn visible_text(ns: &str, op: &Operator) -> String {
     format!("{}{}{}", stdout(&wf), stdout(&events), op.logs())
 }
 
+/// Neither a credential nor any encoding of it appears in status, Events or logs: the password,
+/// `user:password` in base64 (as in a docker config and a Basic header), the pull secret's whole
+/// `.dockerconfigjson` (decoded and as stored), and `bearer` tokens (their signatures).
+fn assert_no_credentials(
+    ns: &str,
+    op: &Operator,
+    user: &str,
+    password: &str,
+    secret: &str,
+    bearer: &[String],
+) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let seen = visible_text(ns, op);
+    let stored = kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "secret",
+        secret,
+        "-o",
+        "jsonpath={.data.\\.dockerconfigjson}",
+    ]);
+    let stored = stdout(&stored);
+    assert!(
+        !stored.is_empty(),
+        "secret {secret} has a .dockerconfigjson"
+    );
+    let blob = String::from_utf8(b64.decode(stored.trim()).unwrap()).unwrap();
+    let mut secrets = vec![
+        ("the password", password.to_string()),
+        (
+            "base64 user:password",
+            b64.encode(format!("{user}:{password}")),
+        ),
+        ("the .dockerconfigjson as stored", stored.trim().to_string()),
+        ("the .dockerconfigjson decoded", blob),
+    ];
+    for token in bearer {
+        let signature = token.rsplit('.').next().unwrap().to_string();
+        secrets.push(("a bearer token", signature));
+    }
+    for (what, secret) in secrets {
+        assert!(
+            !seen.contains(&secret),
+            "{what} leaked into status, Events or logs"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
     let client = client().await;
@@ -216,11 +266,7 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
         sha256_hex(&module)
     );
     drop(api);
-    let seen = visible_text(&ns.name, &op);
-    assert!(
-        !seen.contains(&password),
-        "the password leaked into status, Events or logs"
-    );
+    assert_no_credentials(&ns.name, &op, "alice", &password, "regcred", &[]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,6 +323,14 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
         ready.message.contains("set spec.module.pullSecret"),
         "{}",
         ready.message
+    );
+    assert_no_credentials(
+        &ns.name,
+        &op,
+        "puller",
+        "pull-pw",
+        "regcred",
+        &tokens.tokens(),
     );
 }
 

@@ -253,6 +253,8 @@ pub struct TokenServer {
     pub cert: PathBuf,
     /// Tokens issued, by user name.
     issued: Arc<Mutex<HashMap<String, u64>>>,
+    /// Every token issued.
+    tokens: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -264,6 +266,7 @@ struct Signer {
     issuer: String,
     lifetime: u64,
     issued: Arc<Mutex<HashMap<String, u64>>>,
+    tokens: Arc<Mutex<Vec<String>>>,
 }
 
 impl TokenServer {
@@ -324,6 +327,7 @@ impl TokenServer {
         )
         .unwrap();
         let issued = Arc::new(Mutex::new(HashMap::new()));
+        let tokens = Arc::new(Mutex::new(Vec::new()));
         let signer = Arc::new(Signer {
             key,
             cert_der: std::fs::read(dir.join("token.der")).unwrap(),
@@ -335,6 +339,7 @@ impl TokenServer {
             issuer: "wasmfilter-test-token-server".into(),
             lifetime: lifetime.as_secs(),
             issued: issued.clone(),
+            tokens: tokens.clone(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -351,6 +356,7 @@ impl TokenServer {
             issuer: signer.issuer.clone(),
             cert: dir.join("token.crt"),
             issued,
+            tokens,
             task,
         }
     }
@@ -362,6 +368,11 @@ impl TokenServer {
             issuer: self.issuer.clone(),
             cert: self.cert.clone(),
         }
+    }
+
+    /// Every token issued so far.
+    pub fn tokens(&self) -> Vec<String> {
+        self.tokens.lock().unwrap().clone()
     }
 
     /// Tokens issued to `user` so far.
@@ -434,6 +445,7 @@ async fn issue_token(
         .unwrap();
     let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()));
     *s.issued.lock().unwrap().entry(user).or_default() += 1;
+    s.tokens.lock().unwrap().push(token.clone());
     let body = serde_json::json!({
         "token": token, "access_token": token, "expires_in": s.lifetime,
     });
