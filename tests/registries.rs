@@ -386,6 +386,88 @@ async fn tokens_are_renewed_before_they_expire() {
     );
 }
 
+/// A token endpoint that answers with a redirect is not followed: credentials never go to
+/// where it points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_requests_follow_no_redirects() {
+    client().await;
+    let home = tempfile::tempdir().unwrap();
+    let tokens = TokenServer::start(home.path(), &[("u", "p")], Duration::from_secs(300)).await;
+    let Auth::Token {
+        service,
+        issuer,
+        cert,
+        ..
+    } = tokens.registry_auth()
+    else {
+        unreachable!()
+    };
+    // Where the redirect points: it counts who comes.
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let elsewhere_addr = elsewhere.local_addr().unwrap();
+    let visits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = visits.clone();
+    let sink = tokio::spawn(async move {
+        while let Ok((_conn, _)) = elsewhere.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    // The realm: every token request is redirected there.
+    let realm = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let realm_addr = realm.local_addr().unwrap();
+    let location = format!("http://{elsewhere_addr}/token");
+    let app = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move {
+            (
+                axum::http::StatusCode::FOUND,
+                [(axum::http::header::LOCATION, location)],
+            )
+        }
+    });
+    let redirector = tokio::spawn(async move { axum::serve(realm, app).await });
+    let reg = TestRegistry::start(
+        None,
+        Auth::Token {
+            realm: format!("http://{realm_addr}/token"),
+            service,
+            issuer,
+            cert,
+        },
+    )
+    .await;
+    let out = cli(
+        home.path(),
+        &[
+            "pull",
+            &format!("{}/redirect/f:1", reg.addr),
+            "-o",
+            "/dev/null",
+            "--plain-http",
+            "--username",
+            "u",
+        ],
+        &[("WASMFILTER_REGISTRY_PASSWORD", "p")],
+    );
+    assert!(
+        !out.status.success(),
+        "a redirected token request cannot succeed"
+    );
+    assert!(
+        stderr(&out).contains("token service answered HTTP 302"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        visits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the redirect was followed: {}",
+        stderr(&out)
+    );
+    sink.abort();
+    redirector.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_realm_on_a_metadata_address_is_never_contacted() {
     let client = client().await;
