@@ -26,6 +26,11 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerbLabels {
+    pub verb: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +44,7 @@ pub struct Metrics {
     pub cache_misses: Counter,
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
+    pub api_requests: Family<VerbLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -105,7 +111,14 @@ impl Default for Metrics {
             "Bytes held in the module cache after the last eviction pass",
             cache_bytes.clone(),
         );
+        let api_requests = Family::<VerbLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests to the Kubernetes API server, by verb (get, list, watch, create, patch, update, delete)",
+            api_requests.clone(),
+        );
         Metrics {
+            api_requests,
             registry,
             module_pull_bytes,
             cache_hits,
@@ -123,6 +136,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts one request to the API server, by its verb as the API server names it.
+    pub fn api_request(&self, method: &axum::http::Method, uri: &axum::http::Uri) {
+        let query = uri.query().unwrap_or("");
+        let verb = match *method {
+            axum::http::Method::GET
+                if query
+                    .split('&')
+                    .any(|p| p == "watch=true" || p == "watch=1") =>
+            {
+                "watch"
+            }
+            // A collection path ends in a resource name with no object name after it; the
+            // API server's own split: an odd number of segments after the group/version.
+            axum::http::Method::GET if is_collection(uri.path()) => "list",
+            axum::http::Method::GET => "get",
+            axum::http::Method::POST => "create",
+            axum::http::Method::PATCH => "patch",
+            axum::http::Method::PUT => "update",
+            axum::http::Method::DELETE => "delete",
+            _ => "other",
+        };
+        self.api_requests
+            .get_or_create(&VerbLabels { verb: verb.into() })
+            .inc();
+    }
+
     pub fn reconciled(&self, result: Result<(), &str>, took: Duration) {
         self.reconcile_duration.observe(took.as_secs_f64());
         match result {
@@ -220,4 +259,54 @@ async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         )],
         m.encode(),
     )
+}
+
+/// Whether an API path names a collection (`/api/v1/pods`, `/apis/g/v/namespaces/ns/kind`)
+/// rather than one object or a subresource.
+fn is_collection(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Skip `api/v1` or `apis/group/v1`, then `namespaces/<ns>` when namespaced.
+    let rest = match parts.as_slice() {
+        ["api", _, rest @ ..] | ["apis", _, _, rest @ ..] => rest,
+        _ => return false,
+    };
+    let rest = match rest {
+        ["namespaces", _, more @ ..] if !more.is_empty() => more,
+        other => other,
+    };
+    rest.len() == 1
+}
+
+#[cfg(test)]
+mod verb_tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_the_verb_the_api_server_sees() {
+        let m = Metrics::default();
+        let count = |method: axum::http::Method, uri: &str| {
+            m.api_request(&method, &uri.parse().unwrap());
+        };
+        count(
+            axum::http::Method::GET,
+            "/api/v1/namespaces/a/pods?labelSelector=x",
+        );
+        count(axum::http::Method::GET, "/api/v1/pods");
+        count(axum::http::Method::GET, "/api/v1/namespaces/a/pods/p");
+        count(
+            axum::http::Method::GET,
+            "/apis/wasmfilter.dev/v1alpha1/wasmfilters?watch=true&rv=1",
+        );
+        count(axum::http::Method::GET, "/api/v1/namespaces");
+        count(axum::http::Method::GET, "/api/v1/namespaces/a");
+        count(
+            axum::http::Method::PATCH,
+            "/apis/wasmfilter.dev/v1alpha1/namespaces/a/wasmfilters/f/status",
+        );
+        let text = m.encode();
+        for (verb, n) in [("list", 3), ("get", 2), ("watch", 1), ("patch", 1)] {
+            let line = format!("wasmfilter_api_requests_total{{verb=\"{verb}\"}} {n}");
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+    }
 }

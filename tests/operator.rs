@@ -560,13 +560,21 @@ async fn changing_the_target_replaces_the_child() {
     let env = env();
     let client = client().await;
     let ns = TestNamespace::new("switch");
-    let _op = Operator::start(&ns.name, &[]).await;
+    let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/switch-{}:v1", env.registry, ns.name);
     push_module(&image, module("switch")).await;
     apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin"));
     wait_ready(&client, &ns.name, "f", "True").await;
     let wps = child_api(&client, &ns.name, "WasmPlugin");
     assert!(wps.get_opt("f").await.unwrap().is_some());
+    // Its watches listed once each at start; a reconcile LISTs nothing (pods come from the
+    // operator's own index).
+    let lists = || op.metric("wasmfilter_api_requests_total{verb=\"list\"}");
+    let listed_at_start = lists().await;
+    assert!(
+        listed_at_start >= 4.0,
+        "the watches' initial lists are counted"
+    );
 
     apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "EnvoyFilter"));
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
@@ -586,6 +594,11 @@ async fn changing_the_target_replaces_the_child() {
     assert!(
         wps.get_opt("f").await.unwrap().is_none(),
         "old WasmPlugin must be removed"
+    );
+    assert_eq!(
+        lists().await,
+        listed_at_start,
+        "a reconcile listed something"
     );
 
     // Ecds on an operator started without --xds-listen: said so, with the fix, not ignored.

@@ -478,9 +478,20 @@ async fn run_operator(
     tokio::spawn(async move { axum::serve(cache_listener, cache_app).await });
     tokio::spawn(async move { axum::serve(admin_listener, admin_app).await });
 
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;
+    // Every request to the API server is counted, by verb (`wasmfilter_api_requests_total`).
+    let counted = metrics.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes API client")?
+        .with_layer(&tower::util::MapRequestLayer::new(
+            move |req: axum::http::Request<kube::client::Body>| {
+                counted.api_request(req.method(), req.uri());
+                req
+            },
+        ))
+        .build();
     controller::wait_for_crds(&client, Duration::from_secs(args.crd_wait_seconds))
         .await
         .map_err(anyhow::Error::msg)?;
