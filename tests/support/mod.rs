@@ -340,14 +340,15 @@ impl Operator {
         let env = env();
         let (cache_port, admin_port) = (free_port(), free_port());
         let log = cache_dir.path().join("operator.log");
+        // An empty namespace: every namespace (benchmarks).
+        let scope: &[&str] = if namespace.is_empty() {
+            &[]
+        } else {
+            &["--namespace", namespace]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
-            .args([
-                "operator",
-                "--namespace",
-                namespace,
-                "--cache-url",
-                CACHE_URL,
-            ])
+            .args(["operator", "--cache-url", CACHE_URL])
+            .args(scope)
             .args(["--cache-listen", &format!("127.0.0.1:{cache_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--insecure-registry", &env.registry])

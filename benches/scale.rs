@@ -1,0 +1,392 @@
+//! Scale benchmark (issue "Scale to 2,000 filters and 10,000 pods"), against the real test API
+//! server and registry, a release operator watching every namespace. For 200 filters / 1,000
+//! pods, 1,000 / 5,000 and 2,000 / 10,000 (20 namespaces; pods with realistic labels,
+//! annotations and images; every filter selects 5 pods; 50 distinct modules):
+//! 1. cold start to every filter Ready (each module pulled once), and a full resync after a
+//!    restart on the warm cache;
+//! 2. the same API server's raw throughput for the same writes (server-side apply of as many
+//!    children and two status patches a filter, no operator logic), and our ratio to it;
+//! 3. the operator's RSS, steady and peak;
+//! 4. API requests per reconcile (the operator's own `api_requests` and `reconciles` metrics);
+//! 5. at the largest size, pod churn: 1,000 new pods matching existing selectors, until every
+//!    affected filter's status counts them.
+//!
+//! Run with `e2e/bench.sh scale`. Every wait is bounded (10 minutes).
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use support::*;
+use wasmfilter::api::WasmFilter;
+
+const NAMESPACES: usize = 20;
+const MODULES: usize = 50;
+const PODS_PER_FILTER: usize = 5;
+const CONCURRENCY: usize = 16;
+const BOUND: Duration = Duration::from_secs(600);
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn pod(ns: &str, name: &str, app: &str, i: usize) -> Pod {
+    let envoy = if i.is_multiple_of(2) {
+        "docker.io/istio/proxyv2:1.28.2"
+    } else {
+        "docker.io/envoyproxy/envoy:v1.36.2"
+    };
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name, "namespace": ns,
+            "labels": {
+                "app": app, "pod-template-hash": format!("{:08x}", i),
+                "app.kubernetes.io/part-of": "shop", "security.istio.io/tlsMode": "istio",
+                "version": "v1",
+            },
+            "annotations": {
+                "prometheus.io/scrape": "true", "prometheus.io/port": "15020",
+                "sidecar.istio.io/status": "{\"initContainers\":[\"istio-init\"],\"containers\":[\"istio-proxy\"]}",
+            },
+        },
+        "spec": {
+            "initContainers": [{"name": "istio-init", "image": "docker.io/istio/proxyv2:1.28.2"}],
+            "containers": [
+                {"name": "app", "image": format!("registry.example.com/shop/{app}:1.{i}"),
+                 "ports": [{"containerPort": 8080}],
+                 "env": [{"name": "LOG_LEVEL", "value": "info"}]},
+                {"name": if i.is_multiple_of(2) { "istio-proxy" } else { "envoy" }, "image": envoy},
+            ],
+        },
+    }))
+    .unwrap()
+}
+
+fn filter(ns: &str, name: &str, app: &str, image: &str) -> WasmFilter {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "wasmfilter.dev/v1alpha1", "kind": "WasmFilter",
+        "metadata": {"name": name, "namespace": ns, "labels": {"bench": "scale"}},
+        "spec": {
+            "module": {"image": image},
+            "selector": {"matchLabels": {"app": app}},
+            "rootId": "add_header",
+            "config": {"greeting": name},
+        },
+    }))
+    .unwrap()
+}
+
+/// Creates `items` with `CONCURRENCY` requests in flight; returns how long it took.
+async fn create_all<K>(api_of: impl Fn(&K) -> Api<K>, items: Vec<K>) -> Duration
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let start = Instant::now();
+    futures::stream::iter(items)
+        .map(|item| {
+            let api = api_of(&item);
+            async move { api.create(&PostParams::default(), &item).await.map(|_| ()) }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap();
+    start.elapsed()
+}
+
+/// How many of the size's filters are Ready=True.
+async fn ready_count(client: &kube::Client, size: &str) -> usize {
+    let api: Api<WasmFilter> = Api::all(client.clone());
+    let lp = ListParams::default().labels(&format!("bench=scale,size={size}"));
+    api.list(&lp)
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|wf| condition(wf, "Ready").is_some_and(|c| c.status == "True"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < BOUND, "{what}: not within {BOUND:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    start.elapsed()
+}
+
+struct Size {
+    filters: usize,
+    pods: usize,
+}
+
+#[tokio::main]
+async fn main() {
+    let env = env();
+    let client = client().await;
+    println!(
+        "Scale benchmark: {NAMESPACES} namespaces, {MODULES} modules, {PODS_PER_FILTER} pods a filter; release operator watching every namespace"
+    );
+    // The modules, pushed once.
+    let mut images = Vec::new();
+    for m in 0..MODULES {
+        let image = format!("{}/bench/scale-{m}:v1", env.registry);
+        push_module(
+            &image,
+            module(&format!("scale-{m}-{:08x}", fastrand::u32(..))),
+        )
+        .await;
+        images.push(image);
+    }
+    let sizes = [
+        Size {
+            filters: 200,
+            pods: 1_000,
+        },
+        Size {
+            filters: 1_000,
+            pods: 5_000,
+        },
+        Size {
+            filters: 2_000,
+            pods: 10_000,
+        },
+    ];
+    for size in &sizes {
+        run(&client, &images, size).await;
+    }
+}
+
+async fn run(client: &kube::Client, images: &[String], size: &Size) {
+    let tag = format!("{}-{}", size.filters, size.pods);
+    let namespaces: Vec<String> = (0..NAMESPACES)
+        .map(|i| format!("scale-{tag}-{i}-{:04x}", fastrand::u16(..)))
+        .collect();
+    let ns_api: Api<Namespace> = Api::all(client.clone());
+    for ns in &namespaces {
+        let n: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+        ns_api.create(&PostParams::default(), &n).await.unwrap();
+    }
+    let per_ns_filters = size.filters / NAMESPACES;
+    let mut pods = Vec::new();
+    let mut filters = Vec::new();
+    for (n, ns) in namespaces.iter().enumerate() {
+        for f in 0..per_ns_filters {
+            let app = format!("svc-{f}");
+            for p in 0..PODS_PER_FILTER {
+                pods.push(pod(ns, &format!("{app}-{p}"), &app, n * 1000 + f * 10 + p));
+            }
+            let mut wf = filter(ns, &format!("f-{f}"), &app, &images[(n + f) % images.len()]);
+            wf.metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert("size".into(), tag.clone());
+            filters.push(wf);
+        }
+    }
+    let pods_took = create_all(
+        |p: &Pod| Api::namespaced(client.clone(), p.metadata.namespace.as_deref().unwrap()),
+        pods,
+    )
+    .await;
+    let filters_took = create_all(
+        |wf: &WasmFilter| {
+            Api::namespaced(client.clone(), wf.metadata.namespace.as_deref().unwrap())
+        },
+        filters.clone(),
+    )
+    .await;
+    println!(
+        "\n== {} filters / {} pods (created in {:.1} s and {:.1} s)",
+        size.filters,
+        size.pods,
+        pods_took.as_secs_f64(),
+        filters_took.as_secs_f64()
+    );
+
+    // 1. Cold: a fresh cache, every module pulled once.
+    let op = Operator::start("", &[]).await;
+    let cold = wait_until("every filter Ready (cold)", async || {
+        ready_count(client, &tag).await >= size.filters
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (steady, cold_peak) = rss_kib(op.pid());
+    let reconciles = op.metric("wasmfilter_reconciles_total").await;
+    let mut requests = 0.0;
+    for verb in ["get", "list", "create", "patch", "update", "delete"] {
+        requests += op
+            .metric(&format!("wasmfilter_api_requests_total{{verb=\"{verb}\"}}"))
+            .await;
+    }
+    let lists = op
+        .metric("wasmfilter_api_requests_total{verb=\"list\"}")
+        .await;
+    let pulls = op
+        .metric("wasmfilter_module_pulls_total{result=\"pulled\"}")
+        .await;
+    println!(
+        "  cold start to all Ready: {:.1} s ({:.0} filters/s; {pulls} pulls for {MODULES} modules)",
+        cold.as_secs_f64(),
+        size.filters as f64 / cold.as_secs_f64()
+    );
+    println!(
+        "  API requests (not watches) per reconcile: {:.2} ({requests} over {reconciles} reconciles; {lists} LISTs in all)",
+        requests / reconciles.max(1.0)
+    );
+
+    // 2. Restart on the warm cache: a full resync.
+    let cache = op.take_cache_dir();
+    let op = Operator::start_with_cache("", &[], cache).await;
+    let resync = wait_until("a full resync", async || {
+        op.metric("wasmfilter_reconciles_total").await >= size.filters as f64
+    })
+    .await;
+    let (_, peak) = rss_kib(op.pid());
+    println!(
+        "  restart, warm cache, full resync: {:.1} s",
+        resync.as_secs_f64()
+    );
+
+    let (steady2, peak2) = rss_kib(op.pid());
+    println!(
+        "  operator RSS: steady {} MiB after the cold start, {} MiB after the resync (peak of either {} MiB); goal < 100 MiB",
+        steady / 1024,
+        steady2 / 1024,
+        cold_peak.max(peak).max(peak2) / 1024
+    );
+
+    // 5. Pod churn at the largest size.
+    if size.filters >= 2_000 {
+        churn(client, &namespaces, per_ns_filters).await;
+    }
+    drop(op);
+
+    // 3. The raw baseline: the same writes with no operator logic (the operator stopped).
+    let raw = raw_writes(client, &filters).await;
+    println!(
+        "  raw API server, same writes ({} applies + {} status patches, {CONCURRENCY} in flight): {:.1} s; ours {:.1} s cold; ratio {:.2}x of raw (goal >= 0.8x)",
+        size.filters,
+        size.filters * 2,
+        raw.as_secs_f64(),
+        cold.as_secs_f64(),
+        raw.as_secs_f64() / cold.as_secs_f64()
+    );
+    for ns in &namespaces {
+        let _ = ns_api.delete(ns, &Default::default()).await;
+    }
+}
+
+/// Server-side applies one WasmPlugin per filter and patches each filter's status twice, as
+/// fast as the API server takes them, with the same client and concurrency.
+async fn raw_writes(client: &kube::Client, filters: &[WasmFilter]) -> Duration {
+    let ar = wasmfilter::render::wasm_plugin_resource();
+    let start = Instant::now();
+    futures::stream::iter(filters.iter())
+        .map(|wf| {
+            let ns = wf.metadata.namespace.clone().unwrap();
+            let name = format!("raw-{}", wf.metadata.name.as_deref().unwrap());
+            let children: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+            let statuses: Api<WasmFilter> = Api::namespaced(client.clone(), &ns);
+            let wf_name = wf.metadata.name.clone().unwrap();
+            async move {
+                let child = serde_json::json!({
+                    "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"url": "http://x/m.wasm", "sha256": "0".repeat(64),
+                             "selector": {"matchLabels": {"app": "x"}}, "pluginName": "add_header"},
+                });
+                let pp = PatchParams::apply("wasmfilter.dev/raw-bench").force();
+                children
+                    .patch(&name, &pp, &Patch::Apply(&child))
+                    .await
+                    .unwrap();
+                for round in 0..2 {
+                    let status = serde_json::json!({
+                        "apiVersion": "wasmfilter.dev/v1alpha1", "kind": "WasmFilter",
+                        "status": {"selectedWorkloads": round},
+                    });
+                    statuses
+                        .patch_status(&wf_name, &pp, &Patch::Apply(&status))
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<_>>()
+        .await;
+    start.elapsed()
+}
+
+/// 1,000 new pods, 5 for each of 200 filters: the time until each of those filters counts them.
+async fn churn(client: &kube::Client, namespaces: &[String], per_ns_filters: usize) {
+    let mut pods = Vec::new();
+    let mut affected = Vec::new();
+    'outer: for (n, ns) in namespaces.iter().enumerate() {
+        for f in 0..per_ns_filters {
+            if affected.len() == 200 {
+                break 'outer;
+            }
+            let app = format!("svc-{f}");
+            for p in 0..PODS_PER_FILTER {
+                pods.push(pod(
+                    ns,
+                    &format!("{app}-new-{p}"),
+                    &app,
+                    900_000 + n * 1000 + f * 10 + p,
+                ));
+            }
+            affected.push((ns.clone(), format!("f-{f}")));
+        }
+    }
+    let start = Instant::now();
+    create_all(
+        |p: &Pod| Api::namespaced(client.clone(), p.metadata.namespace.as_deref().unwrap()),
+        pods,
+    )
+    .await;
+    let created = start.elapsed();
+    let want = (PODS_PER_FILTER * 2) as u32;
+    wait_until("every affected filter counts its new pods", async || {
+        let mut all = true;
+        for (ns, name) in &affected {
+            let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
+            let n = api
+                .get(name)
+                .await
+                .ok()
+                .and_then(|wf| wf.status?.selected_workloads)
+                .unwrap_or(0);
+            if n < want {
+                all = false;
+                break;
+            }
+        }
+        all
+    })
+    .await;
+    println!(
+        "  pod churn: 1,000 new pods (created in {:.1} s) -> all 200 affected filters count them after {:.1} s",
+        created.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
+}
