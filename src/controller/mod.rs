@@ -78,6 +78,10 @@ pub struct Context {
     reconciling: AtomicUsize,
     /// Set on shutdown: no new reconcile starts.
     stopping: std::sync::atomic::AtomicBool,
+    /// The last status this process wrote, by object uid: only the operator writes status, so
+    /// it is the truth even before the watch delivers it (a reconcile the child's creation
+    /// triggers often runs first, and would resolve the tag again and flap the status).
+    written: Mutex<HashMap<String, crate::api::WasmFilterStatus>>,
 }
 
 impl Context {
@@ -109,12 +113,35 @@ impl Context {
             pods: Arc::default(),
             reconciling: AtomicUsize::new(0),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            written: Mutex::new(HashMap::new()),
         }
     }
 
     /// Starts no new reconcile from now on; those in flight run to their end.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// `wf` with the last status this process wrote for it, when the store has not caught up.
+    fn with_written_status(&self, wf: &Arc<WasmFilter>) -> Arc<WasmFilter> {
+        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match wf.uid().and_then(|uid| written.get(&uid)) {
+            Some(status) if wf.status.as_ref() != Some(status) => {
+                let mut newer = (**wf).clone();
+                newer.status = Some(status.clone());
+                Arc::new(newer)
+            }
+            _ => wf.clone(),
+        }
+    }
+
+    fn remember_status(&self, wf: &WasmFilter, status: &crate::api::WasmFilterStatus) {
+        let Some(uid) = wf.uid() else { return };
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        if written.len() >= 100_000 {
+            written.clear();
+        }
+        written.insert(uid, status.clone());
     }
 
     /// How many reconciles are running now.
@@ -662,6 +689,7 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
     if ctx.stopping.load(Ordering::SeqCst) {
         return Ok(Action::await_change());
     }
+    let wf = ctx.with_written_status(&wf);
     let result = apply_filter(&wf, &ctx).await;
     ctx.metrics.reconciled(
         result.as_ref().map(|_| ()).map_err(Error::reason),
@@ -681,7 +709,7 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
                 xds.decided(&name);
             }
             let status = status::failed(&wf, &err);
-            if let Err(e) = patch_status(&ctx.client, &wf, &status).await {
+            if let Err(e) = patch_status(&ctx, &wf, &status).await {
                 tracing::warn!(error = %e, "could not write failure status");
             }
             ctx.publish(&wf, EventType::Warning, err.reason(), err.to_string())
@@ -774,12 +802,7 @@ async fn cached_artifact(wf: &WasmFilter, cache: &ModuleCache) -> Option<Artifac
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
     if wf.status.is_none() {
-        patch_status(
-            &ctx.client,
-            wf,
-            &status::reconciling(wf.metadata.generation),
-        )
-        .await?;
+        patch_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
     }
     check_supported(wf, ctx)?;
 
@@ -879,7 +902,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
                 .find(|c| c.type_ == names::condition::COMPATIBLE)
         })
         .is_some_and(|c| c.status == "False" && c.message == compatible_message);
-    patch_status(&ctx.client, wf, &status).await?;
+    patch_status(ctx, wf, &status).await?;
     announce_changes(wf, ctx, &artifact, kind).await;
     if incompatible && !was_incompatible {
         ctx.publish(
@@ -1028,12 +1051,12 @@ async fn announce_changes(wf: &WasmFilter, ctx: &Context, artifact: &Artifact, k
 }
 
 async fn patch_status(
-    client: &Client,
+    ctx: &Context,
     wf: &WasmFilter,
     status: &crate::api::WasmFilterStatus,
 ) -> Result<(), Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
-    let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns);
+    let api: Api<WasmFilter> = Api::namespaced(ctx.client.clone(), &ns);
     let body = json!({
         "apiVersion": WasmFilter::api_version(&()),
         "kind": WasmFilter::kind(&()),
@@ -1045,8 +1068,9 @@ async fn patch_status(
         &Patch::Apply(&body),
     )
     .await
-    .map(|_| ())
-    .map_err(Error::UpdateStatus)
+    .map_err(Error::UpdateStatus)?;
+    ctx.remember_status(wf, status);
+    Ok(())
 }
 
 /// Until the controller runs, proxies asking for a module this replica lacks are told to
