@@ -290,9 +290,21 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
         cold.as_secs_f64(),
         raw.as_secs_f64() / cold.as_secs_f64()
     );
+    // Gone before the next size starts, so its operator reconciles (and counts) only its own.
     for ns in &namespaces {
         let _ = ns_api.delete(ns, &Default::default()).await;
     }
+    wait_until("the size's namespaces deleted", async || {
+        let mut gone = true;
+        for ns in &namespaces {
+            if ns_api.get_opt(ns).await.ok().flatten().is_some() {
+                gone = false;
+                break;
+            }
+        }
+        gone
+    })
+    .await;
 }
 
 /// Server-side applies one WasmPlugin per filter and patches each filter's status twice, as

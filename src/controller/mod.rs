@@ -471,8 +471,8 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Str
 /// before it answers with what it has (undecided filters are held, never removed).
 const ECDS_START_WAIT: Duration = Duration::from_secs(30);
 
-/// How long a reconcile waits for the pod index's first full list.
-const POD_SYNC_WAIT: Duration = Duration::from_secs(10);
+/// How long a reconcile waits for the pod index's first full list (10,000 pods take seconds).
+const POD_SYNC_WAIT: Duration = Duration::from_secs(60);
 
 /// Runs the controller until a shutdown signal. `xds_events` names filters whose proxies
 /// answered (ACK/NACK), connected or went away.
@@ -805,6 +805,13 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Action, Error> {
         patch_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
     }
     check_supported(wf, ctx)?;
+    // Before any registry round trip: a reconcile that cannot assess its pods would only
+    // resolve the tag again on its retry.
+    if !ctx.pods.wait_synced(POD_SYNC_WAIT).await {
+        return Err(Error::PodsNotSynced {
+            waited_secs: POD_SYNC_WAIT.as_secs(),
+        });
+    }
 
     let artifact = match cached_artifact(wf, &ctx.cache).await {
         Some(artifact) => {
