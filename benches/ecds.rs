@@ -52,18 +52,6 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 async fn set_greeting(api: &Api<WasmFilter>, greeting: &str) {
     let patch = serde_json::json!({"spec": {"config": {"greeting": greeting}}});
     api.patch("bench", &PatchParams::default(), &Patch::Merge(&patch))

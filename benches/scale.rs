@@ -32,18 +32,6 @@ const PODS_PER_FILTER: usize = 5;
 const CONCURRENCY: usize = 16;
 const BOUND: Duration = Duration::from_secs(600);
 
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(k))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn pod(ns: &str, name: &str, app: &str, i: usize) -> Pod {
     let envoy = if i.is_multiple_of(2) {
         "docker.io/istio/proxyv2:1.28.2"

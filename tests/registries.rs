@@ -269,36 +269,56 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
     assert_no_credentials(&ns.name, &op, "alice", &password, "regcred", &[]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
-    let client = client().await;
-    let home = tempfile::tempdir().unwrap();
+/// A token-auth registry (users `pusher` and `puller`, tokens valid `lifetime_secs`) holding
+/// one module pushed by the CLI as `pusher`.
+async fn token_registry_with_a_module(
+    home: &std::path::Path,
+    lifetime_secs: u64,
+    repo: &str,
+) -> (TokenServer, TestRegistry, String) {
     let tokens = TokenServer::start(
-        home.path(),
+        home,
         &[("pusher", "push-pw"), ("puller", "pull-pw")],
-        Duration::from_secs(300),
+        Duration::from_secs(lifetime_secs),
     )
     .await;
     let reg = TestRegistry::start(None, tokens.registry_auth()).await;
-    let image = format!("{}/token/add-header:1.0", reg.addr);
+    let image = format!("{}/{repo}/add-header:1.0", reg.addr);
     let out = cli(
-        home.path(),
+        home,
         &["push", WAT, &image, "--plain-http", "--username", "pusher"],
         &[("WASMFILTER_REGISTRY_PASSWORD", "push-pw")],
     );
     assert!(out.status.success(), "push: {}", stderr(&out));
+    (tokens, reg, image)
+}
 
-    let ns = TestNamespace::new("token");
+/// An operator deploying `image` as filter `f` with `puller`'s pull secret `regcred`,
+/// re-resolving it every second (`pullPolicy: Always`); returned once the filter is Ready.
+async fn operator_pulling_every_second(
+    client: &kube::Client,
+    ns: &str,
+    registry: &str,
+    image: &str,
+) -> Operator {
     let op = Operator::start(
-        &ns.name,
-        &["--insecure-registry", &reg.addr, "--resync-seconds", "1"],
+        ns,
+        &["--insecure-registry", registry, "--resync-seconds", "1"],
     )
     .await;
-    create_pull_secret(&ns.name, "regcred", &reg.addr, "puller", "pull-pw");
-    apply_ok(&filter_with_secret(
-        &ns.name, "f", &image, "regcred", "Always",
-    ));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    create_pull_secret(ns, "regcred", registry, "puller", "pull-pw");
+    apply_ok(&filter_with_secret(ns, "f", image, "regcred", "Always"));
+    wait_ready(client, ns, "f", "True").await;
+    op
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
+    let client = client().await;
+    let home = tempfile::tempdir().unwrap();
+    let (tokens, reg, image) = token_registry_with_a_module(home.path(), 300, "token").await;
+    let ns = TestNamespace::new("token");
+    let op = operator_pulling_every_second(&client, &ns.name, &reg.addr, &image).await;
     // pullPolicy Always re-resolves every second: several pulls, one token.
     wait_for("at least 4 pulls", Duration::from_secs(30), || async {
         let pulls = op
@@ -340,31 +360,9 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
 async fn tokens_are_renewed_before_they_expire() {
     let client = client().await;
     let home = tempfile::tempdir().unwrap();
-    let tokens = TokenServer::start(
-        home.path(),
-        &[("pusher", "push-pw"), ("puller", "pull-pw")],
-        Duration::from_secs(14),
-    )
-    .await;
-    let reg = TestRegistry::start(None, tokens.registry_auth()).await;
-    let image = format!("{}/renew/add-header:1.0", reg.addr);
-    let out = cli(
-        home.path(),
-        &["push", WAT, &image, "--plain-http", "--username", "pusher"],
-        &[("WASMFILTER_REGISTRY_PASSWORD", "push-pw")],
-    );
-    assert!(out.status.success(), "push: {}", stderr(&out));
+    let (tokens, reg, image) = token_registry_with_a_module(home.path(), 14, "renew").await;
     let ns = TestNamespace::new("renew");
-    let op = Operator::start(
-        &ns.name,
-        &["--insecure-registry", &reg.addr, "--resync-seconds", "1"],
-    )
-    .await;
-    create_pull_secret(&ns.name, "regcred", &reg.addr, "puller", "pull-pw");
-    apply_ok(&filter_with_secret(
-        &ns.name, "f", &image, "regcred", "Always",
-    ));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    let op = operator_pulling_every_second(&client, &ns.name, &reg.addr, &image).await;
     // Over 20 s: each token is reusable for its first 4 s, so several are issued.
     let pulls = wait_for("20 pulls", Duration::from_secs(60), || async {
         let pulls = op

@@ -229,6 +229,19 @@ pub async fn get_manifest_bytes(registry: &str, repository: &str, reference: &st
         .to_vec()
 }
 
+/// A process's resident memory now and at its peak, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// A kubeconfig for ServiceAccount `ns/name` (a TokenRequest token), written into `dir`.
 pub fn service_account_kubeconfig(ns: &str, name: &str, dir: &std::path::Path) -> PathBuf {
     let out = kubectl(&["create", "token", name, "-n", ns, "--duration", "1h"]);
@@ -274,23 +287,8 @@ impl Operator {
     ) -> Self {
         for _ in 0..5 {
             let mut op = Self::spawn(namespace, extra, cache_dir);
-            let url = format!("http://127.0.0.1:{}/readyz", op.admin_port);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(r) = reqwest::get(&url).await
-                    && r.status().is_success()
-                {
-                    return op;
-                }
-                if op.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "operator not ready in 60s:\n{}",
-                    op.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            if op.ready_or_exited().await {
+                return op;
             }
             assert!(
                 op.logs().contains("Address already in use"),
@@ -404,18 +402,31 @@ impl Operator {
             cache_dir,
             log,
         };
-        let url = format!("http://127.0.0.1:{admin_port}/readyz");
+        assert!(
+            op.ready_or_exited().await,
+            "operator ({args:?}) exited:\n{}",
+            op.logs()
+        );
+        op
+    }
+
+    /// Waits for `/readyz` (true) or the process's exit (false); panics after 60 s.
+    async fn ready_or_exited(&mut self) -> bool {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin_port);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = reqwest::get(&url).await
                 && r.status().is_success()
             {
-                return op;
+                return true;
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
             }
             assert!(
-                op.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
-                "operator ({args:?}) not ready:\n{}",
-                op.logs()
+                Instant::now() < deadline,
+                "operator not ready in 60s:\n{}",
+                self.logs()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
