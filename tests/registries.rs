@@ -452,7 +452,9 @@ async fn token_requests_follow_no_redirects() {
         "a redirected token request cannot succeed"
     );
     assert!(
-        stderr(&out).contains("token service answered HTTP 302"),
+        stderr(&out).contains(
+            "token service answered HTTP 302 Found: a redirect, which token requests never follow"
+        ),
         "{}",
         stderr(&out)
     );

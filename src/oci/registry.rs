@@ -395,7 +395,9 @@ impl RegistryClient {
             })?;
         if !status.is_success() {
             let detail = envelope_message(&body).unwrap_or_else(|| format!("HTTP {status}"));
-            let hint = if creds.is_anonymous() {
+            let hint = if status.is_redirection() {
+                "a redirect, which token requests never follow (credentials would go elsewhere)"
+            } else if creds.is_anonymous() {
                 "anonymous token refused; set spec.module.pullSecret"
             } else {
                 "the credentials were refused"
