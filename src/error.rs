@@ -162,9 +162,6 @@ pub enum Error {
         workloads: Vec<crate::api::WorkloadStatus>,
     },
 
-    #[error("listing the selected pods: {0}")]
-    ListWorkloads(#[source] kube::Error),
-
     #[error(
         "the pod watch has not completed its first list in {waited_secs} s (may the operator list and watch pods?)"
     )]
@@ -216,7 +213,6 @@ impl Error {
             Error::MissingNamespace => "MissingNamespace",
             Error::PushModule { .. } => "PushModule",
             Error::Incompatible { .. } => "Incompatible",
-            Error::ListWorkloads(_) => "ListWorkloads",
             Error::PodsNotSynced { .. } => "PodsNotSynced",
             Error::ReadModule { .. } => "ReadModule",
         }
@@ -232,7 +228,6 @@ impl Error {
                 | Error::UpdateStatus(_)
                 | Error::MissingNamespace
                 | Error::Incompatible { .. }
-                | Error::ListWorkloads(_)
                 | Error::PodsNotSynced { .. }
                 | Error::ReadModule { .. }
         )
@@ -264,7 +259,6 @@ impl Error {
             | Error::DeleteChild { .. }
             | Error::UpdateStatus(_)
             | Error::PushModule { .. }
-            | Error::ListWorkloads(_)
             | Error::PodsNotSynced { .. }
             | Error::ReadModule { .. } => Retry::Transient,
             Error::InvalidReference { .. }

@@ -148,13 +148,7 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
 
     // When the registry cannot give it back either, the proxy is told to come back later.
     std::fs::remove_file(&path).unwrap();
-    let blob = env
-        .registry_root
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&sha[..2])
-        .join(&sha)
-        .join("data");
-    std::fs::remove_file(&blob).unwrap();
+    std::fs::remove_file(env.blob_path(&sha)).unwrap();
     let resp = get().await;
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.headers()["retry-after"], "5");

@@ -241,12 +241,7 @@ async fn bad_modules_are_reported_and_never_deployed() {
     let corrupt = module("corrupt-blob");
     let corrupt_sha = sha256_hex(&corrupt);
     push_module(&format!("{repo}/corrupt:v1"), corrupt.clone()).await;
-    let data = env
-        .registry_root
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&corrupt_sha[..2])
-        .join(&corrupt_sha)
-        .join("data");
+    let data = env.blob_path(&corrupt_sha);
     let mut tampered = corrupt.clone();
     let last = tampered.len() - 2;
     tampered[last] ^= 0xff;

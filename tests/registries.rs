@@ -391,15 +391,6 @@ async fn token_requests_follow_no_redirects() {
     client().await;
     let home = tempfile::tempdir().unwrap();
     let tokens = TokenServer::start(home.path(), &[("u", "p")], Duration::from_secs(300)).await;
-    let Auth::Token {
-        service,
-        issuer,
-        cert,
-        ..
-    } = tokens.registry_auth()
-    else {
-        unreachable!()
-    };
     // Where the redirect points: it counts who comes.
     let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let elsewhere_addr = elsewhere.local_addr().unwrap();
@@ -426,12 +417,7 @@ async fn token_requests_follow_no_redirects() {
     let redirector = tokio::spawn(async move { axum::serve(realm, app).await });
     let reg = TestRegistry::start(
         None,
-        Auth::Token {
-            realm: format!("http://{realm_addr}/token"),
-            service,
-            issuer,
-            cert,
-        },
+        tokens.registry_auth_with_realm(&format!("http://{realm_addr}/token")),
     )
     .await;
     let out = cli(
@@ -473,24 +459,10 @@ async fn token_realm_on_a_metadata_address_is_never_contacted() {
     let client = client().await;
     let home = tempfile::tempdir().unwrap();
     let tokens = TokenServer::start(home.path(), &[("u", "p")], Duration::from_secs(300)).await;
-    let Auth::Token {
-        service,
-        issuer,
-        cert,
-        ..
-    } = tokens.registry_auth()
-    else {
-        unreachable!()
-    };
     // A registry that sends clients to the cloud metadata endpoint for tokens.
     let reg = TestRegistry::start(
         None,
-        Auth::Token {
-            realm: "http://169.254.169.254/latest/meta-data/iam".into(),
-            service,
-            issuer,
-            cert,
-        },
+        tokens.registry_auth_with_realm("http://169.254.169.254/latest/meta-data/iam"),
     )
     .await;
     let image = format!("{}/ssrf/f:1", reg.addr);

@@ -199,12 +199,8 @@ impl Context {
         module_sha256: &str,
     ) -> Result<(Vec<WorkloadStatus>, status::Cond), Error> {
         let info = self.module_info(module_sha256).await?;
-        if !self.pods.wait_synced(POD_SYNC_WAIT).await {
-            return Err(Error::PodsNotSynced {
-                waited_secs: POD_SYNC_WAIT.as_secs(),
-            });
-        }
-        // From the operator's own pod index (one watch), not a LIST per reconcile; matched on
+        // From the operator's own pod index (one watch; apply_filter waited for its first
+        // list), not a LIST per reconcile; matched on
         // the structured labels, never a selector string.
         let selected = self.pods.select(ns, &wf.spec.selector.match_labels);
         let live = self.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);

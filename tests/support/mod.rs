@@ -49,6 +49,17 @@ pub fn env() -> Env {
     }
 }
 
+impl Env {
+    /// Where the test registry stores the blob `sha256` (hex) on disk.
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.registry_root
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&sha256[..2])
+            .join(sha256)
+            .join("data")
+    }
+}
+
 pub async fn client() -> kube::Client {
     env();
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -362,8 +362,13 @@ impl TokenServer {
     }
 
     pub fn registry_auth(&self) -> Auth {
+        self.registry_auth_with_realm(&self.realm)
+    }
+
+    /// Token auth trusting this server's tokens, but sending clients to `realm` for them.
+    pub fn registry_auth_with_realm(&self, realm: &str) -> Auth {
         Auth::Token {
-            realm: self.realm.clone(),
+            realm: realm.to_string(),
             service: self.service.clone(),
             issuer: self.issuer.clone(),
             cert: self.cert.clone(),
