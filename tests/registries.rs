@@ -742,6 +742,69 @@ async fn registry_faults_never_replace_a_working_filter() {
     .unwrap();
 }
 
+/// One pull is bounded as a whole, not only by silence: a registry that sends a byte every
+/// 50 ms (never silent for `--registry-timeout-seconds`) is cut off at `--pull-timeout-seconds`
+/// (600 unless set), and the working module stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_never_finishes_is_cut_off_at_the_pull_cap() {
+    let help = stdout(
+        &Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+            .args(["operator", "--help"])
+            .output()
+            .unwrap(),
+    );
+    let line = help
+        .lines()
+        .skip_while(|l| !l.contains("--pull-timeout-seconds"))
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(line.contains("[default: 600]"), "{help}");
+
+    let env = env();
+    let client = client().await;
+    let proxy = FaultProxy::start(&env.registry).await;
+    let ns = TestNamespace::new("pullcap");
+    let op = Operator::start(
+        &ns.name,
+        &[
+            "--insecure-registry",
+            &proxy.addr,
+            "--registry-timeout-seconds",
+            "2",
+            "--pull-timeout-seconds",
+            "4",
+        ],
+    )
+    .await;
+    let reference = format!("{}/pullcap/{}:v1", env.registry, ns.name);
+    let good = module(&format!("pullcap-{}", ns.name));
+    let good_sha = sha256_hex(&good);
+    push_module(&reference, good).await;
+    let image = format!("{}/pullcap/{}:v1", proxy.addr, ns.name);
+    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
+    wait_ready(&client, &ns.name, "f", "True").await;
+
+    // A new module behind the same tag, whose blob now trickles in (a byte every 50 ms: about
+    // a minute for the module).
+    push_module(&reference, module(&format!("pullcap-new-{}", ns.name))).await;
+    proxy.set(Fault::Trickle(Duration::from_millis(50)));
+    let message = expect_failure(
+        &client,
+        &ns.name,
+        &image,
+        1,
+        "RegistryUnavailable",
+        &good_sha,
+    )
+    .await;
+    assert!(
+        message.contains("pull did not finish within 4 s"),
+        "{message}"
+    );
+    assert!(!op.logs().contains("panicked"), "{}", op.logs());
+}
+
 /// A 429's `Retry-After` is honoured: the next attempt comes no sooner, although the filter
 /// re-resolves its tag every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -263,6 +263,9 @@ pub struct OperatorArgs {
     /// Seconds a registry connection may stay silent before it counts as stalled.
     #[arg(long, default_value_t = 30)]
     pub registry_timeout_seconds: u64,
+    /// Seconds one whole resolve-and-pull may take, however steadily bytes arrive.
+    #[arg(long, default_value_t = 600)]
+    pub pull_timeout_seconds: u64,
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
     pub max_module_size: u64,
@@ -504,6 +507,7 @@ async fn run_operator(
         plain_http: args.insecure_registries,
         max_module_bytes: args.max_module_size,
         read_timeout: Duration::from_secs(args.registry_timeout_seconds.max(1)),
+        pull_timeout: Duration::from_secs(args.pull_timeout_seconds.max(1)),
         ..Default::default()
     };
     if let Some(file) = &args.registry_ca_file {

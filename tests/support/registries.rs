@@ -480,6 +480,9 @@ pub enum Fault {
     Stall,
     /// 429 with `Retry-After` of this many seconds.
     Throttle(u64),
+    /// Blobs come back whole and correct, one byte per this interval: never silent for long,
+    /// never finished.
+    Trickle(Duration),
 }
 
 /// A reverse proxy in front of a real registry that misbehaves on request.
@@ -638,7 +641,22 @@ async fn proxy(State(s): State<ProxyState>, req: Request) -> Response {
             out = out.header(k, v);
         }
     }
-    out.header(header::CONTENT_LENGTH, bytes.len())
-        .body(Body::from(bytes))
-        .unwrap()
+    let out = out.header(header::CONTENT_LENGTH, bytes.len());
+    match fault {
+        Fault::Trickle(every) if is_blob && status.is_success() => {
+            let bytes = bytes::Bytes::from(bytes);
+            let chunks = futures::stream::unfold(0usize, move |at| {
+                let bytes = bytes.clone();
+                async move {
+                    if at >= bytes.len() {
+                        return None;
+                    }
+                    tokio::time::sleep(every).await;
+                    Some((Ok::<_, std::io::Error>(bytes.slice(at..at + 1)), at + 1))
+                }
+            });
+            out.body(Body::from_stream(chunks)).unwrap()
+        }
+        _ => out.body(Body::from(bytes)).unwrap(),
+    }
 }
