@@ -18,5 +18,3 @@ pub mod oci;
 pub mod render;
 pub mod workloads;
 pub mod xds;
-
-pub use error::Error;

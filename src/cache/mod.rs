@@ -1,6 +1,8 @@
 //! Content-addressed module store: `<dir>/sha256/<hex>.wasm`, written atomically, and the HTTP
 //! server that hands those bytes to proxies.
 
+mod evict;
+mod ondemand;
 mod server;
 
 use std::collections::{HashMap, HashSet};
@@ -9,7 +11,37 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+pub use evict::{EVICTION_GRACE, evict_unused};
+pub use ondemand::Singleflight;
 pub use server::{FetchFailure, OnDemand, router};
+
+/// What can go wrong with the cache itself (disk, not content: corrupt files are dropped and
+/// read as absent).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing module to the cache: {0}")]
+    Write(#[source] std::io::Error),
+
+    #[error("reading module sha256:{sha256} back from the cache: {source}")]
+    Read {
+        sha256: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("reading module sha256:{sha256} back from the cache: not in the cache")]
+    Missing { sha256: String },
+}
+
+impl Error {
+    /// Stable, CamelCase reason (condition, Event, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Write(_) => "CacheWrite",
+            Error::Read { .. } | Error::Missing { .. } => "ReadModule",
+        }
+    }
+}
 
 /// What identifies a file's content without reading it: if none of these changed since the
 /// file was hashed, it still holds the bytes that were verified.
@@ -205,6 +237,30 @@ impl ModuleCache {
     pub async fn insert_off_thread(&self, bytes: Vec<u8>) -> std::io::Result<String> {
         let cache = self.clone();
         tokio::task::spawn_blocking(move || cache.insert(&bytes))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// The verified bytes of a module that must be in the cache, read on a blocking thread.
+    pub async fn read_off_thread(&self, sha256: &str) -> Result<Vec<u8>, Error> {
+        let (cache, sha) = (self.clone(), sha256.to_string());
+        let read = |source| Error::Read {
+            sha256: sha256.to_string(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || cache.read_verified(&sha))
+            .await
+            .map_err(|e| read(std::io::Error::other(e)))?
+            .map_err(read)?
+            .ok_or_else(|| Error::Missing {
+                sha256: sha256.to_string(),
+            })
+    }
+
+    /// [`ModuleCache::read_verified`] on a blocking thread.
+    pub async fn read_verified_off_thread(&self, sha256: &str) -> std::io::Result<Option<Vec<u8>>> {
+        let (cache, sha) = (self.clone(), sha256.to_string());
+        tokio::task::spawn_blocking(move || cache.read_verified(&sha))
             .await
             .map_err(std::io::Error::other)?
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -103,19 +103,13 @@ pub async fn report(mut bad: mpsc::UnboundedReceiver<Undecodable>, ctx: Arc<Cont
         {
             tracing::warn!(namespace = %ns, filter = %name, error = %e, "could not write status");
         }
-        let event = Event {
-            type_: EventType::Warning,
-            reason: reason::INVALID_SPEC.to_string(),
-            note: Some(super::truncate(message, 1024)),
-            action: "Reconcile".to_string(),
-            secondary: None,
-        };
-        if let Err(e) = ctx
-            .recorder
-            .publish(&event, &object.object_ref(&resource))
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish event");
-        }
+        super::report::publish(
+            &ctx.recorder,
+            &object.object_ref(&resource),
+            EventType::Warning,
+            reason::INVALID_SPEC,
+            message,
+        )
+        .await;
     }
 }

@@ -2,8 +2,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use super::Error;
 use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
-use crate::error::{Error, Retry};
+use crate::error::Retry;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
 use crate::xds::Load;
@@ -425,9 +426,83 @@ pub fn declared_abi_note(a: &Artifact) -> Option<String> {
     ))
 }
 
+/// Why a reconcile left a filter not ready, as the status tells it.
+struct NotReady<'a> {
+    reason: &'static str,
+    /// What went wrong (without what stays deployed).
+    what: String,
+    retry: Retry,
+    stage: Stage<'a>,
+}
+
+/// Where the pipeline stopped.
+enum Stage<'a> {
+    /// The module did not resolve (condition `Resolved`).
+    Resolve,
+    /// It resolved, but deploying it failed (condition `Deployed`).
+    Deploy,
+    /// It resolved, and `spec.onIncompatible: Block` kept it from these workloads, for this
+    /// reason (the `Compatible` condition's message).
+    Blocked {
+        refusal: &'a str,
+        workloads: &'a [WorkloadStatus],
+    },
+}
+
 /// Status after a failed reconcile: says what failed and why, and that whatever was deployed
 /// before is still what runs. `status.artifact` is left as it was (the deployed module).
 pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
+    not_ready(
+        wf,
+        NotReady {
+            reason: err.reason(),
+            what: err.to_string(),
+            retry: err.retry(),
+            stage: if err.is_resolve_failure() {
+                Stage::Resolve
+            } else {
+                Stage::Deploy
+            },
+        },
+    )
+}
+
+/// The message of a `Block` verdict: what refuses the module, and that it is not deployed.
+pub fn blocked_message(compatible: &Cond) -> String {
+    format!(
+        "{}; spec.onIncompatible is Block, so the module is not deployed",
+        compatible.message
+    )
+}
+
+/// Status after a `Block` verdict: `Compatible=False` with every workload's verdict, and the
+/// previous module (if any) still deployed. Nothing changes until the spec or the pods do.
+pub fn blocked(
+    wf: &WasmFilter,
+    compatible: &Cond,
+    workloads: &[WorkloadStatus],
+) -> WasmFilterStatus {
+    not_ready(
+        wf,
+        NotReady {
+            reason: reason::INCOMPATIBLE,
+            what: blocked_message(compatible),
+            retry: Retry::Invalid,
+            stage: Stage::Blocked {
+                refusal: &compatible.message,
+                workloads,
+            },
+        },
+    )
+}
+
+fn not_ready(wf: &WasmFilter, failure: NotReady<'_>) -> WasmFilterStatus {
+    let NotReady {
+        reason: why,
+        what,
+        retry,
+        stage,
+    } = failure;
     let old = wf.status.clone().unwrap_or_default();
     let kept = old.artifact.as_ref().map(|a| {
         format!(
@@ -437,8 +512,8 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
         )
     });
     let message = match &kept {
-        Some(k) => format!("{err}; {k}"),
-        None => err.to_string(),
+        Some(k) => format!("{what}; {k}"),
+        None => what.clone(),
     };
     let previous_deployed = old
         .conditions
@@ -459,65 +534,50 @@ pub fn failed(wf: &WasmFilter, err: &Error) -> WasmFilterStatus {
     };
     let mut conds = Vec::new();
     let mut workloads = old.workloads.clone();
-    if err.is_resolve_failure() {
-        conds.push(Cond::new(
-            condition::RESOLVED,
-            false,
-            err.reason(),
-            err.to_string(),
-        ));
-        conds.extend(carry(condition::COMPATIBLE));
-        conds.push(kept_or(
-            reason::NOT_ATTEMPTED,
-            "nothing deployed: the module did not resolve",
-        ));
-    } else {
-        conds.extend(carry(condition::RESOLVED));
-        match err {
-            Error::Incompatible {
-                message,
-                workloads: verdicts,
-            } => {
-                workloads = verdicts.clone();
-                conds.push(Cond::new(
-                    condition::COMPATIBLE,
-                    false,
-                    reason::INCOMPATIBLE,
-                    message.clone(),
-                ));
-                conds.push(kept_or(
-                    reason::INCOMPATIBLE,
-                    "nothing deployed: spec.onIncompatible is Block",
-                ));
-            }
-            _ => {
-                conds.extend(carry(condition::COMPATIBLE));
-                conds.push(Cond::new(
-                    condition::DEPLOYED,
-                    false,
-                    err.reason(),
-                    err.to_string(),
-                ));
-            }
+    match stage {
+        Stage::Resolve => {
+            conds.push(Cond::new(condition::RESOLVED, false, why, what.clone()));
+            conds.extend(carry(condition::COMPATIBLE));
+            conds.push(kept_or(
+                reason::NOT_ATTEMPTED,
+                "nothing deployed: the module did not resolve",
+            ));
+        }
+        Stage::Blocked {
+            refusal,
+            workloads: verdicts,
+        } => {
+            conds.extend(carry(condition::RESOLVED));
+            workloads = verdicts[..verdicts.len().min(MAX_LISTED_WORKLOADS)].to_vec();
+            conds.push(Cond::new(
+                condition::COMPATIBLE,
+                false,
+                reason::INCOMPATIBLE,
+                refusal.to_string(),
+            ));
+            conds.push(kept_or(
+                reason::INCOMPATIBLE,
+                "nothing deployed: spec.onIncompatible is Block",
+            ));
+        }
+        Stage::Deploy => {
+            conds.extend(carry(condition::RESOLVED));
+            conds.extend(carry(condition::COMPATIBLE));
+            conds.push(Cond::new(condition::DEPLOYED, false, why, what.clone()));
         }
     }
     // What the proxies said of the module they run is still true.
     conds.extend(carry(condition::LOADED));
-    conds.push(Cond::new(
-        condition::READY,
-        false,
-        err.reason(),
-        message.clone(),
-    ));
+    conds.push(Cond::new(condition::READY, false, why, message.clone()));
     // kstatus: a failure that may pass is work in progress; one that needs a change is stalled.
-    conds.push(match err.retry() {
+    conds.push(match retry {
         Retry::Transient => Cond::new(
             condition::RECONCILING,
             true,
-            err.reason(),
+            why,
             format!("retrying with backoff: {message}"),
         ),
-        Retry::Invalid => Cond::new(condition::STALLED, true, err.reason(), message),
+        Retry::Invalid => Cond::new(condition::STALLED, true, why, message),
     });
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
@@ -859,12 +919,59 @@ mod tests {
         w.status = Some(ecds_ready(&[Some(Load::Loaded)]));
         let s = failed(
             &w,
-            &Error::ManifestNotFound {
+            &Error::from(crate::oci::Error::ManifestNotFound {
                 reference: "r/f:2".into(),
-            },
+            }),
         );
         assert_eq!(cond(&s, "Loaded").status, "True");
         assert_eq!(s.loaded_workloads, Some(1));
+    }
+
+    #[test]
+    fn a_block_verdict_lists_the_refusals_and_keeps_the_running_module() {
+        let mut w = wf();
+        w.status = Some(plain_ready(&w, &artifact()));
+        let refusal = Cond::new(
+            condition::COMPATIBLE,
+            false,
+            reason::INCOMPATIBLE,
+            "web-1 (Envoy 1.20.0): needs proxy_on_foo",
+        );
+        let verdicts = vec![workload("web-1", Some("1.20.0"), Some(false))];
+        let s = blocked(&w, &refusal, &verdicts);
+        assert_eq!(s.artifact, w.status.as_ref().unwrap().artifact);
+        assert_eq!(s.workloads, verdicts);
+        let compatible = cond(&s, "Compatible");
+        assert_eq!(
+            (compatible.status.as_str(), compatible.message.as_str()),
+            ("False", refusal.message.as_str())
+        );
+        assert_eq!(cond(&s, "Deployed").reason, "KeptPreviousModule");
+        assert_eq!(cond(&s, "Resolved").status, "True");
+        let ready = cond(&s, "Ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "Incompatible")
+        );
+        assert!(
+            ready.message.contains("spec.onIncompatible is Block"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(
+            cond(&s, "Stalled").status,
+            "True",
+            "nothing changes until the spec or pods do"
+        );
+        // Nothing deployed before: Deployed says why nothing is.
+        let first = blocked(&wf(), &refusal, &verdicts);
+        assert_eq!(
+            (
+                cond(&first, "Deployed").status.as_str(),
+                cond(&first, "Deployed").reason.as_str()
+            ),
+            ("False", "Incompatible")
+        );
     }
 
     #[test]
@@ -882,9 +989,9 @@ mod tests {
     fn failure_after_success_keeps_the_deployed_artifact_and_says_so() {
         let mut w = wf();
         w.status = Some(plain_ready(&w, &artifact()));
-        let err = Error::ManifestNotFound {
+        let err = Error::from(crate::oci::Error::ManifestNotFound {
             reference: "r/f:2".into(),
-        };
+        });
         let s = failed(&w, &err);
         assert_eq!(s.artifact, w.status.as_ref().unwrap().artifact);
         assert_eq!(cond(&s, "Ready").status, "False");
@@ -948,19 +1055,19 @@ mod tests {
         let w = wf();
         let invalid = failed(
             &w,
-            &Error::ManifestNotFound {
+            &Error::from(crate::oci::Error::ManifestNotFound {
                 reference: "r/f:2".into(),
-            },
+            }),
         );
         assert_eq!(cond(&invalid, "Stalled").status, "True");
         assert_eq!(cond(&invalid, "Stalled").reason, "ManifestNotFound");
         assert!(invalid.conditions.iter().all(|c| c.type_ != "Reconciling"));
         let transient = failed(
             &w,
-            &Error::RegistryUnavailable {
+            &Error::from(crate::oci::Error::RegistryUnavailable {
                 registry: "r".into(),
                 message: "refused".into(),
-            },
+            }),
         );
         assert_eq!(cond(&transient, "Reconciling").status, "True");
         assert!(transient.conditions.iter().all(|c| c.type_ != "Stalled"));

@@ -5,10 +5,12 @@
 //! reading.
 
 pub mod auth;
+mod error;
 pub mod format;
 mod push;
 mod reference;
 mod registry;
+mod secret;
 mod tls;
 
 use std::collections::HashMap;
@@ -20,13 +22,14 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::{Client, Reference};
 
 pub use auth::Credentials;
+pub use error::Error;
 pub use format::{ExtractError, Format, select_module_layer};
 pub use push::{PushOptions, push_module};
 use registry::RegistryClient;
+pub use secret::pull_credentials;
 
 use crate::abi;
 use crate::cache::{ModuleCache, sha256_hex};
-use crate::error::Error;
 
 /// Media types the operator asks registries for when resolving a reference.
 const MANIFEST_MEDIA_TYPES: &[&str] = &[
@@ -210,7 +213,7 @@ impl Resolver {
                 cache
                     .insert_off_thread(module)
                     .await
-                    .map_err(Error::CacheWrite)?;
+                    .map_err(crate::cache::Error::Write)?;
                 Some(std::sync::Arc::new(info))
             }
             None => None,
@@ -237,9 +240,10 @@ impl Resolver {
             .await?;
         match module {
             Some((m, _)) => Ok((artifact, m)),
-            None => Err(Error::CacheWrite(std::io::Error::other(
+            None => Err(crate::cache::Error::Write(std::io::Error::other(
                 "no module bytes without a cache",
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -339,7 +343,9 @@ impl Resolver {
         if let Some(c) = cache
             && format.layer_is_module()
             && let Some(summary) = self.known(layer_hex)
-            && c.verify(layer_hex).map_err(Error::CacheWrite)?
+            && c.verify_off_thread(layer_hex)
+                .await
+                .map_err(crate::cache::Error::Write)?
         {
             check_pin(layer_hex)?;
             let declared = declared().await?;
@@ -357,9 +363,10 @@ impl Resolver {
         }
 
         let cached = match cache {
-            Some(c) if format.layer_is_module() => {
-                c.read_verified(layer_hex).map_err(Error::CacheWrite)?
-            }
+            Some(c) if format.layer_is_module() => c
+                .read_verified_off_thread(layer_hex)
+                .await
+                .map_err(crate::cache::Error::Write)?,
             _ => None,
         };
         // The runtime config and the module travel at once.
@@ -384,7 +391,7 @@ impl Resolver {
         .await
         .map_err(|e| Error::InvalidModule {
             reference: reference.whole(),
-            message: format!("inspecting the module: {e}"),
+            source: abi::ModuleError::Invalid(format!("inspecting the module failed: {e}")),
         })?
         .map_err(|source| Error::ExtractModule {
             reference: reference.whole(),
@@ -395,9 +402,9 @@ impl Resolver {
                 reference: reference.whole(),
                 found: format!("layer {} ({}): {e}", layer.digest, layer.media_type),
             },
-            other => Error::InvalidModule {
+            source => Error::InvalidModule {
                 reference: reference.whole(),
-                message: other.to_string(),
+                source,
             },
         })?;
         // A raw layer was just verified against its digest: that is the module's sha256.

@@ -12,6 +12,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde_json::json;
 
+use super::Error;
 use super::error_chain;
 use super::format::{
     CNCF_CONFIG_MEDIA_TYPE, CNCF_LAYER_MEDIA_TYPE, Format, OCI_TAR_GZIP_MEDIA_TYPE,
@@ -19,7 +20,6 @@ use super::format::{
 };
 use crate::abi;
 use crate::cache::sha256_hex;
-use crate::error::Error;
 
 /// OCI image config media type (used by the compat image).
 const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
@@ -140,9 +140,9 @@ pub async fn push_module(
     format: Format,
     opts: &PushOptions,
 ) -> Result<String, Error> {
-    let info = abi::inspect(&module).map_err(|e| Error::InvalidModule {
+    let info = abi::inspect(&module).map_err(|source| Error::InvalidModule {
         reference: reference.whole(),
-        message: e.to_string(),
+        source,
     })?;
     let abi_versions = if opts.abi_versions.is_empty() {
         info.abi_versions.clone()

@@ -18,9 +18,9 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AU
 use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
 
+use super::Error;
 use super::RegistryConfig;
 use super::auth::{self, Challenge, Credentials};
-use crate::error::Error;
 
 /// Largest manifest accepted (the OCI distribution spec's suggested minimum a registry should
 /// accept is 4 MiB; nothing legitimate for a Wasm module comes close).

@@ -6,10 +6,45 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::api::{FailurePolicy, FilterType, Phase, Target, TrafficMode, WasmFilter};
-use crate::error::Error;
+use crate::error::Retry;
 use crate::names::{self, istio};
 
 pub mod ecds;
+
+/// What cannot be rendered: a target this operator does not produce (or, for ECDS, does not
+/// serve as started).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field} is not supported by this version of the operator yet: {detail}")]
+    Unsupported { field: &'static str, detail: String },
+}
+
+impl Error {
+    /// Stable, CamelCase reason (condition, Event, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Unsupported { .. } => "Unsupported",
+        }
+    }
+
+    /// Nothing changes until the spec (or the operator's flags) do.
+    pub fn retry(&self) -> Retry {
+        Retry::Invalid
+    }
+}
+
+/// Refuses, before any network work, a target this operator cannot serve as started.
+pub fn check_supported(target: Target, serves_ecds: bool) -> Result<(), Error> {
+    if target == Target::Ecds && !serves_ecds {
+        return Err(Error::Unsupported {
+            field: "spec.target: Ecds",
+            detail: "this operator serves no ECDS: start it with --xds-listen ADDR, or use \
+                     WasmPlugin or EnvoyFilter"
+                .into(),
+        });
+    }
+    Ok(())
+}
 
 /// Where proxies fetch modules from: the operator's cache service.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -234,6 +234,28 @@ pub fn assess_live(pod: &Pod, info: &ModuleInfo, live: Option<String>) -> Worklo
     }
 }
 
+/// Every selected pod's verdict, most urgent first (refusing, then unknown, then compatible;
+/// by name within each). `live` gives the version a pod's connected Envoy reported, if any.
+pub fn assess_all<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    info: &ModuleInfo,
+    live: impl Fn(&Pod) -> Option<String>,
+) -> Vec<WorkloadStatus> {
+    let mut workloads: Vec<WorkloadStatus> = pods
+        .into_iter()
+        .map(|p| assess_live(p, info, live(p)))
+        .collect();
+    workloads.sort_by_key(|w| {
+        let rank = match w.compatible {
+            Some(false) => 0,
+            None => 1,
+            Some(true) => 2,
+        };
+        (rank, w.name.clone())
+    });
+    workloads
+}
+
 /// Whether every label of `selector` is on `labels`.
 pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))

@@ -1,0 +1,79 @@
+//! One on-demand fetch per module at a time: proxies asking at once for a module this replica
+//! lacks wait for the same fetch.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use super::{FetchFailure, ModuleCache};
+
+#[derive(Default)]
+pub struct Singleflight {
+    inflight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Singleflight {
+    /// Runs `fetch` for `sha256` unless the cache holds the verified module once this caller's
+    /// turn comes (an earlier caller fetched it).
+    pub async fn fetch<F>(
+        &self,
+        cache: &ModuleCache,
+        sha256: &str,
+        fetch: F,
+    ) -> Result<(), FetchFailure>
+    where
+        F: Future<Output = Result<(), FetchFailure>>,
+    {
+        let lock = {
+            let mut inflight = self.inflight.lock().await;
+            inflight.entry(sha256.to_string()).or_default().clone()
+        };
+        let result = {
+            let _turn = lock.lock().await;
+            if cache.verify_off_thread(sha256).await.unwrap_or(false) {
+                Ok(())
+            } else {
+                fetch.await
+            }
+        };
+        let mut inflight = self.inflight.lock().await;
+        // The last one out removes the entry (a later caller makes a new one).
+        if Arc::strong_count(&lock) <= 2 {
+            inflight.remove(sha256);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn callers_at_once_share_one_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ModuleCache::open(dir.path()).unwrap();
+        let module = b"\0asm\x01\0\0\0".to_vec();
+        let sha = crate::cache::sha256_hex(&module);
+        let flight = Singleflight::default();
+        let fetches = AtomicUsize::new(0);
+        let one = || async {
+            fetches.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            cache
+                .insert(&module)
+                .map(|_| ())
+                .map_err(|e| FetchFailure::Unavailable(e.to_string()))
+        };
+        let (a, b, c) = tokio::join!(
+            flight.fetch(&cache, &sha, one()),
+            flight.fetch(&cache, &sha, one()),
+            flight.fetch(&cache, &sha, one()),
+        );
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert!(flight.inflight.lock().await.is_empty());
+    }
+}

@@ -1,0 +1,229 @@
+//! The watches that trigger reconciles: WasmFilters (decoded one by one), their children (not
+//! the operator's own writes), pods (only what can change a verdict), and ECDS answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+
+use super::deploy::ecds_name;
+use super::{Context, decode, error_policy, reconcile};
+use crate::api::{Target, WasmFilter};
+use crate::names;
+use crate::render;
+use crate::workloads::index;
+
+/// How long a restarted operator's ECDS server waits for every known filter to be decided
+/// before it answers with what it has (undecided filters are held, never removed).
+const ECDS_START_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs the controller until a shutdown signal. `xds_events` names filters whose proxies
+/// answered (ACK/NACK), connected or went away.
+pub async fn run(
+    ctx: Arc<Context>,
+    xds_events: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+) {
+    let client = ctx.client.clone();
+    let ns = ctx.settings.namespace.clone();
+    let filter_resource = ApiResource::erase::<WasmFilter>(&());
+    let filters: Api<DynamicObject> = match &ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &filter_resource),
+        None => Api::all_with(client.clone(), &filter_resource),
+    };
+    let (bad_tx, bad_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(decode::report(bad_rx, ctx.clone()));
+    let children = |ar: &ApiResource| -> Api<DynamicObject> {
+        match &ns {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+            None => Api::all_with(client.clone(), ar),
+        }
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        names::LABEL_MANAGED_BY,
+        names::CONTROLLER_NAME
+    ));
+    // A child event is a reason to reconcile (someone changed or deleted it), except the
+    // operator's own apply echoing back.
+    let child_trigger = |ar: ApiResource| {
+        let ctx = ctx.clone();
+        let kind = ar.kind.clone();
+        watcher(children(&ar), owned.clone())
+            .default_backoff()
+            .touched_objects()
+            .filter(move |child| {
+                let own = matches!(child, Ok(c) if ctx.is_own_apply(&kind, c));
+                futures::future::ready(!own)
+            })
+    };
+    let wp = render::wasm_plugin_resource();
+    let ef = render::envoy_filter_resource();
+    // Reconcile on spec changes (generation) and owned-child changes, not on our own status
+    // writes, which would otherwise echo straight back as a new reconcile.
+    let (reader, writer) = reflector::store();
+    let xds = ctx.xds.clone();
+    let listed = reader.clone();
+    let trigger = watcher(filters, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
+        .reflect(writer)
+        // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
+        // and after every full list which filters exist at all.
+        .inspect(move |event| {
+            let Some(xds) = &xds else { return };
+            match event {
+                Ok(watcher::Event::Delete(wf)) => {
+                    if let Some(name) = ecds_name(wf) {
+                        xds.withdraw(&name);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => xds.sync(
+                    listed
+                        .state()
+                        .iter()
+                        .filter(|wf| wf.spec.target == Target::Ecds)
+                        .filter_map(|wf| ecds_name(wf))
+                        .collect(),
+                ),
+                _ => {}
+            }
+        })
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    // Pods come and go: a new one matching a selector is checked in the next reconcile of
+    // the filters that select it. Only what decides the verdict (labels, the version
+    // annotation, images) triggers one, not every status change of a pod.
+    let pods: Api<Pod> = match &ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let index = ctx.pods.clone();
+    let pod_trigger = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .modify(index::trim)
+        // The index sees each event before the reconcile it triggers runs.
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                index.apply(event);
+            }
+        })
+        .filter_map(|event| async move {
+            match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => Some(Ok(pod)),
+                // A deleted pod must change its fingerprint, or the filter would drop it.
+                Ok(watcher::Event::Delete(mut pod)) => {
+                    pod.metadata.deletion_timestamp.get_or_insert_with(|| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
+                    });
+                    Some(Ok(pod))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .predicate_filter(workload_fingerprint, Default::default());
+    let filters_store = reader.clone();
+    let mut controller = Controller::for_stream(trigger, reader)
+        .owns_stream_with(child_trigger(wp.clone()), wp)
+        .owns_stream_with(child_trigger(ef.clone()), ef)
+        .watches_stream(pod_trigger, move |pod: Pod| {
+            let ns = pod.namespace();
+            let labels = pod.labels().clone();
+            filters_store
+                .state()
+                .into_iter()
+                .filter(|wf| {
+                    wf.namespace() == ns
+                        && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
+                })
+                .map(|wf| ObjectRef::from_obj(&*wf))
+                .collect::<Vec<_>>()
+        });
+    // No `shutdown_on_signal`: on a signal its graceful shutdown drops reconciles in flight and
+    // waits for stores that may never fill; the binary handles signals (`Context::stop`).
+    if let Some(events) = xds_events {
+        let answered = tokio_stream::wrappers::UnboundedReceiverStream::new(events).filter_map(
+            |name| async move {
+                let (ns, name) = name.split_once('/')?;
+                Some(ObjectRef::<WasmFilter>::new(name).within(ns))
+            },
+        );
+        controller = controller.reconcile_on(answered);
+    }
+    if let Some(xds) = ctx.xds.clone() {
+        tokio::spawn(async move {
+            tokio::time::sleep(ECDS_START_WAIT).await;
+            xds.force_ready();
+        });
+    }
+    let store = controller.store();
+    let _ = ctx.store.set(store.clone());
+    let metrics = ctx.metrics.clone();
+    let evicting = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            // After every pull, and once a minute (filters get deleted too); off the
+            // reconcile path, since it walks the cache directory.
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = evicting.evict_soon.notified() => {}
+            }
+            let ctx = evicting.clone();
+            let _ = tokio::task::spawn_blocking(move || ctx.evict()).await;
+        }
+    });
+    // The store's readiness signal keeps one waker, which the controller's own wait takes; so
+    // poll it again every second rather than wait on it once.
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    metrics.set_ready();
+                    tracing::info!("watches synced; ready");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        }
+    });
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// What about a pod can change a verdict: its labels, its version annotation, its images,
+/// and whether it is going away.
+fn workload_fingerprint(pod: &Pod) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pod.labels().hash(&mut h);
+    pod.annotations()
+        .get(crate::workloads::ANNOTATION_ENVOY_VERSION)
+        .hash(&mut h);
+    pod.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(spec) = &pod.spec {
+        for c in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            c.name.hash(&mut h);
+            c.image.hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
