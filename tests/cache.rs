@@ -6,33 +6,8 @@ mod support;
 
 use std::time::{Duration, SystemTime};
 
-use kube::Api;
 use support::*;
-use wasmfilter::api::WasmFilter;
 use wasmfilter::cache::sha256_hex;
-
-fn filter_yaml(ns: &str, name: &str, image: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\", pullPolicy: {policy}}}\n  \
-         selector: {{matchLabels: {{app: web}}}}\n  target: WasmPlugin\n  rootId: add_header\n"
-    )
-}
-
-async fn wait_module(client: &kube::Client, ns: &str, name: &str, sha: &str) -> WasmFilter {
-    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
-    wait_for(
-        &format!("{ns}/{name} deploying module {sha}"),
-        Duration::from_secs(60),
-        || async {
-            let wf = api.get(name).await.ok()?;
-            let ready = condition(&wf, "Ready")?.status == "True";
-            let a = wf.status.as_ref()?.artifact.as_ref()?;
-            (ready && a.module_sha256 == sha).then_some(wf)
-        },
-    )
-    .await
-}
 
 fn set_old(path: &std::path::Path) {
     let t = SystemTime::now() - Duration::from_secs(7200);
@@ -53,8 +28,15 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     let image = format!("{}/tagmove/{}:stable", env.registry, ns.name);
     let first = module("tagmove-first");
     let first_digest = push_module(&image, first.clone()).await;
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always"));
-    wait_module(&client, &ns.name, "f", &sha256_hex(&first)).await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::Always)
+            .yaml(),
+    );
+    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha256_hex(&first))
+    })
+    .await;
     // No --cache-max-bytes: the cache's size is reported all the same.
     wait_for("the cache size metric", Duration::from_secs(10), || async {
         (op.metric("wasmfilter_cache_bytes").await == first.len() as f64).then_some(())
@@ -72,7 +54,7 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
         )],
     )
     .await;
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "NotAWasmArtifact");
     let child = children.get("f").await.unwrap();
     assert!(child.data.to_string().contains(&sha256_hex(&first)));
@@ -80,7 +62,10 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     // Then to a good module: deployed, with old and new digest in status and an Event.
     let second = module("tagmove-second");
     let second_digest = push_module(&image, second.clone()).await;
-    let wf = wait_module(&client, &ns.name, "f", &sha256_hex(&second)).await;
+    let wf = wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha256_hex(&second))
+    })
+    .await;
     let artifact = wf.status.as_ref().unwrap().artifact.clone().unwrap();
     assert_eq!(artifact.manifest_digest, second_digest);
     assert_eq!(
@@ -118,8 +103,15 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
     let m = module("ondemand");
     let sha = sha256_hex(&m);
     push_module(&image, m.clone()).await;
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent"));
-    wait_module(&client, &ns.name, "f", &sha).await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha)
+    })
+    .await;
     let url = format!(
         "http://127.0.0.1:{}/modules/sha256/{sha}.wasm",
         op.cache_port
@@ -173,8 +165,15 @@ async fn a_restart_drops_corrupt_modules_and_fetches_them_again() {
     let m = module("restart");
     let sha = sha256_hex(&m);
     push_module(&image, m.clone()).await;
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent"));
-    wait_module(&client, &ns.name, "f", &sha).await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha)
+    })
+    .await;
     let path = op.cached_module_path(&sha);
     let cache_dir = op.take_cache_dir();
     std::fs::write(&path, b"\0asm\x01\0\0\0 not the module any more").unwrap();
@@ -191,7 +190,10 @@ async fn a_restart_drops_corrupt_modules_and_fetches_them_again() {
         || async { (std::fs::read(&path).ok()? == m).then_some(()) },
     )
     .await;
-    wait_module(&client, &ns.name, "f", &sha).await;
+    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,8 +216,15 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
     let a = module("evict-a");
     let a_image = format!("{}/evict/{}-a:v1", env.registry, ns.name);
     push_module(&a_image, a.clone()).await;
-    apply_ok(&filter_yaml(&ns.name, "a", &a_image, "IfNotPresent"));
-    wait_module(&client, &ns.name, "a", &sha256_hex(&a)).await;
+    apply_ok(
+        &Filter::new(&ns.name, "a", &a_image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    wait_status(&client, &ns.name, "a", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha256_hex(&a))
+    })
+    .await;
     // The pull's eviction pass removed the stale module.
     wait_for(
         "the stale module evicted",
@@ -230,8 +239,15 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
     let b = module("evict-b");
     let b_image = format!("{}/evict/{}-b:v1", env.registry, ns.name);
     push_module(&b_image, b.clone()).await;
-    apply_ok(&filter_yaml(&ns.name, "b", &b_image, "IfNotPresent"));
-    wait_module(&client, &ns.name, "b", &sha256_hex(&b)).await;
+    apply_ok(
+        &Filter::new(&ns.name, "b", &b_image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    wait_status(&client, &ns.name, "b", "Ready with the module", |wf| {
+        ready_with_module(wf, &sha256_hex(&b))
+    })
+    .await;
     // The pass after b's pull has run once the size it reports holds both.
     let both = (a.len() + b.len()) as f64;
     wait_for(

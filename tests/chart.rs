@@ -219,24 +219,27 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let with_secret = |name: &str| {
-        wasm_filter_yaml(n, name, &image, "WasmPlugin")
-            .replace("\"}\n", "\", pullSecret: regcred}\n")
+        Filter::new(n, name, &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .pull_secret("regcred")
+            .yaml()
     };
     apply_ok(&with_secret("first"));
-    let wf = wait_ready(&client, n, "first", "True").await;
+    let wf = wait_condition(&client, n, "first", "Ready", "True").await;
     assert!(wf.status.unwrap().artifact.is_some());
     child_api(&client, n, "WasmPlugin")
         .get("first")
         .await
         .unwrap();
     // Its Events are written too (a Normal one on success is not promised; force a Warning).
-    apply_ok(&wasm_filter_yaml(
-        n,
-        "missing",
-        &image.replace(":v1", ":nope"),
-        "WasmPlugin",
-    ));
-    wait_ready(&client, n, "missing", "False").await;
+    apply_ok(
+        &Filter::new(n, "missing", &image.replace(":v1", ":nope"))
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    wait_condition(&client, n, "missing", "Ready", "False").await;
     wait_for("a Warning Event", Duration::from_secs(30), || async {
         (!warning_events(n, "missing").is_empty()).then_some(())
     })
@@ -265,7 +268,7 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     apply_ok(&with_secret("second"));
-    let wf = wait_ready(&client, n, "second", "False").await;
+    let wf = wait_condition(&client, n, "second", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "PullSecretForbidden", "{}", ready.message);
     assert!(

@@ -9,7 +9,6 @@ mod support;
 
 use std::time::Duration;
 
-use kube::Api;
 use support::*;
 use wasmfilter::api::{WasmFilter, WorkloadStatus};
 
@@ -52,14 +51,6 @@ fn needs_1_39(value: &str, marker: &str) -> Vec<u8> {
     ))
 }
 
-fn filter_yaml(ns: &str, name: &str, image: &str, greeting: &str, on_incompatible: &str) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\"}}\n  selector: {{matchLabels: {{app: web}}}}\n  \
-         target: Ecds\n  rootId: add_header\n  config: {{greeting: {greeting}}}\n  onIncompatible: {on_incompatible}\n"
-    )
-}
-
 /// An operator serving ECDS on its own port; returns it and the port.
 async fn operator(ns: &str) -> (Operator, u16) {
     let xds = free_port();
@@ -87,34 +78,6 @@ fn node<'a>(
     }
 }
 
-/// Waits until the filter's status, at its current generation, satisfies `ok`.
-async fn wait_status(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&WasmFilter) -> bool,
-) -> WasmFilter {
-    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
-    let mut last = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(wf) = api.get(name).await {
-            let current =
-                wf.status.as_ref().and_then(|s| s.observed_generation) == wf.metadata.generation;
-            if current && ok(&wf) {
-                return wf;
-            }
-            last = wf.status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {ns}/{name}: {what}; last status {last:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn workload<'a>(wf: &'a WasmFilter, pod: &str) -> Option<&'a WorkloadStatus> {
     wf.status.as_ref()?.workloads.iter().find(|w| w.name == pod)
 }
@@ -134,7 +97,13 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     let (_op, xds) = operator(n).await;
     let v1 = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &v1, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &v1)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let filters = [format!("{n}/hdr")];
     // Old Envoy over state of the world, new Envoy over delta, each naming its pod its own way.
     let old = Envoy::start_ecds(
@@ -175,7 +144,13 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     assert_eq!((col("SELECTED"), col("LOADED")), ("2", "2"), "{wide}");
 
     // A config change reaches both without a restart.
-    apply_ok(&filter_yaml(n, "hdr", &v1, "again", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &v1)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "again"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter-config", Some(r#"{"greeting":"again"}"#), 200)
             .await;
@@ -183,7 +158,13 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     // So does a new module.
     let v2 = format!("{}/ecds/{n}:v2", env.registry);
     push_module(&v2, wasm(&variant("v2", &format!("two-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &v2, "again", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &v2)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "again"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter", Some("v2"), 200).await;
     }
@@ -214,7 +195,13 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     let (_op, xds) = operator(n).await;
     let good = format!("{}/ecds/{n}:good", env.registry);
     push_module(&good, wasm(&variant("on", &format!("good-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &good, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &good)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let filters = [format!("{n}/hdr")];
     let old = Envoy::start_ecds(OLD, &node(n, "old", &filters, true, xds));
     let new = Envoy::start_ecds(NEW, &node(n, "new", &filters, false, xds));
@@ -228,7 +215,13 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     // Block (the default): 1.36.2 would refuse the new module, so no node gets it.
     let newer = format!("{}/ecds/{n}:needs-1-39", env.registry);
     push_module(&newer, needs_1_39("v3", &format!("new-{n}"))).await;
-    apply_ok(&filter_yaml(n, "hdr", &newer, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &newer)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let wf = wait_status(&client, n, "hdr", "blocked", |wf| {
         cond_is(wf, "Ready", "False", "Incompatible")
     })
@@ -244,7 +237,13 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     }
 
     // Warn: the Envoy that loads it gets it; the one that would refuse it keeps what it had.
-    apply_ok(&filter_yaml(n, "hdr", &newer, "hello", "Warn"));
+    apply_ok(
+        &Filter::new(n, "hdr", &newer)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Warn)
+            .yaml(),
+    );
     new.wait_header("x-wasmfilter", Some("v3"), 200).await;
     let wf = wait_status(&client, n, "hdr", "warned and loaded where it can", |wf| {
         cond_is(wf, "Loaded", "True", "Loaded")
@@ -284,7 +283,13 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     let (_op, xds) = operator(n).await;
     let good = format!("{}/ecds/{n}:good", env.registry);
     push_module(&good, wasm(&variant("on", &format!("good-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &good, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &good)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let filters = [format!("{n}/hdr")];
     let old = Envoy::start_ecds(OLD, &node(n, "p-old", &filters, false, xds));
     let new = Envoy::start_ecds(NEW, &node(n, "p-new", &filters, true, xds));
@@ -296,7 +301,13 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     // The ABI check passes (the module is well formed); only running it tells.
     let bad = format!("{}/ecds/{n}:bad", env.registry);
     push_module(&bad, configure_fails(&format!("bad-{n}"))).await;
-    apply_ok(&filter_yaml(n, "hdr", &bad, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &bad)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let wf = wait_status(&client, n, "hdr", "both refused it", |wf| {
         cond_is(wf, "Loaded", "False", "LoadFailed") && cond_is(wf, "Ready", "False", "LoadFailed")
     })
@@ -331,7 +342,13 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     }
 
     // Back to a good module: loaded again.
-    apply_ok(&filter_yaml(n, "hdr", &good, "fixed", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &good)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "fixed"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter-config", Some(r#"{"greeting":"fixed"}"#), 200)
             .await;
@@ -353,7 +370,13 @@ async fn operator_and_envoy_restarts_neither_drop_nor_reload_filters() {
     let (op, xds) = operator(n).await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("r-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &image, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &image)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let filters = [format!("{n}/hdr")];
     let sotw = Envoy::start_ecds(NEW, &node(n, "a", &filters, false, xds));
     let mut delta = Envoy::start_ecds(OLD, &node(n, "b", &filters, true, xds));
@@ -424,7 +447,13 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     let (op, xds) = operator(n).await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("e-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &image, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &image)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let ours = [format!("{n}/hdr")];
     let other = [format!("{n}/something-else")];
     apply_ok(&envoy_pod_yaml(n, "falls-back", "web", "v1.40.0"));
@@ -521,7 +550,13 @@ async fn the_ecds_port_can_serve_tls() {
     .await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("ok", &format!("tls-{n}")))).await;
-    apply_ok(&filter_yaml(n, "hdr", &image, "hello", "Block"));
+    apply_ok(
+        &Filter::new(n, "hdr", &image)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let filters = [format!("{n}/hdr")];
     let e = Envoy::start_ecds(
         NEW,
@@ -573,8 +608,12 @@ async fn network_filters_are_served_too() {
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("l4-{n}")))).await;
     apply_ok(
-        &filter_yaml(n, "tcp", &image, "hello", "Block")
-            .replace("target: Ecds\n", "target: Ecds\n  type: NETWORK\n"),
+        &Filter::new(n, "tcp", &image)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .on_incompatible(OnIncompatible::Block)
+            .edit(|spec| spec.filter_type = wasmfilter::api::FilterType::Network)
+            .yaml(),
     );
     let name = format!("{n}/tcp");
     let e = Envoy::start_ecds(

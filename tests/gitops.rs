@@ -126,9 +126,14 @@ async fn flux_kstatus_and_the_argocd_health_check_read_every_state_right() {
         ("taken-up", format!("{silent_addr}/gitops/slow:v1")),
     ];
     for (name, image) in &cases {
-        apply_ok(&wasm_filter_yaml(n, name, image, "WasmPlugin"));
+        apply_ok(
+            &Filter::new(n, name, image)
+                .target(Target::WasmPlugin)
+                .config(json!({"greeting": "hello"}))
+                .yaml(),
+        );
     }
-    wait_ready(&client, n, "ready", "True").await;
+    wait_condition(&client, n, "ready", "Ready", "True").await;
     let states = wait_for("every state reported", Duration::from_secs(60), || async {
         let objs: Vec<Value> = cases.iter().map(|(name, _)| get(n, name)).collect();
         let has =

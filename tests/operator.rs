@@ -31,8 +31,9 @@ async fn wasm_plugin_points_at_the_cached_module_and_is_collected_with_its_filte
 
     // No `target`: WasmPlugin is the default.
     apply_ok(
-        &wasm_filter_yaml(&ns.name, "add-header", &image, "WasmPlugin")
-            .replace("  target: WasmPlugin\n", ""),
+        &Filter::new(&ns.name, "add-header", &image)
+            .config(json!({"greeting": "hello"}))
+            .yaml_without("target"),
     );
     let out = kubectl(&[
         "wait",
@@ -184,13 +185,13 @@ async fn envoy_filter_patch_loads_in_real_envoy_and_acts_on_requests() {
     let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/ef-{}:v1", env.registry, ns.name);
     push_module(&image, module("envoy-filter")).await;
-    apply_ok(&wasm_filter_yaml(
-        &ns.name,
-        "add-header",
-        &image,
-        "EnvoyFilter",
-    ));
-    wait_ready(&client, &ns.name, "add-header", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "add-header", &image)
+            .target(Target::EnvoyFilter)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "add-header", "Ready", "True").await;
 
     let ef = child_api(&client, &ns.name, "EnvoyFilter")
         .get("add-header")
@@ -324,15 +325,17 @@ async fn bad_modules_are_reported_and_never_deployed() {
         ),
     ];
     for (name, image, _, _) in &cases {
-        let mut yaml = wasm_filter_yaml(&ns.name, name, image, "WasmPlugin");
+        let mut filter = Filter::new(&ns.name, name, image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}));
         if *name == "wrong-pin" {
-            yaml = yaml.replace("\"}\n", &format!("\", sha256: \"{}\"}}\n", "0".repeat(64)));
+            filter = filter.sha256(&"0".repeat(64));
         }
-        apply_ok(&yaml);
+        filter.apply();
     }
     let wps = child_api(&client, &ns.name, "WasmPlugin");
     for (name, _, reason, words) in &cases {
-        let wf = wait_ready(&client, &ns.name, name, "False").await;
+        let wf = wait_condition(&client, &ns.name, name, "Ready", "False").await;
         let ready = condition(&wf, "Ready").unwrap();
         assert_eq!(ready.reason, *reason, "{name}: {}", ready.message);
         assert!(
@@ -444,15 +447,15 @@ async fn every_artifact_format_is_accepted() {
             .unwrap();
             assert_eq!(stored["mediaType"], docker_v2);
         }
-        apply_ok(&wasm_filter_yaml(
-            &ns.name,
-            format,
-            &format!("{repo}/{format}:v1"),
-            "WasmPlugin",
-        ));
+        apply_ok(
+            &Filter::new(&ns.name, format, &format!("{repo}/{format}:v1"))
+                .target(Target::WasmPlugin)
+                .config(json!({"greeting": "hello"}))
+                .yaml(),
+        );
     }
     for (format, ..) in &cases {
-        let wf = wait_ready(&client, &ns.name, format, "True").await;
+        let wf = wait_condition(&client, &ns.name, format, "Ready", "True").await;
         let artifact = wf.status.unwrap().artifact.unwrap();
         assert_eq!(artifact.format, *format);
         let sha = sha256_hex(&module(format));
@@ -478,8 +481,13 @@ async fn module_over_the_size_cap_is_refused() {
     let _op = Operator::start(&ns.name, &["--max-module-size", "256"]).await;
     let image = format!("{}/filters/cap-{}:v1", env.registry, ns.name);
     push_module(&image, module("too-big")).await;
-    apply_ok(&wasm_filter_yaml(&ns.name, "big", &image, "WasmPlugin"));
-    let wf = wait_ready(&client, &ns.name, "big", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "big", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "big", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "ModuleTooLarge");
     assert!(ready.message.contains("256-byte cap"), "{}", ready.message);
@@ -501,14 +509,24 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
     let image = format!("{}/filters/keep-{}:v1", env.registry, ns.name);
     let good = module("keep");
     push_module(&image, good.clone()).await;
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "EnvoyFilter"));
-    let before_wf = wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::EnvoyFilter)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    let before_wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     let efs = child_api(&client, &ns.name, "EnvoyFilter");
     let before: DynamicObject = efs.get("f").await.unwrap();
 
     let missing = image.replace(":v1", ":v2-never-pushed");
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &missing, "EnvoyFilter"));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &missing)
+            .target(Target::EnvoyFilter)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(wf.metadata.generation, Some(2));
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "ManifestNotFound");
@@ -530,7 +548,12 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
     // A registry that is down is retried with backoff; after three failed attempts nothing
     // has touched the child either.
     let down = format!("127.0.0.1:{}/filters/keep:v1", free_port());
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &down, "EnvoyFilter"));
+    apply_ok(
+        &Filter::new(&ns.name, "f", &down)
+            .target(Target::EnvoyFilter)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
     wait_for("3 failed retries", Duration::from_secs(60), || async {
         let failed = op
             .metric("wasmfilter_reconcile_errors_total{reason=\"RegistryUnavailable\"}")
@@ -558,8 +581,13 @@ async fn changing_the_target_replaces_the_child() {
     let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/switch-{}:v1", env.registry, ns.name);
     push_module(&image, module("switch")).await;
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin"));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     let wps = child_api(&client, &ns.name, "WasmPlugin");
     assert!(wps.get_opt("f").await.unwrap().is_some());
     // Its watches listed once each at start; a reconcile LISTs nothing (pods come from the
@@ -571,7 +599,12 @@ async fn changing_the_target_replaces_the_child() {
         "the watches' initial lists are counted"
     );
 
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "EnvoyFilter"));
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::EnvoyFilter)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
     wait_for("Ready at generation 2", Duration::from_secs(60), || async {
         let wf = api.get("f").await.ok()?;
@@ -597,7 +630,12 @@ async fn changing_the_target_replaces_the_child() {
     );
 
     // Ecds on an operator started without --xds-listen: said so, with the fix, not ignored.
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "Ecds"));
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::Ecds)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
     let wf = wait_for(
         "Ready=False at generation 3",
         Duration::from_secs(60),
@@ -631,8 +669,13 @@ async fn if_not_present_reuses_the_cached_module_without_the_registry() {
     let repo = format!("filters/cached-{}", ns.name);
     let image = format!("{}/{repo}:v1", env.registry);
     let digest = push_module(&image, module("cached")).await;
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin"));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     let r = reqwest::Client::new()
         .delete(format!(
@@ -644,7 +687,13 @@ async fn if_not_present_reuses_the_cached_module_without_the_registry() {
         .unwrap();
     assert_eq!(r.status(), 202, "registry refused the manifest delete");
 
-    apply_ok(&wasm_filter_yaml(&ns.name, "f", &image, "WasmPlugin").replace("hello", "again"));
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml()
+            .replace("hello", "again"),
+    );
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
     let wf = wait_for("Ready at generation 2", Duration::from_secs(60), || async {
         let wf = api.get("f").await.ok()?;
@@ -747,12 +796,12 @@ async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
         ],
     )
     .await;
-    apply_ok(&wasm_filter_yaml(
-        &ns.name,
-        "f",
-        &format!("{registry}/filters/silent:v1"),
-        "WasmPlugin",
-    ));
+    apply_ok(
+        &Filter::new(&ns.name, "f", &format!("{registry}/filters/silent:v1"))
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
     // The reconcile is waiting on the registry.
     tokio::time::timeout(Duration::from_secs(30), silent.accepted.recv())
         .await
@@ -832,24 +881,28 @@ async fn an_image_index_is_followed_to_its_wasm_entry() {
     )
     .await;
 
-    apply_ok(&wasm_filter_yaml(
-        n,
-        "multi",
-        &format!("{}/{repository}:multi", env.registry),
-        "WasmPlugin",
-    ));
-    apply_ok(&wasm_filter_yaml(
-        n,
-        "no-wasm",
-        &format!("{}/{repository}:no-wasm", env.registry),
-        "WasmPlugin",
-    ));
-    let wf = wait_ready(&client, n, "multi", "True").await;
+    apply_ok(
+        &Filter::new(n, "multi", &format!("{}/{repository}:multi", env.registry))
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
+    apply_ok(
+        &Filter::new(
+            n,
+            "no-wasm",
+            &format!("{}/{repository}:no-wasm", env.registry),
+        )
+        .target(Target::WasmPlugin)
+        .config(json!({"greeting": "hello"}))
+        .yaml(),
+    );
+    let wf = wait_condition(&client, n, "multi", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,
         sha256_hex(&wasm)
     );
-    let wf = wait_ready(&client, n, "no-wasm", "False").await;
+    let wf = wait_condition(&client, n, "no-wasm", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "NotAWasmArtifact", "{}", ready.message);
 }

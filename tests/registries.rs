@@ -55,23 +55,6 @@ fn create_pull_secret(ns: &str, name: &str, registry: &str, user: &str, password
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-fn filter_with_secret(ns: &str, name: &str, image: &str, secret: &str, policy: &str) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\", pullSecret: {secret}, pullPolicy: {policy}}}\n  \
-         selector: {{matchLabels: {{app: web}}}}\n  target: WasmPlugin\n  rootId: add_header\n"
-    )
-}
-
-fn filter_yaml(ns: &str, name: &str, image: &str, policy: &str, generation_note: u32) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\", pullPolicy: {policy}}}\n  \
-         selector: {{matchLabels: {{app: web}}}}\n  target: WasmPlugin\n  rootId: add_header\n  \
-         config: {{attempt: {generation_note}}}\n"
-    )
-}
-
 /// Everything a person or a log collector can see about a filter: status, Events, logs.
 fn visible_text(ns: &str, op: &Operator) -> String {
     let wf = kubectl(&["-n", ns, "get", "wasmfilters", "-o", "yaml"]);
@@ -196,14 +179,13 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
 
     // Missing secret: says which and how to create it.
-    apply_ok(&filter_with_secret(
-        &ns.name,
-        "f",
-        &image,
-        "regcred",
-        "IfNotPresent",
-    ));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_secret("regcred")
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "PullSecretNotFound", "{}", ready.message);
     assert!(
@@ -214,14 +196,13 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
 
     // Wrong password: refused by the registry.
     create_pull_secret(&ns.name, "wrong", &reg.addr, "alice", "not-the-password");
-    apply_ok(&filter_with_secret(
-        &ns.name,
-        "f",
-        &image,
-        "wrong",
-        "IfNotPresent",
-    ));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_secret("wrong")
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "RegistryDenied");
 
     // A Secret of another type is refused as such.
@@ -235,14 +216,13 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
         "--from-literal=x=y",
     ]);
     assert!(out.status.success());
-    apply_ok(&filter_with_secret(
-        &ns.name,
-        "f",
-        &image,
-        "opaque",
-        "IfNotPresent",
-    ));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_secret("opaque")
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidPullSecret");
     assert!(
@@ -253,14 +233,13 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
 
     // The right secret: deployed.
     create_pull_secret(&ns.name, "regcred", &reg.addr, "alice", &password);
-    apply_ok(&filter_with_secret(
-        &ns.name,
-        "f",
-        &image,
-        "regcred",
-        "IfNotPresent",
-    ));
-    let wf = wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_secret("regcred")
+            .pull_policy(PullPolicy::IfNotPresent)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,
         sha256_hex(&module)
@@ -307,8 +286,13 @@ async fn operator_pulling_every_second(
     )
     .await;
     create_pull_secret(ns, "regcred", registry, "puller", "pull-pw");
-    apply_ok(&filter_with_secret(ns, "f", image, "regcred", "Always"));
-    wait_ready(client, ns, "f", "True").await;
+    apply_ok(
+        &Filter::new(ns, "f", image)
+            .pull_secret("regcred")
+            .pull_policy(PullPolicy::Always)
+            .yaml(),
+    );
+    wait_condition(client, ns, "f", "Ready", "True").await;
     op
 }
 
@@ -335,8 +319,13 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
 
     // A second filter of the same operator, same image, no secret: its anonymous requests must
     // not ride on the first filter's token.
-    apply_ok(&filter_yaml(&ns.name, "g", &image, "IfNotPresent", 1));
-    let wf = wait_ready(&client, &ns.name, "g", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "g", &image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .config(json!({"attempt": 1}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "g", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "RegistryDenied", "{}", ready.message);
     assert!(
@@ -486,8 +475,13 @@ async fn token_realm_on_a_metadata_address_is_never_contacted() {
 
     let ns = TestNamespace::new("ssrf");
     let _op = Operator::start(&ns.name, &["--insecure-registry", &reg.addr]).await;
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent", 1));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .config(json!({"attempt": 1}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "TokenRealmRefused", "{}", ready.message);
 }
@@ -622,18 +616,23 @@ async fn expect_failure(
     reason: &str,
     good_sha: &str,
 ) -> String {
-    apply_ok(&filter_yaml(ns, "f", image, "Always", attempt));
-    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
-    let wf = wait_for(
+    apply_ok(
+        &Filter::new(ns, "f", image)
+            .pull_policy(PullPolicy::Always)
+            .config(json!({"attempt": attempt}))
+            .yaml(),
+    );
+    let wf = wait_status(
+        client,
+        ns,
+        "f",
         &format!("Ready=False reason {reason}"),
-        Duration::from_secs(60),
-        || async {
-            let wf = api.get("f").await.ok()?;
-            let c = condition(&wf, "Ready")?;
-            (c.status == "False"
-                && c.reason == reason
-                && c.observed_generation == wf.metadata.generation)
-                .then_some(wf)
+        |wf| {
+            condition(wf, "Ready").is_some_and(|c| {
+                c.status == "False"
+                    && c.reason == reason
+                    && c.observed_generation == wf.metadata.generation
+            })
         },
     )
     .await;
@@ -679,8 +678,13 @@ async fn registry_faults_never_replace_a_working_filter() {
     let good_sha = sha256_hex(&good);
     push_module(&format!("{}/faults/{}:v1", env.registry, ns.name), good).await;
     let image = format!("{}/faults/{}:v1", proxy.addr, ns.name);
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::Always)
+            .config(json!({"attempt": 0}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     let cases = [
         (
@@ -725,8 +729,13 @@ async fn registry_faults_never_replace_a_working_filter() {
     proxy.set(Fault::None);
 
     // Healthy again: the moved tag's module is deployed, and the operator never restarted.
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 200));
-    let wf = wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::Always)
+            .config(json!({"attempt": 200}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,
         sha256_hex(&newer)
@@ -782,8 +791,13 @@ async fn a_pull_that_never_finishes_is_cut_off_at_the_pull_cap() {
     let good_sha = sha256_hex(&good);
     push_module(&reference, good).await;
     let image = format!("{}/pullcap/{}:v1", proxy.addr, ns.name);
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::Always)
+            .config(json!({"attempt": 0}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     // A new module behind the same tag, whose blob now trickles in (a byte every 50 ms: about
     // a minute for the module).
@@ -824,8 +838,13 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
     )
     .await;
     let image = format!("{}/throttle/{}:v1", proxy.addr, ns.name);
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "Always", 0));
-    wait_ready(&client, &ns.name, "f", "True").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::Always)
+            .config(json!({"attempt": 0}))
+            .yaml(),
+    );
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     const RETRY_AFTER: u64 = 3;
     proxy.set(Fault::Throttle(RETRY_AFTER));
@@ -846,7 +865,7 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
         },
     )
     .await;
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "RegistryThrottled");
     proxy.set(Fault::None);
     for pair in throttled.windows(2) {
@@ -875,8 +894,13 @@ async fn a_config_blob_that_is_not_json_is_refused() {
         )],
     )
     .await;
-    apply_ok(&filter_yaml(&ns.name, "f", &image, "IfNotPresent", 0));
-    let wf = wait_ready(&client, &ns.name, "f", "False").await;
+    apply_ok(
+        &Filter::new(&ns.name, "f", &image)
+            .pull_policy(PullPolicy::IfNotPresent)
+            .config(json!({"attempt": 0}))
+            .yaml(),
+    );
+    let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidArtifactConfig", "{}", ready.message);
     assert!(

@@ -49,7 +49,12 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
         let lift = format!(r#"[{{"op": "remove", "path": "{PRIORITY_MAX}"}}]"#);
         let out = kubectl(&["patch", "crd", CRD, "--type=json", "-p", &lift]);
         assert!(out.status.success(), "{}", stderr(&out));
-        let bad = wasm_filter_yaml(n, "bad", &image, "WasmPlugin") + "  priority: 3000000000\n";
+        let mut bad = Filter::new(n, "bad", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .json();
+        bad["spec"]["priority"] = json!(3_000_000_000u64);
+        let bad = bad.to_string();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             // The API server takes a moment to serve the new schema.
@@ -61,11 +66,16 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    apply_ok(&wasm_filter_yaml(n, "good", &image, "WasmPlugin"));
+    apply_ok(
+        &Filter::new(n, "good", &image)
+            .target(Target::WasmPlugin)
+            .config(json!({"greeting": "hello"}))
+            .yaml(),
+    );
 
     // The operator starts, gets ready and deploys the good one.
     let mut op = Operator::start(n, &[]).await;
-    let good = wait_ready(&client, n, "good", "True").await;
+    let good = wait_condition(&client, n, "good", "Ready", "True").await;
     assert!(good.status.unwrap().artifact.is_some());
 
     // The bad one says why, in status (read raw: it does not decode) and in an Event.
@@ -122,7 +132,7 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
         r#"{"spec":{"priority":5}}"#,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_ready(&client, n, "bad", "True").await;
+    wait_condition(&client, n, "bad", "Ready", "True").await;
 
     // SIGTERM ends it promptly.
     let start = Instant::now();

@@ -8,9 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use kube::Api;
 use support::*;
-use wasmfilter::api::WasmFilter;
 use wasmfilter::cache::sha256_hex;
 
 fn pod_yaml(
@@ -30,14 +28,6 @@ fn pod_yaml(
     )
 }
 
-fn filter_yaml(ns: &str, name: &str, image: &str, app: &str, on_incompatible: &str) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\"}}\n  selector: {{matchLabels: {{app: {app}}}}}\n  \
-         target: WasmPlugin\n  rootId: add_header\n  onIncompatible: {on_incompatible}\n"
-    )
-}
-
 /// The add-header filter plus an import no Envoy provides.
 fn incompatible_module(marker: &str) -> Vec<u8> {
     let src = include_str!("fixtures/modules/add_header.wat");
@@ -52,26 +42,6 @@ fn incompatible_module(marker: &str) -> Vec<u8> {
         &src[..end]
     ))
     .unwrap()
-}
-
-async fn wait_condition(
-    client: &kube::Client,
-    ns: &str,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> WasmFilter {
-    let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
-    wait_for(
-        &format!("{ns}/{name} {type_}={status}"),
-        Duration::from_secs(60),
-        || async {
-            let wf = api.get(name).await.ok()?;
-            let c = condition(&wf, type_)?;
-            (c.status == status && c.observed_generation == wf.metadata.generation).then_some(wf)
-        },
-    )
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +91,12 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     push_module(&bad_image, bad.clone()).await;
 
     // A compatible module: deployed; one pod's Envoy cannot be placed, so Compatible=Unknown.
-    apply_ok(&filter_yaml(n, "good", &good_image, "web", "Block"));
+    apply_ok(
+        &Filter::new(n, "good", &good_image)
+            .app("web")
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
     let wf = wait_condition(&client, n, "good", "Compatible", "Unknown").await;
     assert_eq!(condition(&wf, "Ready").unwrap().status, "True");
     let workloads = wf.status.as_ref().unwrap().workloads.clone();
@@ -179,8 +154,13 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     // module stays deployed.
     let wps = child_api(&client, n, "WasmPlugin");
     let before = wps.get("good").await.unwrap();
-    apply_ok(&filter_yaml(n, "good", &bad_image, "web", "Block"));
-    let wf = wait_ready(&client, n, "good", "False").await;
+    apply_ok(
+        &Filter::new(n, "good", &bad_image)
+            .app("web")
+            .on_incompatible(OnIncompatible::Block)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, n, "good", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "Incompatible");
     assert_eq!(condition(&wf, "Compatible").unwrap().status, "False");
@@ -204,8 +184,13 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     );
 
     // With Warn it is deployed, and said so.
-    apply_ok(&filter_yaml(n, "warned", &bad_image, "web", "Warn"));
-    let wf = wait_ready(&client, n, "warned", "True").await;
+    apply_ok(
+        &Filter::new(n, "warned", &bad_image)
+            .app("web")
+            .on_incompatible(OnIncompatible::Warn)
+            .yaml(),
+    );
+    let wf = wait_condition(&client, n, "warned", "Ready", "True").await;
     assert_eq!(condition(&wf, "Compatible").unwrap().status, "False");
     let child = wps.get("warned").await.unwrap();
     assert!(child.data.to_string().contains(&sha256_hex(&bad)));
@@ -221,7 +206,12 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     .await;
 
     // A pod that appears later is checked without a resync or a spec change.
-    apply_ok(&filter_yaml(n, "late", &bad_image, "late", "Warn"));
+    apply_ok(
+        &Filter::new(n, "late", &bad_image)
+            .app("late")
+            .on_incompatible(OnIncompatible::Warn)
+            .yaml(),
+    );
     let wf = wait_condition(&client, n, "late", "Compatible", "True").await;
     assert_eq!(condition(&wf, "Compatible").unwrap().reason, "NoWorkloads");
     apply_ok(&pod_yaml(

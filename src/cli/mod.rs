@@ -276,6 +276,10 @@ pub struct OperatorArgs {
     /// Seconds between re-resolving tags of filters with pullPolicy: Always.
     #[arg(long, default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Reconciles that may run at once; more wait their turn (each holds its requests and
+    /// their bodies until it ends).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
     /// Seconds to wait at start for the WasmFilter and Istio CRDs before giving up.
     #[arg(long, default_value_t = 300)]
     pub crd_wait_seconds: u64,
@@ -521,6 +525,7 @@ async fn run_operator(
         backoff: Backoff::default(),
         instance: args.instance,
         cache_max_bytes: args.cache_max_bytes,
+        concurrency: args.max_concurrent_reconciles,
     };
     let (xds, xds_events) = match args.xds_listen {
         Some(addr) => {

@@ -55,6 +55,8 @@ pub struct Settings {
     pub instance: Option<String>,
     /// Bound on the module cache's size; modules in use are kept even beyond it.
     pub cache_max_bytes: Option<u64>,
+    /// Reconciles running at once, at most.
+    pub concurrency: u16,
 }
 
 /// How long a reconcile waits for the pod index's first full list (10,000 pods take seconds).

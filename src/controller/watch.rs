@@ -1,6 +1,7 @@
 //! The watches that trigger reconciles: WasmFilters (decoded one by one), their children (not
 //! the operator's own writes), pods (only what can change a verdict), and ECDS answers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,9 +55,24 @@ pub async fn run(
     let child_trigger = |ar: ApiResource| {
         let ctx = ctx.clone();
         let kind = ar.kind.clone();
+        let mut listed = false;
         watcher(children(&ar), owned.clone())
             .default_backoff()
-            .touched_objects()
+            .filter_map(move |event| {
+                futures::future::ready(match event {
+                    // The first list finds what the filters' own first reconcile finds anyway.
+                    Ok(watcher::Event::InitDone) => {
+                        listed = true;
+                        None
+                    }
+                    Ok(watcher::Event::InitApply(child)) if listed => Some(Ok(child)),
+                    Ok(watcher::Event::Apply(child) | watcher::Event::Delete(child)) => {
+                        Some(Ok(child))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+            })
             .filter(move |child| {
                 let own = matches!(child, Ok(c) if ctx.is_own_apply(&kind, c));
                 futures::future::ready(!own)
@@ -113,23 +129,18 @@ pub async fn run(
                 index.apply(event);
             }
         })
-        .filter_map(|event| async move {
-            match event {
-                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => Some(Ok(pod)),
-                // A deleted pod must change its fingerprint, or the filter would drop it.
-                Ok(watcher::Event::Delete(mut pod)) => {
-                    pod.metadata.deletion_timestamp.get_or_insert_with(|| {
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
-                    });
-                    Some(Ok(pod))
-                }
-                Ok(_) => None,
+        .scan(PodChanges::default(), |changes, event| {
+            futures::future::ready(Some(match event {
+                Ok(event) => changes.admit(event).map(Ok),
                 Err(e) => Some(Err(e)),
-            }
+            }))
         })
-        .predicate_filter(workload_fingerprint, Default::default());
+        .filter_map(futures::future::ready);
     let filters_store = reader.clone();
     let mut controller = Controller::for_stream(trigger, reader)
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
+        )
         .owns_stream_with(child_trigger(wp.clone()), wp)
         .owns_stream_with(child_trigger(ef.clone()), ef)
         .watches_stream(pod_trigger, move |pod: Pod| {
@@ -205,6 +216,48 @@ pub async fn run(
         .await;
 }
 
+/// Which pod events are worth a reconcile: a change of what decides a verdict, or a deletion.
+/// Not the first list: every filter is reconciled when the operator starts anyway (after the
+/// pod index is synced), so those events would only reconcile each filter a second time.
+#[derive(Default)]
+struct PodChanges {
+    /// Each known pod's fingerprint, by uid.
+    seen: HashMap<String, u64>,
+    /// The first list is done.
+    listed: bool,
+}
+
+impl PodChanges {
+    fn admit(&mut self, event: watcher::Event<Pod>) -> Option<Pod> {
+        match event {
+            watcher::Event::Init => None,
+            watcher::Event::InitDone => {
+                self.listed = true;
+                None
+            }
+            watcher::Event::InitApply(pod) => {
+                let changed = self.changed(&pod);
+                (changed && self.listed).then_some(pod)
+            }
+            watcher::Event::Apply(pod) => self.changed(&pod).then_some(pod),
+            watcher::Event::Delete(pod) => {
+                if let Some(uid) = pod.uid() {
+                    self.seen.remove(&uid);
+                }
+                Some(pod)
+            }
+        }
+    }
+
+    /// Records the pod's fingerprint; whether it differs from the one seen before.
+    fn changed(&mut self, pod: &Pod) -> bool {
+        let (Some(uid), Some(fp)) = (pod.uid(), workload_fingerprint(pod)) else {
+            return true;
+        };
+        self.seen.insert(uid, fp) != Some(fp)
+    }
+}
+
 /// What about a pod can change a verdict: its labels, its version annotation, its images,
 /// and whether it is going away.
 fn workload_fingerprint(pod: &Pod) -> Option<u64> {
@@ -226,4 +279,46 @@ fn workload_fingerprint(pod: &Pod) -> Option<u64> {
         }
     }
     Some(h.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, app: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": uid, "namespace": "ns", "uid": uid, "labels": {"app": app}},
+        }))
+        .unwrap()
+    }
+
+    fn admitted(changes: &mut PodChanges, event: watcher::Event<Pod>) -> bool {
+        changes.admit(event).is_some()
+    }
+
+    #[test]
+    fn only_changes_after_the_first_list_reconcile() {
+        let mut c = PodChanges::default();
+        assert!(!admitted(&mut c, watcher::Event::Init));
+        assert!(!admitted(
+            &mut c,
+            watcher::Event::InitApply(pod("a", "web"))
+        ));
+        assert!(!admitted(&mut c, watcher::Event::InitDone));
+        // A status-only update changes no fingerprint; a label change does.
+        assert!(!admitted(&mut c, watcher::Event::Apply(pod("a", "web"))));
+        assert!(admitted(&mut c, watcher::Event::Apply(pod("a", "api"))));
+        assert!(
+            admitted(&mut c, watcher::Event::Apply(pod("b", "web"))),
+            "a new pod"
+        );
+        assert!(admitted(&mut c, watcher::Event::Delete(pod("b", "web"))));
+        // A re-list (after the watch lost its place) reports only what changed meanwhile.
+        assert!(!admitted(&mut c, watcher::Event::Init));
+        assert!(!admitted(
+            &mut c,
+            watcher::Event::InitApply(pod("a", "api"))
+        ));
+        assert!(admitted(&mut c, watcher::Event::InitApply(pod("c", "web"))));
+    }
 }

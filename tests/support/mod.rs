@@ -4,6 +4,10 @@
 
 pub mod registries;
 
+// What building and applying a `Filter` needs, for every test file.
+pub use serde_json::json;
+pub use wasmfilter::api::{OnIncompatible, PullPolicy, Target};
+
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,8 +19,8 @@ use kube::api::DynamicObject;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use serde_json::{Value, json};
-use wasmfilter::api::WasmFilter;
+use serde_json::Value;
+use wasmfilter::api::{ModuleSource, WasmFilter, WasmFilterSpec, WorkloadSelector};
 
 /// URL the tests' operators advertise for their cache (as a Service would be named).
 pub const CACHE_URL: &str = "http://wasmfilter-cache.wasmfilter-system.svc:8080";
@@ -582,12 +586,102 @@ pub async fn push_raw_with_config(
         .unwrap()
 }
 
-pub fn wasm_filter_yaml(ns: &str, name: &str, image: &str, target: &str) -> String {
-    format!(
-        "apiVersion: wasmfilter.dev/v1alpha1\nkind: WasmFilter\nmetadata: {{name: {name}, namespace: {ns}}}\n\
-         spec:\n  module: {{image: \"{image}\"}}\n  selector: {{matchLabels: {{app: web}}}}\n  \
-         target: {target}\n  rootId: add_header\n  config: {{greeting: hello}}\n"
-    )
+/// A WasmFilter as tests write it, typed: selector `app: web`, target `WasmPlugin`, root id
+/// `add_header`, and whatever the test sets on top. `yaml()` is what `kubectl apply` takes.
+#[derive(Clone)]
+pub struct Filter(WasmFilter);
+
+impl Filter {
+    pub fn new(ns: &str, name: &str, image: &str) -> Self {
+        let spec = WasmFilterSpec {
+            module: ModuleSource {
+                image: image.to_string(),
+                pull_secret: None,
+                pull_policy: PullPolicy::IfNotPresent,
+                sha256: None,
+            },
+            selector: WorkloadSelector {
+                match_labels: [("app".to_string(), "web".to_string())].into(),
+            },
+            target: Target::WasmPlugin,
+            root_id: Some("add_header".into()),
+            config: None,
+            phase: Default::default(),
+            priority: None,
+            failure_policy: Default::default(),
+            filter_type: Default::default(),
+            traffic: Vec::new(),
+            on_incompatible: OnIncompatible::Block,
+        };
+        let mut wf = WasmFilter::new(name, spec);
+        wf.metadata.namespace = Some(ns.to_string());
+        Filter(wf)
+    }
+
+    pub fn target(mut self, target: Target) -> Self {
+        self.0.spec.target = target;
+        self
+    }
+
+    pub fn pull_policy(mut self, policy: PullPolicy) -> Self {
+        self.0.spec.module.pull_policy = policy;
+        self
+    }
+
+    pub fn pull_secret(mut self, secret: &str) -> Self {
+        self.0.spec.module.pull_secret = Some(secret.to_string());
+        self
+    }
+
+    pub fn on_incompatible(mut self, policy: OnIncompatible) -> Self {
+        self.0.spec.on_incompatible = policy;
+        self
+    }
+
+    /// Selects pods labelled `app: <app>` instead of `app: web`.
+    pub fn app(mut self, app: &str) -> Self {
+        self.0.spec.selector.match_labels = [("app".to_string(), app.to_string())].into();
+        self
+    }
+
+    /// The plugin configuration (a JSON object).
+    pub fn config(mut self, config: Value) -> Self {
+        self.0.spec.config = config.as_object().cloned();
+        self
+    }
+
+    /// Pins the module's own sha256.
+    pub fn sha256(mut self, sha256: &str) -> Self {
+        self.0.spec.module.sha256 = Some(sha256.to_string());
+        self
+    }
+
+    /// Any other typed change of the spec.
+    pub fn edit(mut self, edit: impl FnOnce(&mut WasmFilterSpec)) -> Self {
+        edit(&mut self.0.spec);
+        self
+    }
+
+    /// The manifest as JSON, for what the typed spec cannot say (a value out of its range).
+    pub fn json(&self) -> Value {
+        serde_json::to_value(&self.0).unwrap()
+    }
+
+    /// The manifest without the spec field `field` (as a user who leaves it to its default).
+    pub fn yaml_without(&self, field: &str) -> String {
+        let mut v = self.json();
+        v["spec"].as_object_mut().unwrap().remove(field);
+        v.to_string()
+    }
+
+    /// The manifest for `kubectl apply` (JSON, which is YAML).
+    pub fn yaml(&self) -> String {
+        serde_json::to_string_pretty(&self.0).unwrap()
+    }
+
+    pub fn apply(&self) {
+        apply_ok(&self.yaml());
+    }
 }
 
 pub fn apply_ok(yaml: &str) {
@@ -610,18 +704,57 @@ pub fn condition<'a>(
         .find(|c| c.type_ == type_)
 }
 
-/// Waits until the filter's `Ready` condition has `status` for its current generation.
-pub async fn wait_ready(client: &kube::Client, ns: &str, name: &str, status: &str) -> WasmFilter {
+/// Waits until the filter's status describes its current generation and satisfies `ok`;
+/// panics with `what` and the last status seen otherwise.
+pub async fn wait_status(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&WasmFilter) -> bool,
+) -> WasmFilter {
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), ns);
-    wait_for(
-        &format!("WasmFilter {ns}/{name} Ready={status}"),
-        Duration::from_secs(60),
-        || async {
-            let wf = api.get_opt(name).await.ok()??;
-            let c = condition(&wf, "Ready")?;
-            (c.status == status && c.observed_generation == wf.metadata.generation).then_some(wf)
-        },
-    )
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(wf)) = api.get_opt(name).await {
+            let current =
+                wf.status.as_ref().and_then(|s| s.observed_generation) == wf.metadata.generation;
+            if current && ok(&wf) {
+                return wf;
+            }
+            last = wf.status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for WasmFilter {ns}/{name}: {what}; last status {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the filter is `Ready` with the module `sha256` deployed.
+pub fn ready_with_module(wf: &WasmFilter, sha256: &str) -> bool {
+    condition(wf, "Ready").is_some_and(|c| c.status == "True")
+        && wf
+            .status
+            .as_ref()
+            .and_then(|s| s.artifact.as_ref())
+            .is_some_and(|a| a.module_sha256 == sha256)
+}
+
+/// Waits until the filter's condition `type_` has `status` for its current generation.
+pub async fn wait_condition(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+) -> WasmFilter {
+    wait_status(client, ns, name, &format!("{type_}={status}"), |wf| {
+        condition(wf, type_)
+            .is_some_and(|c| c.status == status && c.observed_generation == wf.metadata.generation)
+    })
     .await
 }
 
