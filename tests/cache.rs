@@ -33,10 +33,7 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
             .pull_policy(PullPolicy::Always)
             .yaml(),
     );
-    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha256_hex(&first))
-    })
-    .await;
+    wait_module(&client, &ns.name, "f", &sha256_hex(&first)).await;
     // No --cache-max-bytes: the cache's size is reported all the same.
     wait_for("the cache size metric", Duration::from_secs(10), || async {
         (op.metric("wasmfilter_cache_bytes").await == first.len() as f64).then_some(())
@@ -62,10 +59,7 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     // Then to a good module: deployed, with old and new digest in status and an Event.
     let second = module("tagmove-second");
     let second_digest = push_module(&image, second.clone()).await;
-    let wf = wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha256_hex(&second))
-    })
-    .await;
+    let wf = wait_module(&client, &ns.name, "f", &sha256_hex(&second)).await;
     let artifact = wf.status.as_ref().unwrap().artifact.clone().unwrap();
     assert_eq!(artifact.manifest_digest, second_digest);
     assert_eq!(
@@ -108,10 +102,7 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
             .pull_policy(PullPolicy::IfNotPresent)
             .yaml(),
     );
-    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha)
-    })
-    .await;
+    wait_module(&client, &ns.name, "f", &sha).await;
     let url = format!(
         "http://127.0.0.1:{}/modules/sha256/{sha}.wasm",
         op.cache_port
@@ -170,10 +161,7 @@ async fn a_restart_drops_corrupt_modules_and_fetches_them_again() {
             .pull_policy(PullPolicy::IfNotPresent)
             .yaml(),
     );
-    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha)
-    })
-    .await;
+    wait_module(&client, &ns.name, "f", &sha).await;
     let path = op.cached_module_path(&sha);
     let cache_dir = op.take_cache_dir();
     std::fs::write(&path, b"\0asm\x01\0\0\0 not the module any more").unwrap();
@@ -190,10 +178,7 @@ async fn a_restart_drops_corrupt_modules_and_fetches_them_again() {
         || async { (std::fs::read(&path).ok()? == m).then_some(()) },
     )
     .await;
-    wait_status(&client, &ns.name, "f", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha)
-    })
-    .await;
+    wait_module(&client, &ns.name, "f", &sha).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,10 +206,7 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
             .pull_policy(PullPolicy::IfNotPresent)
             .yaml(),
     );
-    wait_status(&client, &ns.name, "a", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha256_hex(&a))
-    })
-    .await;
+    wait_module(&client, &ns.name, "a", &sha256_hex(&a)).await;
     // The pull's eviction pass removed the stale module.
     wait_for(
         "the stale module evicted",
@@ -244,10 +226,7 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
             .pull_policy(PullPolicy::IfNotPresent)
             .yaml(),
     );
-    wait_status(&client, &ns.name, "b", "Ready with the module", |wf| {
-        ready_with_module(wf, &sha256_hex(&b))
-    })
-    .await;
+    wait_module(&client, &ns.name, "b", &sha256_hex(&b)).await;
     // The pass after b's pull has run once the size it reports holds both.
     let both = (a.len() + b.len()) as f64;
     wait_for(

@@ -743,6 +743,18 @@ pub fn ready_with_module(wf: &WasmFilter, sha256: &str) -> bool {
             .is_some_and(|a| a.module_sha256 == sha256)
 }
 
+/// Waits until the filter is `Ready` with the module `sha256` deployed.
+pub async fn wait_module(client: &kube::Client, ns: &str, name: &str, sha256: &str) -> WasmFilter {
+    wait_status(
+        client,
+        ns,
+        name,
+        &format!("Ready with module {sha256}"),
+        |wf| ready_with_module(wf, sha256),
+    )
+    .await
+}
+
 /// Waits until the filter's condition `type_` has `status` for its current generation.
 pub async fn wait_condition(
     client: &kube::Client,
