@@ -11,7 +11,9 @@
 //! 5. at the largest size, pod churn: 1,000 new pods matching existing selectors, until every
 //!    affected filter's status counts them.
 //!
-//! Run with `e2e/bench.sh scale`. Every wait is bounded (10 minutes).
+//! Run with `e2e/bench.sh scale` (`WASMFILTER_SCALE_FILTERS=2000` for one size only;
+//! `WASMFILTER_OPERATOR_WRAPPER="heaptrack -o FILE"` runs the operator under a profiler).
+//! Every wait is bounded (10 minutes).
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 #[path = "../tests/support/mod.rs"]
@@ -157,7 +159,11 @@ async fn main() {
             pods: 10_000,
         },
     ];
-    for size in &sizes {
+    // WASMFILTER_SCALE_FILTERS=2000 runs that size only (to profile one).
+    let only: Option<usize> = std::env::var("WASMFILTER_SCALE_FILTERS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for size in sizes.iter().filter(|s| only.is_none_or(|n| n == s.filters)) {
         run(&client, &images, size).await;
     }
 }

@@ -79,12 +79,14 @@ pub(super) async fn deploy(
     Ok(deployed)
 }
 
-/// Whether a child of another kind than the target may exist: not when the status says this
-/// very generation was deployed (the reconcile that deployed it removed them), so resyncs and
-/// the reconcile the child's own creation triggers cost no lookups. A failure keeps the
-/// previous module (`KeptPreviousModule`), which does not count.
+/// Whether a child of another kind than the target may exist. Not for a filter without any
+/// status (the operator writes one before it first applies a child, so none was ever applied
+/// for it), nor when the status says this very generation was deployed (the reconcile that
+/// deployed it removed them): new filters, resyncs and the reconcile the child's own creation
+/// triggers cost no lookups. A failure keeps the previous module (`KeptPreviousModule`),
+/// which does not count.
 pub(super) fn may_have_stale_children(wf: &WasmFilter) -> bool {
-    let Some(s) = &wf.status else { return true };
+    let Some(s) = &wf.status else { return false };
     let deployed = s.conditions.iter().any(|c| {
         c.type_ == names::condition::DEPLOYED
             && c.status == "True"
@@ -232,7 +234,15 @@ mod tests {
 
     #[test]
     fn stale_children_are_looked_for_only_when_the_generation_is_not_yet_deployed() {
-        assert!(may_have_stale_children(&filter(1, None)));
+        assert!(
+            !may_have_stale_children(&filter(1, None)),
+            "a new filter has no child yet"
+        );
+        let reconciling = filter(1, Some((0, "Unknown", "Reconciling")));
+        assert!(
+            may_have_stale_children(&reconciling),
+            "a child may have been applied"
+        );
         let target_may_have_changed = filter(2, Some((1, "True", "Deployed")));
         assert!(may_have_stale_children(&target_may_have_changed));
         assert!(may_have_stale_children(&filter(

@@ -138,6 +138,21 @@ pub fn free_port() -> u16 {
         .expect("no free port in 10000-30000")
 }
 
+/// The operator binary, or, with `WASMFILTER_OPERATOR_WRAPPER` set (say `heaptrack -o FILE`
+/// to profile a benchmark), that command running it.
+fn operator_command() -> Command {
+    let bin = env!("CARGO_BIN_EXE_wasmfilter");
+    match std::env::var("WASMFILTER_OPERATOR_WRAPPER") {
+        Ok(wrapper) if !wrapper.trim().is_empty() => {
+            let mut words = wrapper.split_whitespace();
+            let mut cmd = Command::new(words.next().unwrap());
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        _ => Command::new(bin),
+    }
+}
+
 /// Polls `f` until it yields a value, at most `timeout`; panics naming `what` otherwise.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -359,7 +374,7 @@ impl Operator {
         } else {
             &["--namespace", namespace]
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        let child = operator_command()
             .args(["operator", "--cache-url", CACHE_URL])
             .args(scope)
             .args(["--cache-listen", &format!("127.0.0.1:{cache_port}")])
