@@ -46,7 +46,7 @@ pub(super) async fn assess(
     let selected = ctx.pods.select(ns, &wf.spec.selector.match_labels);
     let live = ctx.xds.as_ref().filter(|_| wf.spec.target == Target::Ecds);
     let workloads = crate::workloads::assess_all(selected.iter().map(|p| &**p), &info, |p| {
-        live.and_then(|x| x.node_version(ns, &kube::ResourceExt::name_any(p)))
+        live.and_then(|x| x.node_version(ns, &p.name))
     });
     let compatible = status::compatibility(&workloads, workloads.len());
     Ok(Assessment {

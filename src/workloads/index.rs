@@ -13,20 +13,20 @@ use kube::ResourceExt;
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
-use super::{ANNOTATION_ENVOY_VERSION, selects};
+use super::{ANNOTATION_ENVOY_VERSION, Workload, selects};
 
 /// The pods of one namespace, and who carries each label.
 #[derive(Default)]
 struct Namespace {
-    pods: HashMap<String, Arc<Pod>>,
+    pods: HashMap<String, Arc<Workload>>,
     by_label: HashMap<(String, String), HashSet<String>>,
 }
 
 impl Namespace {
-    fn insert(&mut self, pod: Arc<Pod>) {
-        let name = pod.name_any();
+    fn insert(&mut self, pod: Arc<Workload>) {
+        let name = pod.name.clone();
         self.remove(&name);
-        for (k, v) in pod.labels() {
+        for (k, v) in &pod.labels {
             self.by_label
                 .entry((k.clone(), v.clone()))
                 .or_default()
@@ -39,7 +39,7 @@ impl Namespace {
         let Some(old) = self.pods.remove(name) else {
             return;
         };
-        for (k, v) in old.labels() {
+        for (k, v) in &old.labels {
             let key = (k.clone(), v.clone());
             if let Some(names) = self.by_label.get_mut(&key) {
                 names.remove(name);
@@ -57,9 +57,12 @@ struct Pods {
 }
 
 impl Pods {
-    fn insert(&mut self, pod: Pod) {
-        let ns = pod.namespace().unwrap_or_default();
-        self.namespaces.entry(ns).or_default().insert(Arc::new(pod));
+    fn insert(&mut self, pod: &Pod) {
+        let pod = Workload::of(pod);
+        self.namespaces
+            .entry(pod.namespace.clone())
+            .or_default()
+            .insert(Arc::new(pod));
     }
 
     fn remove(&mut self, pod: &Pod) {
@@ -102,7 +105,7 @@ impl PodIndex {
             watcher::Event::Init => *write(&self.relist) = Some(Pods::default()),
             watcher::Event::InitApply(pod) => {
                 if let Some(pods) = write(&self.relist).as_mut() {
-                    pods.insert(pod.clone());
+                    pods.insert(pod);
                 }
             }
             watcher::Event::InitDone => {
@@ -111,13 +114,13 @@ impl PodIndex {
                 }
                 self.synced.send_replace(true);
             }
-            watcher::Event::Apply(pod) => write(&self.live).insert(pod.clone()),
+            watcher::Event::Apply(pod) => write(&self.live).insert(pod),
             watcher::Event::Delete(pod) => write(&self.live).remove(pod),
         }
     }
 
     /// The pods of `ns` whose labels include all of `selector`, not being deleted, by name.
-    pub fn select(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<Arc<Pod>> {
+    pub fn select(&self, ns: &str, selector: &BTreeMap<String, String>) -> Vec<Arc<Workload>> {
         let live = read(&self.live);
         let Some(n) = live.namespaces.get(ns) else {
             return Vec::new();
@@ -131,14 +134,14 @@ impl PodIndex {
         else {
             return Vec::new();
         };
-        let mut pods: Vec<Arc<Pod>> = rarest
+        let mut pods: Vec<Arc<Workload>> = rarest
             .into_iter()
             .flatten()
             .filter_map(|name| n.pods.get(name))
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && selects(selector, p.labels()))
+            .filter(|p| !p.deleting && selects(selector, &p.labels))
             .cloned()
             .collect();
-        pods.sort_by_key(|p| p.name_any());
+        pods.sort_by(|a, b| a.name.cmp(&b.name));
         pods
     }
 
@@ -230,8 +233,8 @@ mod tests {
             .collect()
     }
 
-    fn names(pods: &[Arc<Pod>]) -> Vec<String> {
-        pods.iter().map(|p| p.name_any()).collect()
+    fn names(pods: &[Arc<Workload>]) -> Vec<String> {
+        pods.iter().map(|p| p.name.clone()).collect()
     }
 
     fn synced(pods: Vec<Pod>) -> PodIndex {

@@ -91,23 +91,51 @@ fn split_image(image: &str) -> (&str, Option<&str>) {
     }
 }
 
-fn containers(pod: &Pod) -> impl Iterator<Item = &Container> {
-    let spec = pod.spec.as_ref();
-    spec.map(|s| s.containers.iter())
-        .into_iter()
-        .flatten()
-        // Istio's native-sidecar mode runs istio-proxy as an init container.
-        .chain(
-            spec.and_then(|s| s.init_containers.as_ref())
-                .map(|c| c.iter())
-                .into_iter()
-                .flatten(),
-        )
+/// A pod reduced to what selecting it and placing its Envoy need: a few strings, where a
+/// `Pod` (even trimmed) carries kilobytes of empty container fields. The pod index holds these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    /// The [`ANNOTATION_ENVOY_VERSION`] annotation, when set.
+    pub version_annotation: Option<String>,
+    /// Name and image of each container, init containers last (Istio's native-sidecar mode
+    /// runs istio-proxy as an init container).
+    pub containers: Vec<(String, String)>,
+    /// The pod is being deleted.
+    pub deleting: bool,
+}
+
+impl Workload {
+    pub fn of(pod: &Pod) -> Self {
+        let spec = pod.spec.as_ref();
+        let containers = spec
+            .map(|s| s.containers.iter())
+            .into_iter()
+            .flatten()
+            .chain(
+                spec.and_then(|s| s.init_containers.as_ref())
+                    .map(|c| c.iter())
+                    .into_iter()
+                    .flatten(),
+            )
+            .map(|c: &Container| (c.name.clone(), c.image.clone().unwrap_or_default()))
+            .collect();
+        Workload {
+            name: pod.name_any(),
+            namespace: pod.namespace().unwrap_or_default(),
+            labels: pod.labels().clone(),
+            version_annotation: pod.annotations().get(ANNOTATION_ENVOY_VERSION).cloned(),
+            containers,
+            deleting: pod.metadata.deletion_timestamp.is_some(),
+        }
+    }
 }
 
 /// Works out the Envoy version of `pod`.
-pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
-    if let Some(v) = pod.annotations().get(ANNOTATION_ENVOY_VERSION) {
+pub fn envoy_version(pod: &Workload) -> EnvoyVersion {
+    if let Some(v) = &pod.version_annotation {
         return match numeric_version(v) {
             Some(version) => EnvoyVersion {
                 version: Some(version),
@@ -123,8 +151,11 @@ pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
             },
         };
     }
-    if let Some(c) = containers(pod).find(|c| c.name == "istio-proxy") {
-        let image = c.image.as_deref().unwrap_or_default();
+    if let Some((_, image)) = pod
+        .containers
+        .iter()
+        .find(|(name, _)| name == "istio-proxy")
+    {
         let tag = split_image(image).1.unwrap_or_default();
         let istio = tag.split('-').next().and_then(numeric_version);
         let minor = istio
@@ -157,8 +188,7 @@ pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
             },
         };
     }
-    for c in containers(pod) {
-        let image = c.image.as_deref().unwrap_or_default();
+    for (container, image) in &pod.containers {
         let (repo, tag) = split_image(image);
         let repo_name = repo.rsplit('/').next().unwrap_or(repo);
         if !(repo.contains("envoyproxy/") && repo_name.starts_with("envoy")) {
@@ -172,15 +202,14 @@ pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
             Some(v) => EnvoyVersion {
                 version: Some(v.clone()),
                 source: Source::EnvoyImage,
-                detail: format!("container {} runs {image}", c.name),
+                detail: format!("container {container} runs {image}"),
             },
             None => EnvoyVersion {
                 version: None,
                 source: Source::Unknown,
                 detail: format!(
-                    "container {} runs {image}, whose tag names no version; set the \
-                     {ANNOTATION_ENVOY_VERSION} annotation",
-                    c.name
+                    "container {container} runs {image}, whose tag names no version; set the \
+                     {ANNOTATION_ENVOY_VERSION} annotation"
                 ),
             },
         };
@@ -196,13 +225,13 @@ pub fn envoy_version(pod: &Pod) -> EnvoyVersion {
 }
 
 /// Whether `pod`'s Envoy will load the module.
-pub fn assess(pod: &Pod, info: &ModuleInfo) -> WorkloadStatus {
+pub fn assess(pod: &Workload, info: &ModuleInfo) -> WorkloadStatus {
     assess_live(pod, info, None)
 }
 
 /// Like [`assess`], with the version the pod's connected Envoy reported over xDS, which
 /// beats every other source: it is the exact build that will load the module.
-pub fn assess_live(pod: &Pod, info: &ModuleInfo, live: Option<String>) -> WorkloadStatus {
+pub fn assess_live(pod: &Workload, info: &ModuleInfo, live: Option<String>) -> WorkloadStatus {
     let envoy = match live {
         Some(v) => EnvoyVersion {
             detail: format!("its Envoy reported {v} over xDS"),
@@ -225,7 +254,7 @@ pub fn assess_live(pod: &Pod, info: &ModuleInfo, live: Option<String>) -> Worklo
         None => (None, vec![envoy.detail.clone()]),
     };
     WorkloadStatus {
-        name: pod.name_any(),
+        name: pod.name.clone(),
         envoy_version: envoy.version,
         version_source: envoy.source.as_str().to_string(),
         compatible,
@@ -237,9 +266,9 @@ pub fn assess_live(pod: &Pod, info: &ModuleInfo, live: Option<String>) -> Worklo
 /// Every selected pod's verdict, most urgent first (refusing, then unknown, then compatible;
 /// by name within each). `live` gives the version a pod's connected Envoy reported, if any.
 pub fn assess_all<'a>(
-    pods: impl IntoIterator<Item = &'a Pod>,
+    pods: impl IntoIterator<Item = &'a Workload>,
     info: &ModuleInfo,
-    live: impl Fn(&Pod) -> Option<String>,
+    live: impl Fn(&Workload) -> Option<String>,
 ) -> Vec<WorkloadStatus> {
     let mut workloads: Vec<WorkloadStatus> = pods
         .into_iter()
@@ -265,8 +294,8 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
 mod tests {
     use super::*;
 
-    fn pod(yaml: &str) -> Pod {
-        serde_norway::from_str(yaml).unwrap()
+    fn pod(yaml: &str) -> Workload {
+        Workload::of(&serde_norway::from_str::<Pod>(yaml).unwrap())
     }
 
     #[test]
