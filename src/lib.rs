@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod oci;

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
     pub api_requests: Family<VerbLabels, Counter>,
+    /// 1 while this replica holds the leader Lease (or runs without leader election).
+    pub leader: Gauge,
     ready: AtomicBool,
 }
 
@@ -117,7 +119,14 @@ impl Default for Metrics {
             "Requests to the Kubernetes API server, by verb (get, list, watch, create, patch, update, delete)",
             api_requests.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads (holds the Lease, or runs without leader election): only the leader reconciles and writes",
+            leader.clone(),
+        );
         Metrics {
+            leader,
             api_requests,
             registry,
             module_pull_bytes,
@@ -220,7 +229,12 @@ impl Metrics {
             .set(i64::try_from(remaining_bytes).unwrap_or(i64::MAX));
     }
 
-    /// Marks the operator ready: its watches have synced.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// Marks the operator ready: its watches have synced (a follower: its cache is verified
+    /// and served).
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
     }

@@ -87,7 +87,20 @@ fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
 #[test]
 fn wrong_values_are_refused_at_install_time_naming_the_value() {
     let cases = [
-        ("replicaCount=2", "'/replicaCount': maximum: got 2, want 1"),
+        (
+            "replicaCount=11",
+            "'/replicaCount': maximum: got 11, want 10",
+        ),
+        // Two replicas without leader election would both write.
+        (
+            "replicaCount=2,leaderElection.enabled=false",
+            "'/leaderElection/enabled': value must be true",
+        ),
+        // The ECDS state lives in the leader only.
+        (
+            "replicaCount=2,xds.enabled=true",
+            "'/replicaCount': maximum: got 2, want 1",
+        ),
         (
             "cache.port=99999",
             "'/cache/port': maximum: got 99,999, want 65,535",
@@ -195,6 +208,11 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
         installed.contains(&format!("--namespace={n}")),
         "{installed:?}"
     );
+    assert!(
+        installed.contains(&"--leader-elect".to_string())
+            && installed.contains(&format!("--leader-election-namespace={n}")),
+        "{installed:?}"
+    );
     assert_eq!(
         deployment()["spec"]["template"]["spec"]["serviceAccountName"],
         fullname
@@ -228,6 +246,18 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     apply_ok(&with_secret("first"));
     let wf = wait_condition(&client, n, "first", "Ready", "True").await;
     assert!(wf.status.unwrap().artifact.is_some());
+    // It reconciled as the holder of the chart's Lease (the Role for it is enough).
+    let lease: k8s_openapi::api::coordination::v1::Lease = kube::Api::namespaced(client.clone(), n)
+        .get(fullname)
+        .await
+        .unwrap();
+    assert!(
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .is_some_and(|h| !h.is_empty()),
+        "the Lease has no holder"
+    );
     child_api(&client, n, "WasmPlugin")
         .get("first")
         .await

@@ -14,6 +14,7 @@ use crate::api::WasmFilter;
 use crate::cache::{self, ModuleCache};
 use crate::controller::{self, Context, Settings};
 use crate::error::Backoff;
+use crate::leader::{self, Elector};
 use crate::metrics::{self, Metrics};
 use crate::oci::{self, Credentials, Format, RegistryConfig, Resolver};
 use crate::render::ModuleServer;
@@ -34,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller and the module cache server.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print the WasmFilter CustomResourceDefinition as YAML.
     Crd,
     /// Publish a Wasm module (.wasm, or WebAssembly text .wat) to an OCI registry.
@@ -283,9 +284,25 @@ pub struct OperatorArgs {
     /// Seconds to wait at start for the WasmFilter and Istio CRDs before giving up.
     #[arg(long, default_value_t = 300)]
     pub crd_wait_seconds: u64,
-    /// This replica's name, reported in Events.
+    /// This replica's name, reported in Events and used as its leader-election identity.
     #[arg(long, env = "POD_NAME")]
     pub instance: Option<String>,
+    /// Run as one of several replicas: only the holder of a Lease reconciles and writes; the
+    /// others serve the module cache and wait to take over. A leader that cannot renew the
+    /// Lease exits before another may start.
+    #[arg(long, requires = "leader_election_namespace")]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "wasmfilter-operator")]
+    pub leader_election_lease: String,
+    /// Seconds a leader Lease stays valid after its last renewal: how long a dead leader's
+    /// replicas wait before one takes over. The leader renews every fifth of it and gives up
+    /// leading after two thirds without a renewal.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease_duration_seconds: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -335,7 +352,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // One TLS provider for the whole process (kube and the OCI client both use rustls).
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
-        Command::Operator(args) => operator(args).await,
+        Command::Operator(args) => operator(*args).await,
         Command::Crd => {
             print!("{}", crd_yaml()?);
             Ok(())
@@ -401,8 +418,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
     init_tracing(args.log_format);
     let late_ctx: Arc<OnceLock<Arc<Context>>> = Arc::new(OnceLock::new());
+    let elector: Arc<OnceLock<Arc<Elector>>> = Arc::new(OnceLock::new());
     // Kept running after a signal: dropping it would cancel the reconciles in flight.
-    let mut run = std::pin::pin!(run_operator(args, late_ctx.clone()));
+    let mut run = std::pin::pin!(run_operator(args, late_ctx.clone(), elector.clone()));
     let signal = tokio::select! {
         result = &mut run => return result,
         signal = shutdown_signal() => signal,
@@ -426,6 +444,10 @@ async fn operator(args: OperatorArgs) -> anyhow::Result<()> {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "reconciles still in flight; exiting anyway");
         }
         again = shutdown_signal() => tracing::warn!(signal = again, "exiting now"),
+    }
+    // Nothing of this replica is in flight any more: another may lead at once.
+    if let Some(elector) = elector.get() {
+        elector.release().await;
     }
     tracing::info!("stopped");
     // Not a return: the runtime would wait for blocking tasks (a cache write, a hash).
@@ -453,6 +475,7 @@ async fn shutdown_signal() -> &'static str {
 async fn run_operator(
     args: OperatorArgs,
     late_ctx: Arc<OnceLock<Arc<Context>>>,
+    late_elector: Arc<OnceLock<Arc<Elector>>>,
 ) -> anyhow::Result<()> {
     let cache = ModuleCache::open(&args.cache_dir)
         .with_context(|| format!("opening cache dir {}", args.cache_dir.display()))?;
@@ -518,6 +541,18 @@ async fn run_operator(
         trust_ca_file(&mut registry_config, file)?;
     }
     let resolver = Resolver::new(registry_config)?;
+    let election = match (args.leader_elect, args.leader_election_namespace) {
+        (true, Some(namespace)) => Some(leader::Config {
+            namespace,
+            name: args.leader_election_lease.clone(),
+            identity: args
+                .instance
+                .clone()
+                .unwrap_or_else(|| format!("wasmfilter-{:016x}", fastrand::u64(..))),
+            duration: Duration::from_secs(args.lease_duration_seconds),
+        }),
+        _ => None,
+    };
     let settings = Settings {
         namespace: args.namespace,
         module_server,
@@ -559,6 +594,35 @@ async fn run_operator(
         client, metrics, resolver, cache, settings, xds,
     ));
     let _ = late_ctx.set(ctx.clone());
+    match election {
+        Some(config) => {
+            // A follower serves the module cache (fetching on demand) and waits to lead.
+            ctx.metrics.set_ready();
+            let elector = Arc::new(Elector::new(ctx.client.clone(), config));
+            let _ = late_elector.set(elector.clone());
+            tracing::info!(
+                identity = %elector.config().identity,
+                lease = %elector.config().name,
+                "waiting to lead"
+            );
+            elector.lead().await;
+            ctx.metrics.set_leader(true);
+            tracing::info!("leading");
+            let metrics = ctx.metrics.clone();
+            tokio::spawn(async move {
+                elector.lost().await;
+                metrics.set_leader(false);
+                if !elector.is_released() {
+                    tracing::error!(
+                        "lost the leader Lease: exiting before another replica may lead, so \
+                         that no write of this one follows"
+                    );
+                    std::process::exit(1);
+                }
+            });
+        }
+        None => ctx.metrics.set_leader(true),
+    }
     tracing::info!(namespace = ?ctx.settings.namespace, "controller starting");
     controller::run(ctx, xds_events).await;
     Ok(())

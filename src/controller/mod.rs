@@ -144,26 +144,43 @@ impl Context {
         self.reconciling.load(Ordering::SeqCst)
     }
 
-    /// `wf` with the last status this process wrote for it, when the store has not caught up.
+    /// `wf` with the last status this process wrote for it, when the store has not caught up;
+    /// once it has, the memo is dropped (the store holds the same).
     fn with_written_status(&self, wf: &Arc<WasmFilter>) -> Arc<WasmFilter> {
-        let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        match wf.uid().and_then(|uid| written.get(&uid)) {
-            Some(status) if wf.status.as_ref() != Some(status) => {
+        let Some(uid) = wf.uid() else {
+            return wf.clone();
+        };
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.get(&uid) {
+            Some(status) if wf.status.as_ref() == Some(status) => {
+                written.remove(&uid);
+                wf.clone()
+            }
+            Some(status) => {
                 let mut newer = (**wf).clone();
                 newer.status = Some(status.clone());
                 Arc::new(newer)
             }
-            _ => wf.clone(),
+            None => wf.clone(),
         }
     }
 
+    /// Remembers `status` as the API server stores it (condition times in whole seconds), so
+    /// that the store's copy compares equal once it catches up.
     fn remember_status(&self, wf: &WasmFilter, status: &WasmFilterStatus) {
         let Some(uid) = wf.uid() else { return };
+        let mut stored = status.clone();
+        for c in &mut stored.conditions {
+            let t = c.last_transition_time.0;
+            if let Ok(whole) = jiff::Timestamp::from_second(t.as_second()) {
+                c.last_transition_time.0 = whole;
+            }
+        }
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         if written.len() >= 100_000 {
             written.clear();
         }
-        written.insert(uid, status.clone());
+        written.insert(uid, stored);
     }
 
     fn remember_applied(&self, kind: &str, child: &DynamicObject) {
