@@ -117,6 +117,33 @@ async fn a_stopping_leader_hands_over_at_once_and_one_that_loses_its_lease_exits
     wait_holder(&leases, "a").await;
     let mut b = replica(n, "b", &[]).await;
 
+    // The follower serves what the leader deploys: a module it lacks, fetched on request.
+    let env = env();
+    let image = format!("{}/ha/{n}:v1", env.registry);
+    let bytes = module(&format!("ha-handover-{n}"));
+    push_module(&image, bytes.clone()).await;
+    Filter::new(n, "f", &image).apply();
+    let wf = wait_condition(&client, n, "f", "Ready", "True").await;
+    let sha = wf.status.unwrap().artifact.unwrap().module_sha256;
+    let url = format!(
+        "http://127.0.0.1:{}/modules/sha256/{sha}.wasm",
+        b.cache_port
+    );
+    let served = wait_for(
+        "the follower to serve the module",
+        Duration::from_secs(30),
+        || async {
+            let r = reqwest::get(&url).await.ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.bytes().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(served.as_ref(), bytes.as_slice());
+    assert_eq!(b.metric("wasmfilter_reconciles_total").await, 0.0);
+
     // SIGTERM: a releases the Lease, and b leads well before a lease duration.
     let stopped = Instant::now();
     let status = a.terminate(Duration::from_secs(15)).expect("a exits");

@@ -596,7 +596,9 @@ async fn run_operator(
     let _ = late_ctx.set(ctx.clone());
     match election {
         Some(config) => {
-            // A follower serves the module cache (fetching on demand) and waits to lead.
+            // A follower serves the module cache (fetching on demand what some filter deploys)
+            // and waits to lead.
+            controller::follow_filters(&ctx);
             ctx.metrics.set_ready();
             let elector = Arc::new(Elector::new(ctx.client.clone(), config));
             let _ = late_elector.set(elector.clone());

@@ -28,7 +28,7 @@ use kube::{Client, ResourceExt};
 
 pub use crds::{REQUIRED_CRDS, wait_for_crds};
 pub use error::Error;
-pub use watch::run;
+pub use watch::{follow_filters, run};
 
 use crate::abi::ModuleInfo;
 use crate::api::{PullPolicy, WasmFilter, WasmFilterStatus};

@@ -20,6 +20,29 @@ use crate::names;
 use crate::render;
 use crate::workloads::index;
 
+/// For a replica that does not lead (yet): a store of every WasmFilter in scope, so that its
+/// module cache can fetch on a proxy's request a module some filter deploys. Nothing is
+/// reconciled or written.
+pub fn follow_filters(ctx: &Arc<Context>) {
+    let filters: Api<DynamicObject> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced_with(
+            ctx.client.clone(),
+            ns,
+            &ApiResource::erase::<WasmFilter>(&()),
+        ),
+        None => Api::all_with(ctx.client.clone(), &ApiResource::erase::<WasmFilter>(&())),
+    };
+    // Undecodable objects are the leader's to report.
+    let (bad_tx, _) = tokio::sync::mpsc::unbounded_channel();
+    let (reader, writer) = reflector::store();
+    let _ = ctx.store.set(reader);
+    let stream = watcher(filters, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
+        .reflect(writer);
+    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+}
+
 /// How long a restarted operator's ECDS server waits for every known filter to be decided
 /// before it answers with what it has (undecided filters are held, never removed).
 const ECDS_START_WAIT: Duration = Duration::from_secs(30);
