@@ -479,7 +479,7 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     })
     .await;
     let w = workload(&wf, "elsewhere").unwrap();
-    assert_eq!(w.loaded, Some(false));
+    assert_eq!(w.loaded, Some(false), "{:#?}\n{}", wf.status, op.logs());
     let err = w.load_error.as_deref().unwrap();
     assert!(
         err.contains(&format!("subscribes to no ECDS filter named \"{n}/hdr\""))
