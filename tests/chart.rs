@@ -56,7 +56,10 @@ fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
             "registry.insecure[0]=registry.local:5000",
             "--set",
             "registry.caConfigMap=registry-ca",
+            "--set",
+            "grafanaDashboard.enabled=true",
         ],
+        &["--set", "replicaCount=3"],
     ];
     for extra in variants {
         let mut args = vec!["template", "rel", CHART, "--namespace", n];
@@ -82,6 +85,69 @@ fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
     ]));
     assert!(rendered.contains("kind: ServiceMonitor"), "{rendered}");
     assert!(rendered.contains("port: http-metrics"), "{rendered}");
+}
+
+/// Every metric the Grafana dashboard queries is one the operator exports (a renamed metric
+/// would leave a panel empty), and the chart ships the dashboard as it is in the repo.
+#[tokio::test]
+async fn the_dashboard_queries_only_metrics_the_operator_exports() {
+    let file =
+        std::fs::read_to_string(format!("{CHART}/dashboards/wasmfilter-operator.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&file).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    // An operator that deployed one filter and failed another: every series has a sample.
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("dashboard");
+    let n = ns.name.as_str();
+    let op = Operator::start(n, &[]).await;
+    let image = format!("{}/dashboard/{n}:v1", env.registry);
+    push_module(&image, module(&format!("dashboard-{n}"))).await;
+    Filter::new(n, "ok", &image).apply();
+    Filter::new(n, "missing", &image.replace(":v1", ":nope")).apply();
+    wait_condition(&client, n, "ok", "Ready", "True").await;
+    wait_condition(&client, n, "missing", "Ready", "False").await;
+    let exported = op.metrics_text().await;
+    let name = regex::Regex::new(r"wasmfilter_[a-z_]+").unwrap();
+    for expr in &exprs {
+        for m in name.find_iter(expr) {
+            let base = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| m.as_str().strip_suffix(s))
+                .unwrap_or(m.as_str());
+            assert!(
+                exported.contains(&format!("# TYPE {base} ")),
+                "the dashboard queries {} (in {expr}), which the operator does not export:\n{exported}",
+                m.as_str()
+            );
+        }
+    }
+    let rendered = ok(helm(&[
+        "template",
+        "rel",
+        CHART,
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ]));
+    let configmap = rendered
+        .split("\n---\n")
+        .find(|d| d.contains("grafana_dashboard"))
+        .expect("a dashboard ConfigMap");
+    let configmap: serde_json::Value = serde_norway::from_str(configmap).unwrap();
+    let shipped: serde_json::Value = serde_json::from_str(
+        configmap["data"]["wasmfilter-operator.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shipped, dashboard);
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub fn follow_filters(ctx: &Arc<Context>) {
     let stream = watcher(filters, watcher::Config::default())
         .default_backoff()
         .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
+        // Who wrote which field is the API server's business, not the store's (kilobytes a
+        // filter once its status lists workloads).
+        .modify(|wf| wf.metadata.managed_fields = None)
         .reflect(writer);
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
 }
@@ -111,6 +114,9 @@ pub async fn run(
     let trigger = watcher(filters, watcher::Config::default())
         .default_backoff()
         .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
+        // Who wrote which field is the API server's business, not the store's (kilobytes a
+        // filter once its status lists workloads).
+        .modify(|wf| wf.metadata.managed_fields = None)
         .reflect(writer)
         // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
         // and after every full list which filters exist at all.

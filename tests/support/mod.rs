@@ -315,6 +315,8 @@ impl Operator {
         extra: &[&str],
         mut cache_dir: tempfile::TempDir,
     ) -> Self {
+        // Its readiness is polled over HTTP (reqwest needs a TLS provider even for that).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         for _ in 0..5 {
             let mut op = Self::spawn(namespace, extra, cache_dir);
             if op.ready_or_exited().await {
@@ -465,15 +467,22 @@ impl Operator {
     /// The sum of the operator's metric lines starting with `name` (a name, or a name with
     /// labels such as `wasmfilter_reconcile_errors_total{reason="InvalidSpec"}`); 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
-        let Ok(r) = reqwest::get(&url).await else {
-            return 0.0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        text.lines()
+        self.metrics_text()
+            .await
+            .lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// The operator's whole `/metrics` page (empty when it does not answer).
+    pub async fn metrics_text(&self) -> String {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
+        match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 
     /// Sends SIGTERM and waits up to `within` for the process to exit.
