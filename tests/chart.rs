@@ -203,6 +203,13 @@ fn defaults_point_the_operator_at_its_own_cache_service() {
         ),
         "{rendered}"
     );
+    // The operator runs with the allocator settings its image sets, whatever the image.
+    for (k, v) in DEPLOYED_ENV {
+        assert!(
+            rendered.contains(&format!("- {{name: {k}, value: \"{v}\"}}")),
+            "{k}: {rendered}"
+        );
+    }
     assert!(
         rendered.contains("name: rel-wasmfilter-operator-cache"),
         "{rendered}"

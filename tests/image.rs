@@ -39,6 +39,11 @@ async fn the_image_runs_its_static_binary_as_non_root_with_nothing_else_inside()
         config["config"]["Entrypoint"],
         serde_json::json!(["/wasmfilter"])
     );
+    let image_env: Vec<String> = DEPLOYED_ENV
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    assert_eq!(config["config"]["Env"], serde_json::json!(image_env));
     // The chart runs it as that same user.
     let values = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -663,9 +663,28 @@ async fn fetch(image: &str, source: &SourceArgs) -> anyhow::Result<(oci::Artifac
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let (artifact, module) = fetch(&args.reference, &args.source).await?;
+    let reference = oci::parse_reference(&args.reference)?;
+    let host = reference.resolve_registry().to_string();
+    let source = &args.source;
+    let resolver = Resolver::new(source.registry.config(&host, source.max_module_size)?)?;
+    let creds = source.registry.credentials(&host)?;
+    // The module is written beside the output as it downloads, and takes the output's name
+    // only once every check passed.
     let tmp = args.output.with_extension("wasm.partial");
-    std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
+    let file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let pulled = resolver
+        .pull_into(&args.reference, None, None, &creds, Some(file))
+        .await;
+    let (artifact, module, written) = match pulled {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+    };
+    if !written {
+        std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
+    }
     std::fs::rename(&tmp, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     println!(

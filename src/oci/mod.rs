@@ -132,6 +132,10 @@ struct Summary {
     abi_version: Option<String>,
 }
 
+/// What one pull gave: the artifact, the module and what inspecting it found (absent when the
+/// cache held it already), bytes downloaded, whether the spool file holds the module.
+type Pulled = (Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64, bool);
+
 /// A module fetched into the cache.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -199,13 +203,14 @@ impl Resolver {
         cache: &ModuleCache,
         creds: &Credentials,
     ) -> Result<Fetched, Error> {
-        let (artifact, module, downloaded) = self
+        let (artifact, module, downloaded, _) = self
             .pull_counted(
                 image,
                 pinned_digest,
                 expected_module_sha256,
                 Some(cache),
                 creds,
+                None,
             )
             .await?;
         let info = match module {
@@ -236,10 +241,35 @@ impl Resolver {
         creds: &Credentials,
     ) -> Result<(Artifact, Vec<u8>), Error> {
         let (artifact, module, _) = self
-            .pull_counted(image, pinned_digest, expected_module_sha256, None, creds)
+            .pull_into(image, pinned_digest, expected_module_sha256, creds, None)
+            .await?;
+        Ok((artifact, module))
+    }
+
+    /// [`Resolver::pull`], writing the module into `out` while it downloads when the
+    /// artifact's layer is the module itself (so the write overlaps the download instead of
+    /// following it); says whether `out` now holds the module. Whatever `out` holds, the
+    /// caller uses it only once this returned `Ok` (every check passed).
+    pub async fn pull_into(
+        &self,
+        image: &str,
+        pinned_digest: Option<&str>,
+        expected_module_sha256: Option<&str>,
+        creds: &Credentials,
+        out: Option<std::fs::File>,
+    ) -> Result<(Artifact, Vec<u8>, bool), Error> {
+        let (artifact, module, _, written) = self
+            .pull_counted(
+                image,
+                pinned_digest,
+                expected_module_sha256,
+                None,
+                creds,
+                out,
+            )
             .await?;
         match module {
-            Some((m, _)) => Ok((artifact, m)),
+            Some((m, _)) => Ok((artifact, m, written)),
             None => Err(crate::cache::Error::Write(std::io::Error::other(
                 "no module bytes without a cache",
             ))
@@ -247,7 +277,8 @@ impl Resolver {
         }
     }
 
-    /// [`Resolver::pull`], also saying how many bytes were downloaded.
+    /// [`Resolver::pull`], also saying how many bytes were downloaded and whether `spool`
+    /// received the module.
     async fn pull_counted(
         &self,
         image: &str,
@@ -255,18 +286,18 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64), Error> {
-        let reference = parse_reference(image)?;
-        let whole = reference.whole();
+        spool: Option<std::fs::File>,
+    ) -> Result<Pulled, Error> {
+        let whole = parse_reference(image)?.whole();
         tokio::time::timeout(
             self.config.pull_timeout,
             self.pull_inner(
                 image,
-                reference,
                 pinned_digest,
                 expected_module_sha256,
                 cache,
                 creds,
+                spool,
             ),
         )
         .await
@@ -282,12 +313,13 @@ impl Resolver {
     async fn pull_inner(
         &self,
         image: &str,
-        reference: Reference,
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
         cache: Option<&ModuleCache>,
         creds: &Credentials,
-    ) -> Result<(Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64), Error> {
+        spool: Option<std::fs::File>,
+    ) -> Result<Pulled, Error> {
+        let reference = parse_reference(image)?;
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
                 reference.registry().to_string(),
@@ -359,7 +391,7 @@ impl Resolver {
                 declared_abi_versions: declared.abi_versions,
                 root_ids: declared.root_ids,
             };
-            return Ok((artifact, None, 0));
+            return Ok((artifact, None, 0, false));
         }
 
         let cached = match cache {
@@ -369,12 +401,17 @@ impl Resolver {
                 .map_err(crate::cache::Error::Write)?,
             _ => None,
         };
+        // Only a raw layer is the module itself, worth writing as it arrives.
+        let spool = spool.filter(|_| format.layer_is_module() && cached.is_none());
+        let spooled = spool.is_some();
         // The runtime config and the module travel at once.
         let module_bytes = async {
             match cached {
                 Some(bytes) => Ok((bytes, 0)),
                 None => {
-                    let bytes = self.fetch_blob(&reference, layer, size, creds).await?;
+                    let bytes = self
+                        .fetch_blob(&reference, layer, size, creds, spool)
+                        .await?;
                     let n = bytes.len() as u64;
                     Ok::<_, Error>((bytes, n))
                 }
@@ -429,7 +466,7 @@ impl Resolver {
             declared_abi_versions: declared.abi_versions,
             root_ids: declared.root_ids,
         };
-        Ok((artifact, Some((module, info)), downloaded))
+        Ok((artifact, Some((module, info)), downloaded, spooled))
     }
 
     fn known(&self, sha256: &str) -> Option<Summary> {
@@ -475,7 +512,9 @@ impl Resolver {
         {
             return Ok(known.clone());
         }
-        let bytes = self.fetch_blob(reference, config, size, creds).await?;
+        let bytes = self
+            .fetch_blob(reference, config, size, creds, None)
+            .await?;
         let declared = format::DeclaredConfig::parse(&bytes).map_err(invalid)?;
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
         if configs.len() >= MAX_REMEMBERED {
@@ -554,14 +593,15 @@ impl Resolver {
         Ok((manifest, actual))
     }
 
-    /// Streams a blob with a hard size cap, hashing as it goes, and refuses bytes that do not
-    /// match the descriptor's digest or size.
+    /// Streams a blob with a hard size cap, hashing (and, given `spool`, writing it there) as it
+    /// goes, and refuses bytes that do not match the descriptor's digest or size.
     async fn fetch_blob(
         &self,
         reference: &Reference,
         layer: &OciDescriptor,
         size: u64,
         creds: &Credentials,
+        spool: Option<std::fs::File>,
     ) -> Result<Vec<u8>, Error> {
         let fetch_err = |message: String| Error::FetchBlob {
             digest: layer.digest.clone(),
@@ -578,15 +618,29 @@ impl Resolver {
                 other => other,
             })?;
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 26));
-        // Hash on another thread while the download goes on: for large modules the two
-        // overlap instead of adding up.
+        // Hash (and write) on another thread while the download goes on: for large modules
+        // they overlap instead of adding up.
         let (chunks, mut for_hasher) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
         let hasher = tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut spool = spool.map(std::io::BufWriter::new);
+            let mut written = Ok(());
             while let Some(chunk) = for_hasher.blocking_recv() {
                 ctx.update(&chunk);
+                if let Some(out) = spool.as_mut()
+                    && let Err(e) = out.write_all(&chunk)
+                {
+                    written = Err(e);
+                    spool = None;
+                }
             }
-            hex::encode(ctx.finish())
+            if let Some(mut out) = spool
+                && let Err(e) = out.flush()
+            {
+                written = Err(e);
+            }
+            (hex::encode(ctx.finish()), written)
         });
         loop {
             match resp.chunk().await {
@@ -618,9 +672,10 @@ impl Resolver {
                 bytes.len()
             )));
         }
-        let actual = hasher
+        let (actual, written) = hasher
             .await
             .map_err(|e| fetch_err(format!("hashing: {e}")))?;
+        written.map_err(crate::cache::Error::Write)?;
         if layer.digest != format!("sha256:{actual}") {
             return Err(Error::BlobDigestMismatch {
                 expected: layer.digest.clone(),

@@ -22,6 +22,13 @@ use oci_client::{Client, Reference};
 use serde_json::Value;
 use wasmfilter::api::{ModuleSource, WasmFilter, WasmFilterSpec, WorkloadSelector};
 
+/// The environment the image and the chart give the operator (its allocator's settings), so
+/// tests and benchmarks run it as deployed.
+pub const DEPLOYED_ENV: &[(&str, &str)] = &[
+    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
+    ("MIMALLOC_PURGE_DELAY", "0"),
+];
+
 /// URL the tests' operators advertise for their cache (as a Service would be named).
 pub const CACHE_URL: &str = "http://wasmfilter-cache.wasmfilter-system.svc:8080";
 
@@ -386,6 +393,7 @@ impl Operator {
             .arg(cache_dir.path().join("modules"))
             .args(extra)
             .env("RUST_LOG", "info,wasmfilter=debug")
+            .envs(DEPLOYED_ENV.iter().copied())
             .envs(kubeconfig.map(|k| ("KUBECONFIG", k)))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
