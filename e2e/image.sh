@@ -70,8 +70,8 @@ config = {
         "Entrypoint": ["/wasmfilter"],
         "Cmd": ["operator"],
         "WorkingDir": "/",
-        # As in the Containerfile: the allocator returns memory at once (see there).
-        "Env": ["MIMALLOC_ARENA_EAGER_COMMIT=0", "MIMALLOC_PURGE_DELAY=0"],
+        # As in the Containerfile: two malloc arenas (see there).
+        "Env": ["MALLOC_ARENA_MAX=2"],
         "Labels": {
             "org.opencontainers.image.title": "wasmfilter-operator",
             "org.opencontainers.image.version": version,

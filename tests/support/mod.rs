@@ -22,12 +22,9 @@ use oci_client::{Client, Reference};
 use serde_json::Value;
 use wasmfilter::api::{ModuleSource, WasmFilter, WasmFilterSpec, WorkloadSelector};
 
-/// The environment the image and the chart give the operator (its allocator's settings), so
-/// tests and benchmarks run it as deployed.
-pub const DEPLOYED_ENV: &[(&str, &str)] = &[
-    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-    ("MIMALLOC_PURGE_DELAY", "0"),
-];
+/// The environment the image and the chart give the operator (glibc's malloc arenas), so tests
+/// and benchmarks run it as deployed.
+pub const DEPLOYED_ENV: &[(&str, &str)] = &[("MALLOC_ARENA_MAX", "2")];
 
 /// URL the tests' operators advertise for their cache (as a Service would be named).
 pub const CACHE_URL: &str = "http://wasmfilter-cache.wasmfilter-system.svc:8080";
