@@ -28,11 +28,9 @@ async fn a_moved_tag_is_deployed_only_after_its_new_module_passes_every_check() 
     let image = format!("{}/tagmove/{}:stable", env.registry, ns.name);
     let first = module("tagmove-first");
     let first_digest = push_module(&image, first.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::Always)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::Always)
+        .apply();
     wait_module(&client, &ns.name, "f", &sha256_hex(&first)).await;
     // No --cache-max-bytes: the cache's size is reported all the same.
     wait_for("the cache size metric", Duration::from_secs(10), || async {
@@ -97,11 +95,9 @@ async fn a_corrupt_or_missing_module_is_fetched_again_on_demand_and_never_served
     let m = module("ondemand");
     let sha = sha256_hex(&m);
     push_module(&image, m.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     wait_module(&client, &ns.name, "f", &sha).await;
     let url = format!(
         "http://127.0.0.1:{}/modules/sha256/{sha}.wasm",
@@ -156,11 +152,9 @@ async fn a_restart_drops_corrupt_modules_and_fetches_them_again() {
     let m = module("restart");
     let sha = sha256_hex(&m);
     push_module(&image, m.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     wait_module(&client, &ns.name, "f", &sha).await;
     let path = op.cached_module_path(&sha);
     let cache_dir = op.take_cache_dir();
@@ -201,11 +195,9 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
     let a = module("evict-a");
     let a_image = format!("{}/evict/{}-a:v1", env.registry, ns.name);
     push_module(&a_image, a.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "a", &a_image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "a", &a_image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     wait_module(&client, &ns.name, "a", &sha256_hex(&a)).await;
     // The pull's eviction pass removed the stale module.
     wait_for(
@@ -221,11 +213,9 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
     let b = module("evict-b");
     let b_image = format!("{}/evict/{}-b:v1", env.registry, ns.name);
     push_module(&b_image, b.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "b", &b_image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "b", &b_image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     wait_module(&client, &ns.name, "b", &sha256_hex(&b)).await;
     // The pass after b's pull has run once the size it reports holds both.
     let both = (a.len() + b.len()) as f64;

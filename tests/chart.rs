@@ -311,7 +311,6 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     assert!(out.status.success(), "{}", stderr(&out));
     let with_secret = |name: &str| {
         Filter::new(n, name, &image)
-            .target(Target::WasmPlugin)
             .config(json!({"greeting": "hello"}))
             .pull_secret("regcred")
             .yaml()
@@ -336,12 +335,9 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
         .await
         .unwrap();
     // Its Events are written too (a Normal one on success is not promised; force a Warning).
-    apply_ok(
-        &Filter::new(n, "missing", &image.replace(":v1", ":nope"))
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(n, "missing", &image.replace(":v1", ":nope"))
+        .config(json!({"greeting": "hello"}))
+        .apply();
     wait_condition(&client, n, "missing", "Ready", "False").await;
     wait_for("a Warning Event", Duration::from_secs(30), || async {
         (!warning_events(n, "missing").is_empty()).then_some(())

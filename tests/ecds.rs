@@ -51,6 +51,13 @@ fn needs_1_39(value: &str, marker: &str) -> Vec<u8> {
     ))
 }
 
+/// The add-header filter served over ECDS, answering `greeting`.
+fn ecds_filter(ns: &str, name: &str, image: &str, greeting: &str) -> Filter {
+    Filter::new(ns, name, image)
+        .target(Target::Ecds)
+        .config(json!({"greeting": greeting}))
+}
+
 /// An operator serving ECDS on its own port; returns it and the port.
 async fn operator(ns: &str) -> (Operator, u16) {
     let xds = free_port();
@@ -97,13 +104,7 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     let (_op, xds) = operator(n).await;
     let v1 = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &v1)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &v1, "hello").apply();
     let filters = [format!("{n}/hdr")];
     // Old Envoy over state of the world, new Envoy over delta, each naming its pod its own way.
     let old = Envoy::start_ecds(
@@ -144,13 +145,7 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     assert_eq!((col("SELECTED"), col("LOADED")), ("2", "2"), "{wide}");
 
     // A config change reaches both without a restart.
-    apply_ok(
-        &Filter::new(n, "hdr", &v1)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "again"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &v1, "again").apply();
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter-config", Some(r#"{"greeting":"again"}"#), 200)
             .await;
@@ -158,13 +153,7 @@ async fn envoys_load_the_filter_and_take_config_and_image_changes_live() {
     // So does a new module.
     let v2 = format!("{}/ecds/{n}:v2", env.registry);
     push_module(&v2, wasm(&variant("v2", &format!("two-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &v2)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "again"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &v2, "again").apply();
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter", Some("v2"), 200).await;
     }
@@ -195,13 +184,7 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     let (_op, xds) = operator(n).await;
     let good = format!("{}/ecds/{n}:good", env.registry);
     push_module(&good, wasm(&variant("on", &format!("good-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &good)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &good, "hello").apply();
     let filters = [format!("{n}/hdr")];
     let old = Envoy::start_ecds(OLD, &node(n, "old", &filters, true, xds));
     let new = Envoy::start_ecds(NEW, &node(n, "new", &filters, false, xds));
@@ -215,13 +198,7 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     // Block (the default): 1.36.2 would refuse the new module, so no node gets it.
     let newer = format!("{}/ecds/{n}:needs-1-39", env.registry);
     push_module(&newer, needs_1_39("v3", &format!("new-{n}"))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &newer)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &newer, "hello").apply();
     let wf = wait_status(&client, n, "hdr", "blocked", |wf| {
         cond_is(wf, "Ready", "False", "Incompatible")
     })
@@ -237,13 +214,9 @@ async fn a_module_an_envoy_would_refuse_is_never_sent_to_it() {
     }
 
     // Warn: the Envoy that loads it gets it; the one that would refuse it keeps what it had.
-    apply_ok(
-        &Filter::new(n, "hdr", &newer)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Warn)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &newer, "hello")
+        .on_incompatible(OnIncompatible::Warn)
+        .apply();
     new.wait_header("x-wasmfilter", Some("v3"), 200).await;
     let wf = wait_status(&client, n, "hdr", "warned and loaded where it can", |wf| {
         cond_is(wf, "Loaded", "True", "Loaded")
@@ -283,13 +256,7 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     let (_op, xds) = operator(n).await;
     let good = format!("{}/ecds/{n}:good", env.registry);
     push_module(&good, wasm(&variant("on", &format!("good-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &good)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &good, "hello").apply();
     let filters = [format!("{n}/hdr")];
     let old = Envoy::start_ecds(OLD, &node(n, "p-old", &filters, false, xds));
     let new = Envoy::start_ecds(NEW, &node(n, "p-new", &filters, true, xds));
@@ -301,13 +268,7 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     // The ABI check passes (the module is well formed); only running it tells.
     let bad = format!("{}/ecds/{n}:bad", env.registry);
     push_module(&bad, configure_fails(&format!("bad-{n}"))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &bad)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &bad, "hello").apply();
     let wf = wait_status(&client, n, "hdr", "both refused it", |wf| {
         cond_is(wf, "Loaded", "False", "LoadFailed") && cond_is(wf, "Ready", "False", "LoadFailed")
     })
@@ -342,13 +303,7 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     }
 
     // Back to a good module: loaded again.
-    apply_ok(
-        &Filter::new(n, "hdr", &good)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "fixed"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &good, "fixed").apply();
     for e in [&old, &new] {
         e.wait_header("x-wasmfilter-config", Some(r#"{"greeting":"fixed"}"#), 200)
             .await;
@@ -370,13 +325,7 @@ async fn operator_and_envoy_restarts_neither_drop_nor_reload_filters() {
     let (op, xds) = operator(n).await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("r-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &image)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &image, "hello").apply();
     let filters = [format!("{n}/hdr")];
     let sotw = Envoy::start_ecds(NEW, &node(n, "a", &filters, false, xds));
     let mut delta = Envoy::start_ecds(OLD, &node(n, "b", &filters, true, xds));
@@ -447,13 +396,7 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     let (op, xds) = operator(n).await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("e-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &image)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &image, "hello").apply();
     let ours = [format!("{n}/hdr")];
     let other = [format!("{n}/something-else")];
     apply_ok(&envoy_pod_yaml(n, "falls-back", "web", "v1.40.0"));
@@ -550,13 +493,7 @@ async fn the_ecds_port_can_serve_tls() {
     .await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("ok", &format!("tls-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "hdr", &image)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    ecds_filter(n, "hdr", &image, "hello").apply();
     let filters = [format!("{n}/hdr")];
     let e = Envoy::start_ecds(
         NEW,
@@ -607,14 +544,9 @@ async fn network_filters_are_served_too() {
     let (_op, xds) = operator(n).await;
     let image = format!("{}/ecds/{n}:v1", env.registry);
     push_module(&image, wasm(&variant("on", &format!("l4-{n}")))).await;
-    apply_ok(
-        &Filter::new(n, "tcp", &image)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .on_incompatible(OnIncompatible::Block)
-            .edit(|spec| spec.filter_type = wasmfilter::api::FilterType::Network)
-            .yaml(),
-    );
+    ecds_filter(n, "tcp", &image, "hello")
+        .edit(|spec| spec.filter_type = wasmfilter::api::FilterType::Network)
+        .apply();
     let name = format!("{n}/tcp");
     let e = Envoy::start_ecds(
         NEW,

@@ -126,12 +126,9 @@ async fn flux_kstatus_and_the_argocd_health_check_read_every_state_right() {
         ("taken-up", format!("{silent_addr}/gitops/slow:v1")),
     ];
     for (name, image) in &cases {
-        apply_ok(
-            &Filter::new(n, name, image)
-                .target(Target::WasmPlugin)
-                .config(json!({"greeting": "hello"}))
-                .yaml(),
-        );
+        Filter::new(n, name, image)
+            .config(json!({"greeting": "hello"}))
+            .apply();
     }
     wait_condition(&client, n, "ready", "Ready", "True").await;
     let states = wait_for("every state reported", Duration::from_secs(60), || async {

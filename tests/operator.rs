@@ -185,12 +185,10 @@ async fn envoy_filter_patch_loads_in_real_envoy_and_acts_on_requests() {
     let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/ef-{}:v1", env.registry, ns.name);
     push_module(&image, module("envoy-filter")).await;
-    apply_ok(
-        &Filter::new(&ns.name, "add-header", &image)
-            .target(Target::EnvoyFilter)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "add-header", &image)
+        .target(Target::EnvoyFilter)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     wait_condition(&client, &ns.name, "add-header", "Ready", "True").await;
 
     let ef = child_api(&client, &ns.name, "EnvoyFilter")
@@ -325,9 +323,7 @@ async fn bad_modules_are_reported_and_never_deployed() {
         ),
     ];
     for (name, image, _, _) in &cases {
-        let mut filter = Filter::new(&ns.name, name, image)
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}));
+        let mut filter = Filter::new(&ns.name, name, image).config(json!({"greeting": "hello"}));
         if *name == "wrong-pin" {
             filter = filter.sha256(&"0".repeat(64));
         }
@@ -447,12 +443,9 @@ async fn every_artifact_format_is_accepted() {
             .unwrap();
             assert_eq!(stored["mediaType"], docker_v2);
         }
-        apply_ok(
-            &Filter::new(&ns.name, format, &format!("{repo}/{format}:v1"))
-                .target(Target::WasmPlugin)
-                .config(json!({"greeting": "hello"}))
-                .yaml(),
-        );
+        Filter::new(&ns.name, format, &format!("{repo}/{format}:v1"))
+            .config(json!({"greeting": "hello"}))
+            .apply();
     }
     for (format, ..) in &cases {
         let wf = wait_condition(&client, &ns.name, format, "Ready", "True").await;
@@ -481,12 +474,9 @@ async fn module_over_the_size_cap_is_refused() {
     let _op = Operator::start(&ns.name, &["--max-module-size", "256"]).await;
     let image = format!("{}/filters/cap-{}:v1", env.registry, ns.name);
     push_module(&image, module("too-big")).await;
-    apply_ok(
-        &Filter::new(&ns.name, "big", &image)
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "big", &image)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "big", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "ModuleTooLarge");
@@ -509,23 +499,19 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
     let image = format!("{}/filters/keep-{}:v1", env.registry, ns.name);
     let good = module("keep");
     push_module(&image, good.clone()).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .target(Target::EnvoyFilter)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .target(Target::EnvoyFilter)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     let before_wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     let efs = child_api(&client, &ns.name, "EnvoyFilter");
     let before: DynamicObject = efs.get("f").await.unwrap();
 
     let missing = image.replace(":v1", ":v2-never-pushed");
-    apply_ok(
-        &Filter::new(&ns.name, "f", &missing)
-            .target(Target::EnvoyFilter)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &missing)
+        .target(Target::EnvoyFilter)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(wf.metadata.generation, Some(2));
     let ready = condition(&wf, "Ready").unwrap();
@@ -548,12 +534,10 @@ async fn a_ready_filter_updated_to_a_bad_module_keeps_its_child() {
     // A registry that is down is retried with backoff; after three failed attempts nothing
     // has touched the child either.
     let down = format!("127.0.0.1:{}/filters/keep:v1", free_port());
-    apply_ok(
-        &Filter::new(&ns.name, "f", &down)
-            .target(Target::EnvoyFilter)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &down)
+        .target(Target::EnvoyFilter)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     wait_for("3 failed retries", Duration::from_secs(60), || async {
         let failed = op
             .metric("wasmfilter_reconcile_errors_total{reason=\"RegistryUnavailable\"}")
@@ -581,12 +565,9 @@ async fn changing_the_target_replaces_the_child() {
     let op = Operator::start(&ns.name, &[]).await;
     let image = format!("{}/filters/switch-{}:v1", env.registry, ns.name);
     push_module(&image, module("switch")).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     let wps = child_api(&client, &ns.name, "WasmPlugin");
     assert!(wps.get_opt("f").await.unwrap().is_some());
@@ -599,12 +580,10 @@ async fn changing_the_target_replaces_the_child() {
         "the watches' initial lists are counted"
     );
 
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .target(Target::EnvoyFilter)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .target(Target::EnvoyFilter)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
     wait_for("Ready at generation 2", Duration::from_secs(60), || async {
         let wf = api.get("f").await.ok()?;
@@ -630,12 +609,10 @@ async fn changing_the_target_replaces_the_child() {
     );
 
     // Ecds on an operator started without --xds-listen: said so, with the fix, not ignored.
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .target(Target::Ecds)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .target(Target::Ecds)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     let wf = wait_for(
         "Ready=False at generation 3",
         Duration::from_secs(60),
@@ -669,12 +646,9 @@ async fn if_not_present_reuses_the_cached_module_without_the_registry() {
     let repo = format!("filters/cached-{}", ns.name);
     let image = format!("{}/{repo}:v1", env.registry);
     let digest = push_module(&image, module("cached")).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .config(json!({"greeting": "hello"}))
+        .apply();
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     let r = reqwest::Client::new()
@@ -689,7 +663,6 @@ async fn if_not_present_reuses_the_cached_module_without_the_registry() {
 
     apply_ok(
         &Filter::new(&ns.name, "f", &image)
-            .target(Target::WasmPlugin)
             .config(json!({"greeting": "hello"}))
             .yaml()
             .replace("hello", "again"),
@@ -796,12 +769,9 @@ async fn sigterm_waits_for_a_reconcile_in_flight_for_at_most_10_s() {
         ],
     )
     .await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &format!("{registry}/filters/silent:v1"))
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &format!("{registry}/filters/silent:v1"))
+        .config(json!({"greeting": "hello"}))
+        .apply();
     // The reconcile is waiting on the registry.
     tokio::time::timeout(Duration::from_secs(30), silent.accepted.recv())
         .await
@@ -881,22 +851,16 @@ async fn an_image_index_is_followed_to_its_wasm_entry() {
     )
     .await;
 
-    apply_ok(
-        &Filter::new(n, "multi", &format!("{}/{repository}:multi", env.registry))
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
-    apply_ok(
-        &Filter::new(
-            n,
-            "no-wasm",
-            &format!("{}/{repository}:no-wasm", env.registry),
-        )
-        .target(Target::WasmPlugin)
+    Filter::new(n, "multi", &format!("{}/{repository}:multi", env.registry))
         .config(json!({"greeting": "hello"}))
-        .yaml(),
-    );
+        .apply();
+    Filter::new(
+        n,
+        "no-wasm",
+        &format!("{}/{repository}:no-wasm", env.registry),
+    )
+    .config(json!({"greeting": "hello"}))
+    .apply();
     let wf = wait_condition(&client, n, "multi", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,

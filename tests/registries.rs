@@ -179,12 +179,10 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
     let api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns.name);
 
     // Missing secret: says which and how to create it.
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_secret("regcred")
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_secret("regcred")
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "PullSecretNotFound", "{}", ready.message);
@@ -196,12 +194,10 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
 
     // Wrong password: refused by the registry.
     create_pull_secret(&ns.name, "wrong", &reg.addr, "alice", "not-the-password");
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_secret("wrong")
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_secret("wrong")
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, "RegistryDenied");
 
@@ -216,12 +212,10 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
         "--from-literal=x=y",
     ]);
     assert!(out.status.success());
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_secret("opaque")
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_secret("opaque")
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidPullSecret");
@@ -233,12 +227,10 @@ async fn tls_registry_with_basic_auth_via_cli_and_pull_secret() {
 
     // The right secret: deployed.
     create_pull_secret(&ns.name, "regcred", &reg.addr, "alice", &password);
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_secret("regcred")
-            .pull_policy(PullPolicy::IfNotPresent)
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_secret("regcred")
+        .pull_policy(PullPolicy::IfNotPresent)
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,
@@ -286,12 +278,10 @@ async fn operator_pulling_every_second(
     )
     .await;
     create_pull_secret(ns, "regcred", registry, "puller", "pull-pw");
-    apply_ok(
-        &Filter::new(ns, "f", image)
-            .pull_secret("regcred")
-            .pull_policy(PullPolicy::Always)
-            .yaml(),
-    );
+    Filter::new(ns, "f", image)
+        .pull_secret("regcred")
+        .pull_policy(PullPolicy::Always)
+        .apply();
     wait_condition(client, ns, "f", "Ready", "True").await;
     op
 }
@@ -319,12 +309,10 @@ async fn token_auth_reuses_tokens_and_never_shares_them_between_credentials() {
 
     // A second filter of the same operator, same image, no secret: its anonymous requests must
     // not ride on the first filter's token.
-    apply_ok(
-        &Filter::new(&ns.name, "g", &image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .config(json!({"attempt": 1}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "g", &image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .config(json!({"attempt": 1}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "g", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "RegistryDenied", "{}", ready.message);
@@ -475,12 +463,10 @@ async fn token_realm_on_a_metadata_address_is_never_contacted() {
 
     let ns = TestNamespace::new("ssrf");
     let _op = Operator::start(&ns.name, &["--insecure-registry", &reg.addr]).await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .config(json!({"attempt": 1}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .config(json!({"attempt": 1}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "TokenRealmRefused", "{}", ready.message);
@@ -616,12 +602,10 @@ async fn expect_failure(
     reason: &str,
     good_sha: &str,
 ) -> String {
-    apply_ok(
-        &Filter::new(ns, "f", image)
-            .pull_policy(PullPolicy::Always)
-            .config(json!({"attempt": attempt}))
-            .yaml(),
-    );
+    Filter::new(ns, "f", image)
+        .pull_policy(PullPolicy::Always)
+        .config(json!({"attempt": attempt}))
+        .apply();
     let wf = wait_status(
         client,
         ns,
@@ -678,12 +662,10 @@ async fn registry_faults_never_replace_a_working_filter() {
     let good_sha = sha256_hex(&good);
     push_module(&format!("{}/faults/{}:v1", env.registry, ns.name), good).await;
     let image = format!("{}/faults/{}:v1", proxy.addr, ns.name);
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::Always)
-            .config(json!({"attempt": 0}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::Always)
+        .config(json!({"attempt": 0}))
+        .apply();
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     let cases = [
@@ -729,12 +711,10 @@ async fn registry_faults_never_replace_a_working_filter() {
     proxy.set(Fault::None);
 
     // Healthy again: the moved tag's module is deployed, and the operator never restarted.
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::Always)
-            .config(json!({"attempt": 200}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::Always)
+        .config(json!({"attempt": 200}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().artifact.unwrap().module_sha256,
@@ -791,12 +771,10 @@ async fn a_pull_that_never_finishes_is_cut_off_at_the_pull_cap() {
     let good_sha = sha256_hex(&good);
     push_module(&reference, good).await;
     let image = format!("{}/pullcap/{}:v1", proxy.addr, ns.name);
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::Always)
-            .config(json!({"attempt": 0}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::Always)
+        .config(json!({"attempt": 0}))
+        .apply();
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     // A new module behind the same tag, whose blob now trickles in (a byte every 50 ms: about
@@ -838,12 +816,10 @@ async fn a_429_is_retried_no_sooner_than_its_retry_after() {
     )
     .await;
     let image = format!("{}/throttle/{}:v1", proxy.addr, ns.name);
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::Always)
-            .config(json!({"attempt": 0}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::Always)
+        .config(json!({"attempt": 0}))
+        .apply();
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
 
     const RETRY_AFTER: u64 = 3;
@@ -894,12 +870,10 @@ async fn a_config_blob_that_is_not_json_is_refused() {
         )],
     )
     .await;
-    apply_ok(
-        &Filter::new(&ns.name, "f", &image)
-            .pull_policy(PullPolicy::IfNotPresent)
-            .config(json!({"attempt": 0}))
-            .yaml(),
-    );
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(PullPolicy::IfNotPresent)
+        .config(json!({"attempt": 0}))
+        .apply();
     let wf = wait_condition(&client, &ns.name, "f", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidArtifactConfig", "{}", ready.message);

@@ -50,7 +50,6 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
         let out = kubectl(&["patch", "crd", CRD, "--type=json", "-p", &lift]);
         assert!(out.status.success(), "{}", stderr(&out));
         let mut bad = Filter::new(n, "bad", &image)
-            .target(Target::WasmPlugin)
             .config(json!({"greeting": "hello"}))
             .json();
         bad["spec"]["priority"] = json!(3_000_000_000u64);
@@ -66,12 +65,9 @@ async fn an_undecodable_filter_is_reported_and_the_others_still_deploy() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    apply_ok(
-        &Filter::new(n, "good", &image)
-            .target(Target::WasmPlugin)
-            .config(json!({"greeting": "hello"}))
-            .yaml(),
-    );
+    Filter::new(n, "good", &image)
+        .config(json!({"greeting": "hello"}))
+        .apply();
 
     // The operator starts, gets ready and deploys the good one.
     let mut op = Operator::start(n, &[]).await;

@@ -91,12 +91,7 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     push_module(&bad_image, bad.clone()).await;
 
     // A compatible module: deployed; one pod's Envoy cannot be placed, so Compatible=Unknown.
-    apply_ok(
-        &Filter::new(n, "good", &good_image)
-            .app("web")
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    Filter::new(n, "good", &good_image).app("web").apply();
     let wf = wait_condition(&client, n, "good", "Compatible", "Unknown").await;
     assert_eq!(condition(&wf, "Ready").unwrap().status, "True");
     let workloads = wf.status.as_ref().unwrap().workloads.clone();
@@ -154,12 +149,7 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     // module stays deployed.
     let wps = child_api(&client, n, "WasmPlugin");
     let before = wps.get("good").await.unwrap();
-    apply_ok(
-        &Filter::new(n, "good", &bad_image)
-            .app("web")
-            .on_incompatible(OnIncompatible::Block)
-            .yaml(),
-    );
+    Filter::new(n, "good", &bad_image).app("web").apply();
     let wf = wait_condition(&client, n, "good", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "Incompatible");
@@ -184,12 +174,10 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     );
 
     // With Warn it is deployed, and said so.
-    apply_ok(
-        &Filter::new(n, "warned", &bad_image)
-            .app("web")
-            .on_incompatible(OnIncompatible::Warn)
-            .yaml(),
-    );
+    Filter::new(n, "warned", &bad_image)
+        .app("web")
+        .on_incompatible(OnIncompatible::Warn)
+        .apply();
     let wf = wait_condition(&client, n, "warned", "Ready", "True").await;
     assert_eq!(condition(&wf, "Compatible").unwrap().status, "False");
     let child = wps.get("warned").await.unwrap();
@@ -206,12 +194,10 @@ async fn workloads_get_per_pod_verdicts_and_incompatible_modules_are_blocked_or_
     .await;
 
     // A pod that appears later is checked without a resync or a spec change.
-    apply_ok(
-        &Filter::new(n, "late", &bad_image)
-            .app("late")
-            .on_incompatible(OnIncompatible::Warn)
-            .yaml(),
-    );
+    Filter::new(n, "late", &bad_image)
+        .app("late")
+        .on_incompatible(OnIncompatible::Warn)
+        .apply();
     let wf = wait_condition(&client, n, "late", "Compatible", "True").await;
     assert_eq!(condition(&wf, "Compatible").unwrap().reason, "NoWorkloads");
     apply_ok(&pod_yaml(
