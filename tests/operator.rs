@@ -203,7 +203,7 @@ async fn envoy_filter_patch_loads_in_real_envoy_and_acts_on_requests() {
     let cluster = remote["http_uri"]["cluster"].as_str().unwrap().to_string();
     assert_eq!(
         cluster,
-        "outbound|8080||wasmfilter-cache.wasmfilter-system.svc"
+        "outbound|8080||wasmfilter-cache.wasmfilter-system.svc.cluster.local"
     );
 
     for version in &env.envoy_versions {

@@ -51,7 +51,8 @@ pub fn check_supported(target: Target, serves_ecds: bool) -> Result<(), Error> {
 pub struct ModuleServer {
     /// Base URL proxies use, e.g. `http://wasmfilter-cache.wasmfilter-system.svc:8080`.
     pub base_url: String,
-    /// The Envoy cluster that reaches `base_url` (Istio names it `outbound|PORT||HOST`).
+    /// The Envoy cluster that reaches `base_url`: Istio names a Service's outbound cluster
+    /// `outbound|PORT||<name>.<namespace>.svc.cluster.local`, whatever form the URL uses.
     pub cluster: String,
 }
 
@@ -69,6 +70,19 @@ impl ModuleServer {
             Some((h, p)) if p.parse::<u16>().is_ok() => (h.to_string(), p.to_string()),
             _ if base_url.starts_with("https://") => (authority.to_string(), "443".to_string()),
             _ => (authority.to_string(), "80".to_string()),
+        };
+        // Istio's cluster names use the Service's full host name: a URL written with the
+        // usual `<name>.<namespace>.svc` form names a cluster that does not exist otherwise
+        // (Envoy then retries the fetch forever). Other hosts are kept as written
+        // (`--cache-cluster` sets any name).
+        let host = match host.strip_suffix('.') {
+            Some(h) => h.to_string(),
+            None => host,
+        };
+        let host = if host.ends_with(".svc") {
+            format!("{host}.cluster.local")
+        } else {
+            host
         };
         ModuleServer {
             cluster: format!("outbound|{port}||{host}"),
@@ -471,11 +485,20 @@ spec:
     fn cluster_name_follows_istio_naming() {
         assert_eq!(
             ModuleServer::new("http://cache.ns.svc:8080/").cluster,
-            "outbound|8080||cache.ns.svc"
+            "outbound|8080||cache.ns.svc.cluster.local"
         );
         assert_eq!(
             ModuleServer::new("http://cache.ns.svc").cluster,
-            "outbound|80||cache.ns.svc"
+            "outbound|80||cache.ns.svc.cluster.local"
+        );
+        assert_eq!(
+            ModuleServer::new("http://cache.ns.svc.cluster.local:8080").cluster,
+            "outbound|8080||cache.ns.svc.cluster.local"
+        );
+        // Not a Service host: kept as written.
+        assert_eq!(
+            ModuleServer::new("http://10.0.0.7:8080").cluster,
+            "outbound|8080||10.0.0.7"
         );
         assert_eq!(
             ModuleServer::new("http://cache.ns.svc:8080/").module_url("ab"),
