@@ -24,26 +24,31 @@ use crate::workloads::index;
 /// module cache can fetch on a proxy's request a module some filter deploys. Nothing is
 /// reconciled or written.
 pub fn follow_filters(ctx: &Arc<Context>) {
-    let filters: Api<DynamicObject> = match &ctx.settings.namespace {
-        Some(ns) => Api::namespaced_with(
-            ctx.client.clone(),
-            ns,
-            &ApiResource::erase::<WasmFilter>(&()),
-        ),
-        None => Api::all_with(ctx.client.clone(), &ApiResource::erase::<WasmFilter>(&())),
-    };
     // Undecodable objects are the leader's to report.
     let (bad_tx, _) = tokio::sync::mpsc::unbounded_channel();
     let (reader, writer) = reflector::store();
     let _ = ctx.store.set(reader);
-    let stream = watcher(filters, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
-        // Who wrote which field is the API server's business, not the store's (kilobytes a
-        // filter once its status lists workloads).
-        .modify(|wf| wf.metadata.managed_fields = None)
-        .reflect(writer);
+    let stream = decoded_filters(ctx, bad_tx).reflect(writer);
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+}
+
+/// Every WasmFilter in scope, from one raw watch decoded object by object (an undecodable one
+/// goes to `bad`, never stops the others), without managedFields: who wrote which field is
+/// the API server's business, not the store's (kilobytes a filter once its status lists
+/// workloads).
+fn decoded_filters(
+    ctx: &Context,
+    bad: tokio::sync::mpsc::UnboundedSender<decode::Undecodable>,
+) -> impl futures::Stream<Item = Result<watcher::Event<WasmFilter>, watcher::Error>> + use<> {
+    let resource = ApiResource::erase::<WasmFilter>(&());
+    let filters: Api<DynamicObject> = match &ctx.settings.namespace {
+        Some(ns) => Api::namespaced_with(ctx.client.clone(), ns, &resource),
+        None => Api::all_with(ctx.client.clone(), &resource),
+    };
+    watcher(filters, watcher::Config::default())
+        .default_backoff()
+        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad)))
+        .modify(|wf| wf.metadata.managed_fields = None)
 }
 
 /// How long a restarted operator's ECDS server waits for every known filter to be decided
@@ -58,11 +63,6 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
-    let filter_resource = ApiResource::erase::<WasmFilter>(&());
-    let filters: Api<DynamicObject> = match &ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &filter_resource),
-        None => Api::all_with(client.clone(), &filter_resource),
-    };
     let (bad_tx, bad_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(decode::report(bad_rx, ctx.clone()));
     let children = |ar: &ApiResource| -> Api<DynamicObject> {
@@ -111,12 +111,7 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     let xds = ctx.xds.clone();
     let listed = reader.clone();
-    let trigger = watcher(filters, watcher::Config::default())
-        .default_backoff()
-        .filter_map(move |event| futures::future::ready(decode::decode_event(event, &bad_tx)))
-        // Who wrote which field is the API server's business, not the store's (kilobytes a
-        // filter once its status lists workloads).
-        .modify(|wf| wf.metadata.managed_fields = None)
+    let trigger = decoded_filters(&ctx, bad_tx)
         .reflect(writer)
         // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
         // and after every full list which filters exist at all.
