@@ -731,6 +731,65 @@ async fn registry_faults_never_replace_a_working_filter() {
     .unwrap();
 }
 
+/// `wasmfilter pull` writes the module while it downloads, but under a temporary name: bytes
+/// that fail a check never take the output's name (an older file there stays) nor stay behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_that_fails_its_checks_leaves_the_output_as_it_was() {
+    let env = env();
+    let proxy = FaultProxy::start(&env.registry).await;
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("filter.wasm");
+    std::fs::write(&output, b"the module that works").unwrap();
+    let marker = format!("corrupt-{}", fastrand::u32(..));
+    push_module(
+        &format!("{}/clipull/{marker}:v1", env.registry),
+        module_of_size(256 * 1024),
+    )
+    .await;
+    proxy.set(Fault::CorruptBlobs);
+    let image = format!("{}/clipull/{marker}:v1", proxy.addr);
+    let out = cli(
+        home.path(),
+        &[
+            "pull",
+            &image,
+            "--plain-http",
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not match that digest"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&output).unwrap(), b"the module that works");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [std::ffi::OsString::from("filter.wasm")]);
+
+    // Healthy again: the same command replaces it.
+    proxy.set(Fault::None);
+    let out = cli(
+        home.path(),
+        &[
+            "pull",
+            &image,
+            "--plain-http",
+            "-o",
+            output.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&output).unwrap(), module_of_size(256 * 1024));
+}
+
 /// One pull is bounded as a whole, not only by silence: a registry that sends a byte every
 /// 50 ms (never silent for `--registry-timeout-seconds`) is cut off at `--pull-timeout-seconds`
 /// (600 unless set), and the working module stays.
