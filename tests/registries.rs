@@ -749,17 +749,15 @@ async fn a_pull_that_fails_its_checks_leaves_the_output_as_it_was() {
     .await;
     proxy.set(Fault::CorruptBlobs);
     let image = format!("{}/clipull/{marker}:v1", proxy.addr);
-    let out = cli(
-        home.path(),
-        &[
-            "pull",
-            &image,
-            "--plain-http",
-            "-o",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let pull = || {
+        let output = output.to_str().unwrap();
+        cli(
+            home.path(),
+            &["pull", &image, "--plain-http", "-o", output],
+            &[],
+        )
+    };
+    let out = pull();
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("does not match that digest"),
@@ -775,17 +773,7 @@ async fn a_pull_that_fails_its_checks_leaves_the_output_as_it_was() {
 
     // Healthy again: the same command replaces it.
     proxy.set(Fault::None);
-    let out = cli(
-        home.path(),
-        &[
-            "pull",
-            &image,
-            "--plain-http",
-            "-o",
-            output.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let out = pull();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&output).unwrap(), module_of_size(256 * 1024));
 }

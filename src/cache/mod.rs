@@ -243,15 +243,12 @@ impl ModuleCache {
 
     /// The verified bytes of a module that must be in the cache, read on a blocking thread.
     pub async fn read_off_thread(&self, sha256: &str) -> Result<Vec<u8>, Error> {
-        let (cache, sha) = (self.clone(), sha256.to_string());
-        let read = |source| Error::Read {
-            sha256: sha256.to_string(),
-            source,
-        };
-        tokio::task::spawn_blocking(move || cache.read_verified(&sha))
+        self.read_verified_off_thread(sha256)
             .await
-            .map_err(|e| read(std::io::Error::other(e)))?
-            .map_err(read)?
+            .map_err(|source| Error::Read {
+                sha256: sha256.to_string(),
+                source,
+            })?
             .ok_or_else(|| Error::Missing {
                 sha256: sha256.to_string(),
             })

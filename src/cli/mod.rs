@@ -653,21 +653,22 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves and verifies a module with the CLI's registry settings.
-async fn fetch(image: &str, source: &SourceArgs) -> anyhow::Result<(oci::Artifact, Vec<u8>)> {
+/// A resolver and credentials for `image`'s registry, from the CLI's registry settings.
+fn registry_for(image: &str, source: &SourceArgs) -> anyhow::Result<(Resolver, Credentials)> {
     let reference = oci::parse_reference(image)?;
     let host = reference.resolve_registry().to_string();
     let resolver = Resolver::new(source.registry.config(&host, source.max_module_size)?)?;
-    let creds = source.registry.credentials(&host)?;
+    Ok((resolver, source.registry.credentials(&host)?))
+}
+
+/// Resolves and verifies a module with the CLI's registry settings.
+async fn fetch(image: &str, source: &SourceArgs) -> anyhow::Result<(oci::Artifact, Vec<u8>)> {
+    let (resolver, creds) = registry_for(image, source)?;
     Ok(resolver.pull(image, None, None, &creds).await?)
 }
 
 async fn pull(args: PullArgs) -> anyhow::Result<()> {
-    let reference = oci::parse_reference(&args.reference)?;
-    let host = reference.resolve_registry().to_string();
-    let source = &args.source;
-    let resolver = Resolver::new(source.registry.config(&host, source.max_module_size)?)?;
-    let creds = source.registry.credentials(&host)?;
+    let (resolver, creds) = registry_for(&args.reference, &args.source)?;
     // The module is written beside the output as it downloads, and takes the output's name
     // only once every check passed.
     let tmp = args.output.with_extension("wasm.partial");

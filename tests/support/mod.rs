@@ -70,7 +70,7 @@ impl Env {
 
 pub async fn client() -> kube::Client {
     env();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    tls_provider();
     kube::Client::try_default().await.expect("kube client")
 }
 
@@ -157,6 +157,11 @@ fn operator_command() -> Command {
     }
 }
 
+/// The process's TLS provider (reqwest and kube need one, even for plain HTTP); idempotent.
+pub fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Polls `f` until it yields a value, at most `timeout`; panics naming `what` otherwise.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
@@ -212,17 +217,7 @@ impl Drop for SilentRegistry {
 
 /// An OCI image manifest from the test registry, as JSON.
 pub async fn get_manifest(registry: &str, repository: &str, reference: &str) -> Value {
-    reqwest::Client::new()
-        .get(format!(
-            "http://{registry}/v2/{repository}/manifests/{reference}"
-        ))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    serde_json::from_slice(&get_manifest_bytes(registry, repository, reference).await).unwrap()
 }
 
 /// Stores `body` (of `media_type`) as manifest `reference` of `repository`; returns its digest.
@@ -319,8 +314,6 @@ impl Operator {
         extra: &[&str],
         mut cache_dir: tempfile::TempDir,
     ) -> Self {
-        // Its readiness is polled over HTTP (reqwest needs a TLS provider even for that).
-        let _ = rustls::crypto::ring::default_provider().install_default();
         for _ in 0..5 {
             let mut op = Self::spawn(namespace, extra, cache_dir);
             if op.ready_or_exited().await {
@@ -371,6 +364,8 @@ impl Operator {
         cache_dir: tempfile::TempDir,
         kubeconfig: Option<&std::path::Path>,
     ) -> Self {
+        // Its readiness and metrics are read over HTTP with reqwest.
+        tls_provider();
         let env = env();
         let (cache_port, admin_port) = (free_port(), free_port());
         let log = cache_dir.path().join("operator.log");
@@ -409,6 +404,7 @@ impl Operator {
     /// `kubeconfig`, its listen addresses and cache directory replaced by loopback ports and a
     /// temporary directory; waits until it is ready.
     pub async fn run_as(args: &[String], kubeconfig: &std::path::Path) -> Self {
+        tls_provider();
         let cache_dir = tempfile::tempdir().unwrap();
         let (cache_port, admin_port) = (free_port(), free_port());
         let local = |a: &String| {
@@ -482,7 +478,6 @@ impl Operator {
 
     /// The operator's whole `/metrics` page (empty when it does not answer).
     pub async fn metrics_text(&self) -> String {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
         match reqwest::get(&url).await {
             Ok(r) => r.text().await.unwrap_or_default(),

@@ -507,8 +507,7 @@ struct ProxyState {
 impl FaultProxy {
     /// Proxies plain HTTP to `upstream` (`host:port`).
     pub async fn start(upstream: &str) -> Self {
-        // Its client is reqwest's, which needs a TLS provider even for plain HTTP.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        super::tls_provider();
         let fault = Arc::new(Mutex::new(Fault::None));
         let requests = Arc::new(AtomicU64::new(0));
         let manifest_requests = Arc::new(Mutex::new(Vec::new()));
