@@ -283,6 +283,15 @@ impl Context {
             .await
     }
 
+    /// `delay`, or the resync period if shorter for a `pullPolicy: Always` filter, which is
+    /// promised a fresh look every resync, failing, blocked or not.
+    fn within_resync(&self, wf: &WasmFilter, delay: Duration) -> Duration {
+        match wf.spec.module.pull_policy {
+            PullPolicy::Always => delay.min(self.settings.resync),
+            PullPolicy::IfNotPresent => delay,
+        }
+    }
+
     fn record_failure(&self, wf: &WasmFilter) -> u32 {
         let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = f.entry(ObjectRef::from_obj(wf)).or_insert(0);
@@ -338,11 +347,6 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
         },
         start.elapsed(),
     );
-    let resync = |policy_delay: Duration| match wf.spec.module.pull_policy {
-        // pullPolicy Always promises a fresh look every resync, failing or not.
-        PullPolicy::Always => policy_delay.min(ctx.settings.resync),
-        PullPolicy::IfNotPresent => policy_delay,
-    };
     match result {
         Ok(Outcome::Deployed) => {
             ctx.clear_failures(&wf);
@@ -354,7 +358,9 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
         // Nothing changes until the spec or the pods do (a pod change triggers a reconcile).
         Ok(Outcome::Blocked) => {
             deploy::kept_previous(&wf, &ctx);
-            Ok(Action::requeue(resync(ctx.settings.backoff.invalid)))
+            Ok(Action::requeue(
+                ctx.within_resync(&wf, ctx.settings.backoff.invalid),
+            ))
         }
         Err(err) => {
             tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
@@ -371,11 +377,7 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
         .settings
         .backoff
         .delay(err.retry(), failures, fastrand::f64());
-    // pullPolicy Always promises a fresh look every resync, failing or not.
-    let delay = match wf.spec.module.pull_policy {
-        PullPolicy::Always => delay.min(ctx.settings.resync),
-        PullPolicy::IfNotPresent => delay,
-    };
+    let delay = ctx.within_resync(&wf, delay);
     let delay = err.retry_after().map_or(delay, |least| delay.max(least));
     tracing::info!(reason = err.reason(), failures, ?delay, "retrying later");
     Action::requeue(delay)
