@@ -53,11 +53,13 @@ if [ ! -x "$KSTATUS_BIN/kstatus" ]; then
   rm -rf "$KSTATUS_BIN" && mv "$KSTATUS_BIN.tmp" "$KSTATUS_BIN"
 fi
 
-if [ ! -s "$FIXTURE_MODULES/clang_filter.wasm" ]; then
+if [ ! -s "$FIXTURE_MODULES/clang_filter.wasm" ] || [ ! -s "$FIXTURE_MODULES/go_configured_filter.wasm" ]; then
   log "building the real filter fixtures (proxy-wasm Go SDK with GOOS=wasip1; C with clang --target=wasm32)"
   mkdir -p "$FIXTURE_MODULES.tmp"
   (cd "$ROOT/e2e/fixtures/go-filter" && run_with_heartbeat "go build (proxy-wasm Go SDK filter)" \
     env GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared -o "$FIXTURE_MODULES.tmp/go_sdk_filter.wasm" .)
+  (cd "$ROOT/e2e/fixtures/go-configured" && run_with_heartbeat "go build (proxy-wasm Go SDK filter configured by JSON)" \
+    env GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared -o "$FIXTURE_MODULES.tmp/go_configured_filter.wasm" .)
   run_with_heartbeat "clang --target=wasm32 (C filter)" clang --target=wasm32 -O2 -nostdlib \
     -Wl,--no-entry -o "$FIXTURE_MODULES.tmp/clang_filter.wasm" "$ROOT/e2e/fixtures/c-filter/filter.c"
   rm -rf "$FIXTURE_MODULES" && mv "$FIXTURE_MODULES.tmp" "$FIXTURE_MODULES"

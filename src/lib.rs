@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod oci;
+pub mod preflight;
 pub mod render;
 pub mod workloads;
 pub mod xds;

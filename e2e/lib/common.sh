@@ -17,7 +17,7 @@ K8S_BIN="$WASMFILTER_CACHE/bin/k8s-$K8S_VERSION-$(sha256sum "$ROOT/e2e/tools/k8s
 ISTIO_CRDS="$WASMFILTER_CACHE/istio-api-$ISTIO_API_VERSION/crds.yaml"
 # Real filters for the ABI-check corpus, built from e2e/fixtures (Go SDK, clang), keyed by
 # their sources.
-FIXTURE_MODULES="$WASMFILTER_CACHE/fixtures/modules-$(cat "$ROOT"/e2e/fixtures/go-filter/* "$ROOT"/e2e/fixtures/c-filter/* | sha256sum | cut -c1-12)"
+FIXTURE_MODULES="$WASMFILTER_CACHE/fixtures/modules-$(cat "$ROOT"/e2e/fixtures/go-filter/* "$ROOT"/e2e/fixtures/go-configured/* "$ROOT"/e2e/fixtures/c-filter/* | sha256sum | cut -c1-12)"
 # The oras CLI (interop tests and the pull benchmark), built from its Go module.
 ORAS_VERSION=v1.3.0
 ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/oras/go.sum" | cut -c1-12)"
