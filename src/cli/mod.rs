@@ -51,6 +51,57 @@ pub enum Command {
     /// Exit 0: every Envoy loads it; 1: some Envoy refuses it; 2: the input cannot be read
     /// or parsed, or an Envoy version has no measured host data.
     Check(CheckArgs),
+    /// Run a module in a sandbox as a proxy would start it (start, context, vm start,
+    /// configure with --config), then one request and response through its HTTP callbacks,
+    /// printing its log lines and every header change it made. Exit 0: it configured and ran;
+    /// 1: it refused its configuration, trapped, exited or ran out of time; 2: the input cannot
+    /// be read.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A module file (.wasm or .wat), or an artifact reference.
+    pub target: String,
+    /// The plugin configuration, as the proxy hands it over (a WasmFilter's spec.config is
+    /// handed over as its JSON).
+    #[arg(long, default_value = "")]
+    pub config: String,
+    /// The plugin's root id.
+    #[arg(long, default_value = "")]
+    pub root_id: String,
+    /// A request header, NAME=VALUE. Repeatable. :method GET, :path /, :scheme http and
+    /// :authority localhost are sent unless given.
+    #[arg(long = "request-header", value_name = "NAME=VALUE", value_parser = header_arg)]
+    pub request_headers: Vec<(String, String)>,
+    /// A response header, NAME=VALUE. Repeatable. :status 200 is sent unless given.
+    #[arg(long = "response-header", value_name = "NAME=VALUE", value_parser = header_arg)]
+    pub response_headers: Vec<(String, String)>,
+    /// Only start and configure the module; send no request.
+    #[arg(long)]
+    pub no_request: bool,
+    /// Milliseconds the whole run may take.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
+    /// The module's memory, at most, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: usize,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+fn header_arg(s: &str) -> Result<(String, String), String> {
+    // A pseudo-header's name starts with ':' and may not contain '='.
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if name.is_empty() {
+        return Err(format!("{s:?} has no header name"));
+    }
+    Ok((name.to_ascii_lowercase(), value.to_string()))
 }
 
 #[derive(Debug, Args)]
@@ -361,6 +412,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(args) => pull(args).await,
         Command::Inspect(args) => inspect(args).await,
         Command::Check(args) => check(args).await,
+        Command::Run(args) => run_module(args).await,
         Command::EcdsEntry(args) => ecds_entry(&args),
     }
 }
@@ -842,15 +894,7 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         let host = check::host(v).ok_or_else(|| unreadable(check::no_host_reason(v)))?;
         hosts.push((v.trim_start_matches('v').to_string(), host));
     }
-    let path = std::path::Path::new(&args.target);
-    let module = if path.is_file() {
-        read_module(path).map_err(|e| unreadable(format!("{e:#}")))?
-    } else {
-        fetch(&args.target, &args.source)
-            .await
-            .map_err(|e| unreadable(format!("{e:#}")))?
-            .1
-    };
+    let module = load_target(&args.target, &args.source).await?;
     let info =
         crate::abi::inspect(&module).map_err(|e| unreadable(format!("{}: {e}", args.target)))?;
     let verdicts: Vec<_> = hosts
@@ -903,9 +947,83 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `check` found an Envoy that refuses the module (exit 1; the report says why).
+/// A module file, or the module of an artifact reference; a failure is [`Unreadable`].
+async fn load_target(target: &str, source: &SourceArgs) -> anyhow::Result<Vec<u8>> {
+    let path = std::path::Path::new(target);
+    let module = if path.is_file() {
+        read_module(path)
+    } else {
+        fetch(target, source).await.map(|(_, module)| module)
+    };
+    module.map_err(|e| anyhow::Error::new(Unreadable(format!("{e:#}"))))
+}
+
+async fn run_module(args: RunArgs) -> anyhow::Result<()> {
+    use crate::preflight::{Limits, Plan, Request, Sandbox};
+    let module = load_target(&args.target, &args.source).await?;
+    let with_defaults = |given: &[(String, String)], defaults: &[(&str, &str)]| {
+        let mut headers: Vec<(String, String)> = defaults
+            .iter()
+            .filter(|(k, _)| !given.iter().any(|(g, _)| g == k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        headers.extend(given.iter().cloned());
+        headers
+    };
+    let plan = Plan {
+        configuration: args.config.clone().into_bytes(),
+        vm_configuration: Vec::new(),
+        root_id: args.root_id.clone(),
+        name: args.root_id.clone(),
+        request: (!args.no_request).then(|| Request {
+            request_headers: with_defaults(
+                &args.request_headers,
+                &[
+                    (":method", "GET"),
+                    (":path", "/"),
+                    (":scheme", "http"),
+                    (":authority", "localhost"),
+                ],
+            ),
+            response_headers: with_defaults(&args.response_headers, &[(":status", "200")]),
+        }),
+    };
+    let limits = Limits {
+        timeout: Duration::from_millis(args.timeout_ms),
+        memory_bytes: args.memory_mib.saturating_mul(1 << 20),
+    };
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let sandbox = Sandbox::new(limits, compile_cache_dir())?;
+        Ok(match sandbox.compile(&module) {
+            Ok(compiled) => sandbox.run(&compiled, &plan),
+            Err(failure) => crate::preflight::Report::failed(failure),
+        })
+    })
+    .await??;
+    match args.output {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Text => print!("{}", report.to_text()),
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(anyhow::Error::new(Incompatible))
+    }
+}
+
+/// Where the CLI keeps compiled modules: `$XDG_CACHE_HOME/wasmfilter/compiled` or
+/// `~/.cache/wasmfilter/compiled`; none without a home.
+fn compile_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("wasmfilter").join("compiled"))
+}
+
+/// `check` found an Envoy that refuses the module, or `run` a module that failed (exit 1;
+/// the report says why).
 #[derive(Debug, thiserror::Error)]
-#[error("an Envoy version refuses the module")]
+#[error("the module is refused")]
 pub struct Incompatible;
 
 fn read_module(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {

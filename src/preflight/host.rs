@@ -27,9 +27,11 @@ mod errno {
     pub const BADF: i32 = 8;
     pub const FAULT: i32 = 21;
     pub const NOSYS: i32 = 52;
+    pub const NOTSUP: i32 = 58;
 }
 
 const WASI: &str = "wasi_snapshot_preview1";
+const WASI_UNSTABLE: &str = "wasi_unstable";
 const ENV: &str = "env";
 
 /// One line the module logged (`proxy_log`, or a line it wrote to stdout/stderr).
@@ -160,23 +162,9 @@ impl Host {
         });
     }
 
-    /// Lines written to stdout/stderr without a final newline, logged as Envoy would at the
-    /// end of the call.
-    pub fn flush_output(&mut self) {
-        let mut fds: Vec<i32> = self.pending.keys().copied().collect();
-        fds.sort_unstable();
-        for fd in fds {
-            if let Some(rest) = self.pending.remove(&fd)
-                && !rest.is_empty()
-            {
-                self.log(
-                    if fd == 1 { 2 } else { 4 },
-                    String::from_utf8_lossy(&rest).into(),
-                );
-            }
-        }
-    }
-
+    /// Lines written to stdout/stderr are logged at info and error, as Envoy logs them;
+    /// the sandbox logs a line once it is complete (Envoy logs each write, which splits a Go
+    /// panic into fragments).
     fn write_output(&mut self, fd: i32, bytes: &[u8]) {
         let buf = self.pending.entry(fd).or_default();
         buf.extend_from_slice(bytes);
@@ -185,11 +173,31 @@ impl Host {
             let line: Vec<u8> = buf.drain(..=nl).collect();
             lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
         }
-        // Envoy logs a module's stdout at info and its stderr at error.
         for line in lines {
             self.log(if fd == 1 { 2 } else { 4 }, line);
         }
     }
+
+    /// What is left of a line written without its newline, logged at the end of the run.
+    pub fn flush_output(&mut self) {
+        for fd in [1, 2] {
+            if let Some(rest) = self.pending.remove(&fd)
+                && !rest.is_empty()
+            {
+                let line = String::from_utf8_lossy(&rest).into_owned();
+                self.log(if fd == 1 { 2 } else { 4 }, line);
+            }
+        }
+    }
+}
+
+/// Nanoseconds on a monotonic clock that starts with the process.
+fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
 }
 
 fn level_name(level: i32) -> &'static str {
@@ -329,7 +337,7 @@ pub fn linker(module: &Module) -> anyhow::Result<Linker<Host>> {
         };
         let (m, n) = (import.module(), import.name());
         let label = format!("{m}.{n}");
-        let result = if m == WASI {
+        let result = if m == WASI || m == WASI_UNSTABLE {
             errno::NOSYS
         } else {
             status::UNIMPLEMENTED
@@ -704,9 +712,17 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// WASI as Envoy offers it, under both of its module names.
 fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
+    for module in [WASI, WASI_UNSTABLE] {
+        wasi_calls_as(l, module)?;
+    }
+    Ok(())
+}
+
+fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
     l.func_wrap(
-        WASI,
+        wasi,
         "fd_write",
         |mut c: Caller<'_, Host>, fd: i32, iovs: i32, iovs_len: i32, written_ptr: i32| -> i32 {
             if fd != 1 && fd != 2 {
@@ -734,7 +750,7 @@ fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
         l.func_wrap(
-            WASI,
+            wasi,
             name,
             |mut c: Caller<'_, Host>, count_ptr: i32, size_ptr: i32| -> i32 {
                 if write_u32(&mut c, count_ptr, 0) && write_u32(&mut c, size_ptr, 0) {
@@ -746,17 +762,21 @@ fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
         )?;
     }
     for name in ["environ_get", "args_get"] {
-        l.func_wrap(WASI, name, |_: Caller<'_, Host>, _: i32, _: i32| -> i32 {
+        l.func_wrap(wasi, name, |_: Caller<'_, Host>, _: i32, _: i32| -> i32 {
             errno::SUCCESS
         })?;
     }
     l.func_wrap(
-        WASI,
+        wasi,
         "clock_time_get",
-        |mut c: Caller<'_, Host>, _clock: i32, _precision: i64, ptr: i32| -> i32 {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
+        |mut c: Caller<'_, Host>, clock: i32, _precision: i64, ptr: i32| -> i32 {
+            let now = match clock {
+                0 => SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+                1 => monotonic_nanos(),
+                _ => return errno::NOTSUP,
+            };
             if write_bytes(&mut c, ptr, &now.to_le_bytes()) {
                 errno::SUCCESS
             } else {
@@ -764,8 +784,55 @@ fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
             }
         },
     )?;
+    // Clock subscriptions fire at once (the sandbox does not wait); any other kind gets
+    // ENOTSUP in its event.
     l.func_wrap(
-        WASI,
+        wasi,
+        "poll_oneoff",
+        |mut c: Caller<'_, Host>, input: i32, output: i32, n: i32, nevents_ptr: i32| -> i32 {
+            let Some(subs) = read_bytes(&mut c, input, n.saturating_mul(48)) else {
+                return errno::FAULT;
+            };
+            let mut events = Vec::with_capacity(subs.len() / 48 * 32);
+            for sub in subs.chunks_exact(48) {
+                let mut event = [0u8; 32];
+                event[..8].copy_from_slice(&sub[..8]);
+                let tag = sub[8];
+                if tag != 0 {
+                    event[8..10].copy_from_slice(&(errno::NOTSUP as u16).to_le_bytes());
+                }
+                event[10] = tag;
+                events.extend_from_slice(&event);
+            }
+            if write_bytes(&mut c, output, &events)
+                && write_u32(&mut c, nevents_ptr, (events.len() / 32) as u32)
+            {
+                errno::SUCCESS
+            } else {
+                errno::FAULT
+            }
+        },
+    )?;
+    l.func_wrap(
+        wasi,
+        "fd_read",
+        |_: Caller<'_, Host>, _: i32, _: i32, _: i32, _: i32| -> i32 { errno::NOSYS },
+    )?;
+    // Envoy logs these at error and reports success.
+    l.func_wrap(wasi, "fd_close", |mut c: Caller<'_, Host>, _fd: i32| -> i32 {
+        c.data_mut().log(4, "wasi_unstable fd_close".into());
+        errno::SUCCESS
+    })?;
+    l.func_wrap(
+        wasi,
+        "fd_seek",
+        |mut c: Caller<'_, Host>, _fd: i32, _offset: i64, _whence: i32, _ptr: i32| -> i32 {
+            c.data_mut().log(4, "wasi_unstable fd_seek".into());
+            errno::SUCCESS
+        },
+    )?;
+    l.func_wrap(
+        wasi,
         "random_get",
         |mut c: Caller<'_, Host>, ptr: i32, len: i32| -> i32 {
             let Ok(len) = usize::try_from(len) else {
@@ -782,26 +849,26 @@ fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
         },
     )?;
     l.func_wrap(
-        WASI,
+        wasi,
         "proc_exit",
         |mut c: Caller<'_, Host>, code: i32| -> anyhow::Result<()> {
             c.data_mut().exit_code = Some(code);
             bail!("the module called proc_exit({code})")
         },
     )?;
-    l.func_wrap(WASI, "sched_yield", |_: Caller<'_, Host>| -> i32 {
+    l.func_wrap(wasi, "sched_yield", |_: Caller<'_, Host>| -> i32 {
         errno::SUCCESS
     })?;
     l.func_wrap(
-        WASI,
+        wasi,
         "fd_fdstat_get",
         |mut c: Caller<'_, Host>, fd: i32, ptr: i32| -> i32 {
-            if !(0..=2).contains(&fd) {
+            if fd != 1 && fd != 2 {
                 return errno::BADF;
             }
-            // filetype character device (2), no flags, no rights.
+            // All zero but the rights: FD_WRITE (64).
             let mut stat = [0u8; 24];
-            stat[0] = 2;
+            stat[8] = 64;
             if write_bytes(&mut c, ptr, &stat) {
                 errno::SUCCESS
             } else {
@@ -811,7 +878,7 @@ fn wasi_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
     )?;
     // No preopened directories: the module's search for them ends at the first descriptor.
     l.func_wrap(
-        WASI,
+        wasi,
         "fd_prestat_get",
         |_: Caller<'_, Host>, _fd: i32, _ptr: i32| -> i32 { errno::BADF },
     )?;
@@ -840,7 +907,8 @@ mod tests {
     fn output_is_logged_by_line_at_envoys_levels() {
         let mut h = Host::new(StoreLimits::default());
         h.write_output(1, b"hello\nwor");
-        h.write_output(2, b"panic: boom\n");
+        h.write_output(2, b"panic: ");
+        h.write_output(2, b"boom\n");
         h.write_output(1, b"ld");
         h.flush_output();
         let lines: Vec<String> = h.logs.iter().map(ToString::to_string).collect();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use wasmtime::{
     Cache, CacheConfig, Config, Engine, Func, Module, Store, StoreLimitsBuilder, Trap, Val,
-    ValType,
+    ValType, WasmBacktrace,
 };
 
 pub use host::{HeaderChange, LocalResponse, LogLine};
@@ -112,26 +112,104 @@ pub struct Report {
 }
 
 impl Report {
+    /// A run that never started (the module did not compile).
+    pub fn failed(failure: Failure) -> Self {
+        Report {
+            failure: Some(failure),
+            logs: Vec::new(),
+            unimplemented: Vec::new(),
+            exchange: None,
+        }
+    }
+
     pub fn passed(&self) -> bool {
         self.failure.is_none()
     }
 
-    /// The failure and the module's last log lines, for a condition message (bounded).
+    /// The report for a person: the outcome, the module's log, what the request saw.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        match &self.failure {
+            None => out.push_str("pre-flight: passed\n"),
+            Some(f) => {
+                let _ = writeln!(out, "pre-flight: FAILED in {f}");
+            }
+        }
+        if !self.logs.is_empty() {
+            out.push_str("module log:\n");
+            for line in &self.logs {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        if let Some(x) = &self.exchange {
+            let action = |a: Option<&str>| a.unwrap_or("not called").to_string();
+            let _ = writeln!(
+                out,
+                "request headers: {}\nresponse headers: {}",
+                action(x.request_action),
+                action(x.response_action)
+            );
+            if x.changes.is_empty() {
+                out.push_str("header changes: none\n");
+            } else {
+                out.push_str("header changes:\n");
+                for c in &x.changes {
+                    let _ = writeln!(out, "  {c}");
+                }
+            }
+            if let Some(r) = &x.local_response {
+                let _ = writeln!(
+                    out,
+                    "local response: {} {:?} (details {:?})",
+                    r.status, r.body, r.details
+                );
+                for (k, v) in &r.headers {
+                    let _ = writeln!(out, "  {k}: {v}");
+                }
+            }
+        }
+        if !self.unimplemented.is_empty() {
+            let _ = writeln!(
+                out,
+                "host calls the sandbox does not implement: {}",
+                self.unimplemented.join(", ")
+            );
+        }
+        out
+    }
+
+    /// The failure and the module's first log lines at warn or above (its own words about
+    /// what went wrong; all lines when it logged none that high), bounded, for a condition
+    /// message.
     pub fn summary(&self, max_lines: usize) -> String {
         let mut out = match &self.failure {
             Some(f) => f.to_string(),
             None => "passed".to_string(),
         };
-        if !self.logs.is_empty() {
-            let skip = self.logs.len().saturating_sub(max_lines);
+        let serious: Vec<&LogLine> = self
+            .logs
+            .iter()
+            .filter(|l| matches!(l.level, "warn" | "error" | "critical"))
+            .collect();
+        let lines: Vec<&LogLine> = if serious.is_empty() {
+            self.logs.iter().collect()
+        } else {
+            serious
+        };
+        let lines: Vec<&LogLine> = lines
+            .into_iter()
+            .filter(|l| !l.message.trim().is_empty())
+            .collect();
+        if !lines.is_empty() {
             out.push_str("; module log:");
-            if skip > 0 {
-                out.push_str(&format!(" ({skip} earlier lines)"));
-            }
-            for line in &self.logs[skip..] {
-                out.push_str(&format!(" {line};"));
+            for line in lines.iter().take(max_lines) {
+                out.push_str(&format!(" {};", line.to_string().trim_end()));
             }
             out.pop();
+            if lines.len() > max_lines {
+                out.push_str(&format!(" (and {} more lines)", lines.len() - max_lines));
+            }
         }
         if !self.unimplemented.is_empty() {
             out.push_str(&format!(
@@ -329,12 +407,31 @@ impl Run {
     }
 }
 
+/// What went wrong (the trap, or the error's root cause) and where: the innermost named
+/// functions of the wasm backtrace, when there is one.
 fn failure(step: &str, e: &wasmtime::Error) -> Failure {
-    // The trap and its wasm backtrace; the first line says what happened.
-    let message = format!("{e:#}");
+    let what = match e.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.root_cause().to_string(),
+    };
+    let frames: Vec<String> = e
+        .downcast_ref::<WasmBacktrace>()
+        .map(|bt| {
+            bt.frames()
+                .iter()
+                .filter_map(|f| f.func_name().map(str::to_string))
+                .take(3)
+                .collect()
+        })
+        .unwrap_or_default();
+    let message = if frames.is_empty() {
+        what
+    } else {
+        format!("{what} (in {})", frames.join(" < "))
+    };
     Failure {
         step: step.into(),
-        message: message.lines().take(12).collect::<Vec<_>>().join(" / "),
+        message,
         timed_out: false,
     }
 }
