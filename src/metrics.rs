@@ -45,6 +45,8 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub cache_bytes: Gauge,
     pub api_requests: Family<VerbLabels, Counter>,
+    /// Pre-flight runs of a module with a configuration, by result (passed, failed).
+    pub preflight_runs: Family<ResultLabels, Counter>,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
     ready: AtomicBool,
@@ -119,6 +121,12 @@ impl Default for Metrics {
             "Requests to the Kubernetes API server, by verb (get, list, watch, create, patch, update, delete)",
             api_requests.clone(),
         );
+        let preflight_runs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "preflight_runs",
+            "Pre-flight runs of a module with a filter's configuration in the sandbox, by result (passed, failed)",
+            preflight_runs.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -126,6 +134,7 @@ impl Default for Metrics {
             leader.clone(),
         );
         Metrics {
+            preflight_runs,
             leader,
             api_requests,
             registry,
@@ -214,6 +223,16 @@ impl Metrics {
         self.module_pulls
             .get_or_create(&ResultLabels {
                 result: label.into(),
+            })
+            .inc();
+    }
+
+    /// A pre-flight run ended (not one remembered from before).
+    pub fn preflight_ran(&self, passed: bool) {
+        let result = if passed { "passed" } else { "failed" };
+        self.preflight_runs
+            .get_or_create(&ResultLabels {
+                result: result.into(),
             })
             .inc();
     }

@@ -6,7 +6,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use support::*;
 use wasmfilter::abi::check;
@@ -45,16 +44,9 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
 /// The real filters `e2e/setup.sh` builds (Go SDK, clang): the corpus is not complete without
 /// them, so their absence fails the test.
 fn built_modules() -> Vec<(String, Vec<u8>)> {
-    let dir = std::env::var("WASMFILTER_FIXTURE_MODULES")
-        .expect("WASMFILTER_FIXTURE_MODULES is not set: e2e/env.sh exports it after e2e/setup.sh built the filters");
     BUILT
         .iter()
-        .map(|name| {
-            let path = Path::new(&dir).join(format!("{name}.wasm"));
-            let bytes = std::fs::read(&path)
-                .unwrap_or_else(|e| panic!("{}: {e}; e2e/setup.sh builds it", path.display()));
-            (name.to_string(), bytes)
-        })
+        .map(|name| (name.to_string(), std::fs::read(built_module(name)).unwrap()))
         .collect()
 }
 
@@ -63,26 +55,6 @@ const BUILT: [&str; 2] = ["go_sdk_filter", "clang_filter"];
 
 /// The corpus size the README states: 19 hand-written modules, 4 made here, 2 built.
 const CORPUS_SIZE: usize = 25;
-
-/// Runs `envoy --mode validate` with an HTTP Wasm filter loading `module`; Envoy builds the
-/// VM while validating. Returns whether it accepted the config, and its log.
-fn envoy_loads(envoy: &Path, module: &Path, dir: &Path) -> (bool, String) {
-    let config = dir.join(format!(
-        "{}.json",
-        module.file_stem().unwrap().to_string_lossy()
-    ));
-    let bootstrap = include_str!("../e2e/envoy/validate-wasm.json")
-        .replace("WASM_MODULE_PATH", &module.to_string_lossy());
-    std::fs::write(&config, bootstrap).unwrap();
-    let out = Command::new(envoy)
-        .args(["--mode", "validate", "-l", "warning", "-c"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let log =
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    (out.status.success(), log)
-}
 
 #[test]
 fn the_check_agrees_with_real_envoys_module_by_module() {
@@ -99,7 +71,7 @@ fn the_check_agrees_with_real_envoys_module_by_module() {
         for (name, bytes) in &corpus {
             let path = dir.path().join(format!("{name}.wasm"));
             std::fs::write(&path, bytes).unwrap();
-            let (loaded, log) = envoy_loads(&envoy, &path, dir.path());
+            let (loaded, log) = envoy_validate(&envoy, &path, None, dir.path());
             let verdict = check::check_bytes(bytes, version, host);
             table.push_str(&format!(
                 "{version:>7} {name:<28} envoy={:<7} check={:<7} {}\n",

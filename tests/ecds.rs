@@ -60,9 +60,17 @@ fn ecds_filter(ns: &str, name: &str, image: &str, greeting: &str) -> Filter {
 
 /// An operator serving ECDS on its own port; returns it and the port.
 async fn operator(ns: &str) -> (Operator, u16) {
+    operator_with(ns, &[]).await
+}
+
+async fn operator_with(ns: &str, extra: &[&str]) -> (Operator, u16) {
     let xds = free_port();
-    let op = Operator::start(ns, &["--xds-listen", &format!("127.0.0.1:{xds}")]).await;
-    (op, xds)
+    let listen = format!("127.0.0.1:{xds}");
+    let args: Vec<&str> = ["--xds-listen", listen.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    (Operator::start(ns, &args).await, xds)
 }
 
 fn node<'a>(
@@ -253,7 +261,9 @@ async fn a_module_envoy_refuses_to_load_keeps_the_previous_one_serving_and_says_
     let n = &ns.name;
     apply_ok(&envoy_pod_yaml(n, "p-old", "web", "v1.36.2"));
     apply_ok(&envoy_pod_yaml(n, "p-new", "web", "v1.40.0"));
-    let (_op, xds) = operator(n).await;
+    // Without the pre-flight, which would refuse this module before any Envoy saw it
+    // (tests/preflight.rs): what a module that fails only in Envoy looks like.
+    let (_op, xds) = operator_with(n, &["--preflight=false"]).await;
     let good = format!("{}/ecds/{n}:good", env.registry);
     push_module(&good, wasm(&variant("on", &format!("good-{n}")))).await;
     ecds_filter(n, "hdr", &good, "hello").apply();

@@ -318,6 +318,16 @@ pub struct OperatorArgs {
     /// Seconds one whole resolve-and-pull may take, however steadily bytes arrive.
     #[arg(long, default_value_t = 600)]
     pub pull_timeout_seconds: u64,
+    /// Run every new module with each filter's configuration in a sandbox before deploying
+    /// it (`--preflight=false` to deploy without).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub preflight: bool,
+    /// Milliseconds a pre-flight run (start and configure) may take.
+    #[arg(long, default_value_t = 5000)]
+    pub preflight_timeout_ms: u64,
+    /// A pre-flight module's memory, at most, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub preflight_memory_mib: usize,
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = oci::DEFAULT_MAX_MODULE_BYTES)]
     pub max_module_size: u64,
@@ -642,9 +652,22 @@ async fn run_operator(
         }
         None => (None, None),
     };
-    let ctx = Arc::new(Context::new(
-        client, metrics, resolver, cache, settings, xds,
-    ));
+    let preflight = if args.preflight {
+        let limits = crate::preflight::Limits {
+            timeout: Duration::from_millis(args.preflight_timeout_ms.max(1)),
+            memory_bytes: args.preflight_memory_mib.saturating_mul(1 << 20),
+        };
+        let compiled = args.cache_dir.join("compiled");
+        Some(
+            controller::preflight::Preflight::new(limits, Some(compiled))
+                .context("setting up the pre-flight sandbox")?,
+        )
+    } else {
+        None
+    };
+    let ctx = Arc::new(
+        Context::new(client, metrics, resolver, cache, settings, xds).with_preflight(preflight),
+    );
     let _ = late_ctx.set(ctx.clone());
     match election {
         Some(config) => {

@@ -43,6 +43,17 @@ pub enum Error {
     #[error("updating status: {0}")]
     UpdateStatus(#[source] kube::Error),
 
+    #[error("pre-flight of module sha256:{} failed in {summary}", &sha256[..sha256.len().min(12)])]
+    PreflightFailed {
+        sha256: String,
+        summary: String,
+        /// The sandbox's time ran out (worth trying again later).
+        timed_out: bool,
+    },
+
+    #[error("the pre-flight sandbox crashed: {0}")]
+    PreflightCrashed(String),
+
     #[error("WasmFilter has no namespace")]
     MissingNamespace,
 
@@ -66,6 +77,7 @@ impl Error {
             },
             Error::DeleteChild { .. } => "DeleteChild",
             Error::UpdateStatus(_) => "UpdateStatus",
+            Error::PreflightFailed { .. } | Error::PreflightCrashed(_) => "PreflightFailed",
             Error::MissingNamespace => "MissingNamespace",
             Error::PodsNotSynced { .. } => "PodsNotSynced",
         }
@@ -95,6 +107,13 @@ impl Error {
             | Error::DeleteChild { .. }
             | Error::UpdateStatus(_)
             | Error::PodsNotSynced { .. } => Retry::Transient,
+            Error::PreflightFailed {
+                timed_out: false, ..
+            } => Retry::Invalid,
+            Error::PreflightFailed {
+                timed_out: true, ..
+            }
+            | Error::PreflightCrashed(_) => Retry::Transient,
             Error::MissingNamespace => Retry::Invalid,
         }
     }

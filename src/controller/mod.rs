@@ -1,5 +1,5 @@
 //! The WasmFilter controller. A reconcile is the pipeline of DESIGN.md, one step a file:
-//! [`resolve`] (the module), [`assess`] (the selected workloads and the verdict),
+//! [`resolve`] (the module), [`preflight`] (run it in a sandbox first), [`assess`] (the selected workloads and the verdict),
 //! [`deploy`] (render and apply the child, or serve ECDS), [`report`] (status and Events).
 //! [`watch`] wires the watches that trigger it; [`crds`] waits for the CRDs it needs.
 
@@ -8,6 +8,7 @@ mod crds;
 mod decode;
 mod deploy;
 mod error;
+pub mod preflight;
 mod report;
 mod resolve;
 pub mod status;
@@ -84,6 +85,8 @@ pub struct Context {
     evict_soon: tokio::sync::Notify,
     /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
     pub xds: Option<Arc<Xds>>,
+    /// The sandbox every new module and configuration runs in first (`--preflight`).
+    pub preflight: Option<Arc<preflight::Preflight>>,
     /// Every pod in scope, from one watch.
     pub pods: Arc<PodIndex>,
     /// Reconciles running now (shutdown waits for them).
@@ -126,12 +129,19 @@ impl Context {
             inspected: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
             xds,
+            preflight: None,
             pods: Arc::default(),
             reconciling: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             written: Mutex::new(HashMap::new()),
             applied: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Runs every new module and configuration in `preflight` before deploying it.
+    pub fn with_preflight(mut self, preflight: Option<preflight::Preflight>) -> Self {
+        self.preflight = preflight.map(Arc::new);
+        self
     }
 
     /// Starts no new reconcile from now on; those in flight run to their end.
@@ -398,6 +408,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
         });
     }
     let artifact = resolve::resolve(wf, &ns, ctx).await?;
+    preflight::check(wf, &artifact, ctx).await?;
     let mut assessment = assess::assess(wf, &ns, &artifact.module_sha256, ctx).await?;
     match assess::verdict(wf.spec.on_incompatible, &assessment.compatible) {
         assess::Verdict::Block => {

@@ -8,9 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use serde::Serialize;
-use wasmtime::{
-    Caller, Extern, ExternType, Linker, Module, StoreLimits, Val, ValType,
-};
+use wasmtime::{Caller, Extern, ExternType, Linker, Module, StoreLimits, Val, ValType};
 
 /// proxy-wasm `WasmResult` codes.
 pub mod status {
@@ -122,8 +120,6 @@ pub struct Host {
     pub local_response: Option<LocalResponse>,
     /// Host calls the module made that this host does not implement.
     pub unimplemented: BTreeSet<String>,
-    /// `proc_exit`'s code, when the module called it.
-    pub exit_code: Option<i32>,
     /// What the request's header callbacks returned.
     pub request_action: Option<&'static str>,
     pub response_action: Option<&'static str>,
@@ -146,7 +142,6 @@ impl Host {
             changes: Vec::new(),
             local_response: None,
             unimplemented: BTreeSet::new(),
-            exit_code: None,
             request_action: None,
             response_action: None,
             pending: HashMap::new(),
@@ -256,7 +251,9 @@ fn hand_over(
         bail!("the module exports neither proxy_on_memory_allocate nor malloc");
     };
     let size = i32::try_from(bytes.len()).map_err(|_| anyhow::anyhow!("buffer too large"))?;
-    let ptr = alloc.typed::<i32, i32>(&*caller)?.call(&mut *caller, size)?;
+    let ptr = alloc
+        .typed::<i32, i32>(&*caller)?
+        .call(&mut *caller, size)?;
     if ptr == 0 && size > 0 {
         return Ok(status::INVALID_MEMORY_ACCESS);
     }
@@ -696,7 +693,8 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
         ENV,
         "proxy_set_shared_data",
         |mut c: Caller<'_, Host>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
-            let (Some(key), Some(value)) = (read_string(&mut c, kp, kl), read_bytes(&mut c, vp, vl))
+            let (Some(key), Some(value)) =
+                (read_string(&mut c, kp, kl), read_bytes(&mut c, vp, vl))
             else {
                 return status::INVALID_MEMORY_ACCESS;
             };
@@ -819,10 +817,14 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
         |_: Caller<'_, Host>, _: i32, _: i32, _: i32, _: i32| -> i32 { errno::NOSYS },
     )?;
     // Envoy logs these at error and reports success.
-    l.func_wrap(wasi, "fd_close", |mut c: Caller<'_, Host>, _fd: i32| -> i32 {
-        c.data_mut().log(4, "wasi_unstable fd_close".into());
-        errno::SUCCESS
-    })?;
+    l.func_wrap(
+        wasi,
+        "fd_close",
+        |mut c: Caller<'_, Host>, _fd: i32| -> i32 {
+            c.data_mut().log(4, "wasi_unstable fd_close".into());
+            errno::SUCCESS
+        },
+    )?;
     l.func_wrap(
         wasi,
         "fd_seek",
@@ -848,14 +850,10 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
             }
         },
     )?;
-    l.func_wrap(
-        wasi,
-        "proc_exit",
-        |mut c: Caller<'_, Host>, code: i32| -> anyhow::Result<()> {
-            c.data_mut().exit_code = Some(code);
-            bail!("the module called proc_exit({code})")
-        },
-    )?;
+    // Envoy logs it and carries on: the module keeps running (a Go panic traps by itself).
+    l.func_wrap(wasi, "proc_exit", |mut c: Caller<'_, Host>, _code: i32| {
+        c.data_mut().log(4, "wasi_unstable proc_exit".into());
+    })?;
     l.func_wrap(wasi, "sched_yield", |_: Caller<'_, Host>| -> i32 {
         errno::SUCCESS
     })?;

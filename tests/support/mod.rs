@@ -1185,3 +1185,51 @@ pub fn envoy_pod_yaml(ns: &str, name: &str, app: &str, envoy_image_tag: &str) ->
          spec: {{containers: [{{name: envoy, image: \"docker.io/envoyproxy/envoy:{envoy_image_tag}\"}}]}}\n"
     )
 }
+
+/// Runs `envoy --mode validate` with an HTTP Wasm filter loading `module` with the plugin
+/// `configuration`; Envoy builds the VM and configures the plugin while validating. Returns
+/// whether it accepted the config, and its log.
+pub fn envoy_validate(
+    envoy: &std::path::Path,
+    module: &std::path::Path,
+    configuration: Option<&str>,
+    dir: &std::path::Path,
+) -> (bool, String) {
+    let config = dir.join(format!(
+        "{}-{:x}.json",
+        module.file_stem().unwrap().to_string_lossy(),
+        fastrand::u64(..)
+    ));
+    let mut bootstrap: Value = serde_json::from_str(
+        &include_str!("../../e2e/envoy/validate-wasm.json")
+            .replace("WASM_MODULE_PATH", &module.to_string_lossy()),
+    )
+    .unwrap();
+    if let Some(c) = configuration {
+        bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+            ["http_filters"][0]["typed_config"]["config"]["configuration"] = json!({
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": c,
+        });
+    }
+    std::fs::write(&config, bootstrap.to_string()).unwrap();
+    let out = Command::new(envoy)
+        .args(["--mode", "validate", "-l", "warning", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), log)
+}
+
+/// A filter module `e2e/setup.sh` built from source (`go_sdk_filter`, `go_configured_filter`,
+/// `clang_filter`): its path.
+pub fn built_module(name: &str) -> PathBuf {
+    let dir = std::env::var("WASMFILTER_FIXTURE_MODULES").expect(
+        "WASMFILTER_FIXTURE_MODULES is not set: e2e/env.sh exports it after e2e/setup.sh built the filters",
+    );
+    let path = std::path::Path::new(&dir).join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{}: e2e/setup.sh builds it", path.display());
+    path
+}

@@ -1,0 +1,163 @@
+//! Step 1b, pre-flight: the resolved module runs in the sandbox with the filter's real
+//! configuration before any proxy gets it. A module that traps, exits, runs out of time or
+//! refuses its configuration is not deployed; what was deployed before stays.
+//!
+//! A run is remembered per module, root id and configuration, so a resync or a pod change
+//! does not run it again; a timeout is not remembered (a busy machine is slow, not the
+//! module wrong).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kube::ResourceExt;
+use wasmtime::Module;
+
+use super::{Context, Error};
+use crate::api::WasmFilter;
+use crate::oci::Artifact;
+use crate::preflight::{Limits, Plan, Report, Sandbox};
+
+/// Runs at once, at most (each takes a core while it runs).
+const PARALLEL_RUNS: usize = 2;
+/// Compiled modules kept in memory (the compilation cache on disk keeps more).
+const COMPILED_KEPT: usize = 16;
+/// Remembered outcomes.
+const OUTCOMES_KEPT: usize = 10_000;
+/// Module log lines a failure's condition message carries.
+const LOG_LINES_IN_MESSAGE: usize = 8;
+
+/// The operator's sandbox, with what it compiled and what each run found.
+pub struct Preflight {
+    sandbox: Arc<Sandbox>,
+    permits: tokio::sync::Semaphore,
+    compiled: Mutex<HashMap<String, Module>>,
+    outcomes: Mutex<HashMap<Key, Arc<Report>>>,
+}
+
+/// A module with a root id and a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    sha256: String,
+    root_id: String,
+    configuration: Vec<u8>,
+}
+
+impl Preflight {
+    /// A sandbox with `limits`, keeping compiled modules under `compiled_dir`.
+    pub fn new(limits: Limits, compiled_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        Ok(Preflight {
+            sandbox: Sandbox::new(limits, compiled_dir)?,
+            permits: tokio::sync::Semaphore::new(PARALLEL_RUNS),
+            compiled: Mutex::new(HashMap::new()),
+            outcomes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn remembered(&self, key: &Key) -> Option<Arc<Report>> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember(&self, key: Key, report: Arc<Report>) {
+        if report.failure.as_ref().is_some_and(|f| f.timed_out) {
+            return;
+        }
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        if outcomes.len() >= OUTCOMES_KEPT {
+            outcomes.clear();
+        }
+        outcomes.insert(key, report);
+    }
+
+    /// Compiles (or finds) the module and runs `plan`. Blocking.
+    fn run_blocking(&self, sha256: &str, wasm: &[u8], plan: &Plan) -> Report {
+        let cached = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sha256)
+            .cloned();
+        let module = match cached {
+            Some(m) => m,
+            None => match self.sandbox.compile(wasm) {
+                Ok(m) => {
+                    let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                    if compiled.len() >= COMPILED_KEPT {
+                        compiled.clear();
+                    }
+                    compiled.insert(sha256.to_string(), m.clone());
+                    m
+                }
+                Err(failure) => return Report::failed(failure),
+            },
+        };
+        self.sandbox.run(&module, plan)
+    }
+}
+
+/// The configuration bytes a proxy hands the plugin: the spec's `config` as JSON (what the
+/// rendered children carry), or nothing.
+pub fn configuration(wf: &WasmFilter) -> Vec<u8> {
+    wf.spec
+        .config
+        .as_ref()
+        .map(|c| {
+            serde_json::Value::Object(c.clone())
+                .to_string()
+                .into_bytes()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the filter's module in the sandbox unless this module, root id and configuration
+/// passed before; a failure is [`Error::PreflightFailed`] with the module's own words.
+pub(super) async fn check(
+    wf: &WasmFilter,
+    artifact: &Artifact,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Some(preflight) = ctx.preflight.clone() else {
+        return Ok(());
+    };
+    let key = Key {
+        sha256: artifact.module_sha256.clone(),
+        root_id: wf.spec.root_id.clone().unwrap_or_default(),
+        configuration: configuration(wf),
+    };
+    let report = match preflight.remembered(&key) {
+        Some(report) => report,
+        None => {
+            let _permit = preflight.permits.acquire().await;
+            let wasm = ctx.cache.read_off_thread(&key.sha256).await?;
+            let plan = Plan {
+                configuration: key.configuration.clone(),
+                vm_configuration: Vec::new(),
+                root_id: key.root_id.clone(),
+                name: format!("{}.{}", wf.namespace().unwrap_or_default(), wf.name_any()),
+                request: None,
+            };
+            let runner = preflight.clone();
+            let sha256 = key.sha256.clone();
+            let report =
+                tokio::task::spawn_blocking(move || runner.run_blocking(&sha256, &wasm, &plan))
+                    .await
+                    .map_err(|e| Error::PreflightCrashed(e.to_string()))?;
+            let report = Arc::new(report);
+            ctx.metrics.preflight_ran(report.passed());
+            preflight.remember(key.clone(), report.clone());
+            report
+        }
+    };
+    if report.passed() {
+        return Ok(());
+    }
+    Err(Error::PreflightFailed {
+        sha256: key.sha256,
+        summary: report.summary(LOG_LINES_IN_MESSAGE),
+        timed_out: report.failure.as_ref().is_some_and(|f| f.timed_out),
+    })
+}
