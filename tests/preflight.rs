@@ -17,12 +17,62 @@ use wasmfilter::api::WasmFilter;
 const GO: &str = "go_configured_filter";
 
 fn run(args: &[&str]) -> (i32, String, String) {
+    run_with_env(args, &[])
+}
+
+fn run_with_env(args: &[&str], env: &[(&str, &Path)]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
         .arg("run")
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (out.status.code().unwrap_or(-1), stdout(&out), stderr(&out))
+}
+
+#[test]
+fn compiled_modules_are_kept_in_the_users_cache_and_the_operator_flags_have_their_defaults() {
+    let cache = tempfile::tempdir().unwrap();
+    let compiled = cache.path().join("wasmfilter/compiled");
+    let (code, out, _) = run_with_env(
+        &[&path("clang_filter"), "--no-request"],
+        &[("XDG_CACHE_HOME", cache.path())],
+    );
+    assert_eq!(code, 0, "{out}");
+    let files = walk(&compiled);
+    assert!(!files.is_empty(), "nothing under {}", compiled.display());
+
+    let help = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .args(["operator", "--help"])
+        .output()
+        .unwrap();
+    let help = stdout(&help)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for flag in [
+        "--preflight <BOOL> Run every new module",
+        "[default: true]",
+        "--preflight-timeout-ms <PREFLIGHT_TIMEOUT_MS>",
+        "[default: 5000]",
+        "--preflight-memory-mib <PREFLIGHT_MEMORY_MIB>",
+        "[default: 256]",
+    ] {
+        assert!(help.contains(flag), "{flag} not in: {help}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { walk(&p) } else { vec![p] }
+        })
+        .collect()
 }
 
 fn path(name: &str) -> String {
@@ -236,6 +286,9 @@ async fn a_module_that_fails_preflight_is_not_deployed_and_the_working_one_stays
 
     filter(json!({"header": "x-team", "value": "blue"})).apply();
     wait_condition(&client, n, "team", "Ready", "True").await;
+    let passed = "wasmfilter_preflight_runs_total{result=\"passed\"}";
+    let failed = "wasmfilter_preflight_runs_total{result=\"failed\"}";
+    assert_eq!(op.metric(passed).await, 1.0);
     let wasm_plugins = child_api(&client, n, "WasmPlugin");
     let plugin_config =
         || async { wasm_plugins.get("team").await.unwrap().data["spec"]["pluginConfig"].clone() };
@@ -272,6 +325,14 @@ async fn a_module_that_fails_preflight_is_not_deployed_and_the_working_one_stays
         );
         assert_eq!(plugin_config().await["value"], "blue", "{config}");
     }
+    // A timeout is not the module's verdict: it is run again, with backoff.
+    let after_loop = op.metric(failed).await;
+    wait_for(
+        "the looping module run again",
+        Duration::from_secs(90),
+        || async { (op.metric(failed).await > after_loop).then_some(()) },
+    )
+    .await;
     let events = warning_events(n, "team");
     assert!(
         events
@@ -280,16 +341,27 @@ async fn a_module_that_fails_preflight_is_not_deployed_and_the_working_one_stays
                 && note.contains("configuration needs")),
         "{events:?}"
     );
-    assert!(
-        op.metric("wasmfilter_preflight_runs_total{result=\"failed\"}")
-            .await
-            >= 3.0
-    );
-
     // Fixed: deployed.
     filter(json!({"header": "x-team", "value": "green"})).apply();
     wait_condition(&client, n, "team", "Ready", "True").await;
     assert_eq!(plugin_config().await["value"], "green");
+    // A configuration that failed is not run again while it stays: one run each for the
+    // refusal and the trap, one or more for the loop; the good ones once each.
+    let (refused_and_trapped, good) = (2.0, 2.0);
+    assert!(op.metric(failed).await >= refused_and_trapped + 2.0);
+    assert_eq!(op.metric(passed).await, good);
+    filter(json!({"value": "no header"})).apply();
+    wait_status(&client, n, "team", "refused again", |wf| {
+        condition(wf, "Ready").is_some_and(|c| c.reason == "PreflightFailed")
+    })
+    .await;
+    let failures = op.metric(failed).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        op.metric(failed).await,
+        failures,
+        "remembered, not run again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
