@@ -557,4 +557,25 @@ mod tests {
         assert!(r.passed(), "{r:?}");
         assert_eq!(r.logs[0].to_string(), "[error] wasi_unstable proc_exit");
     }
+
+    #[test]
+    fn start_runs_when_there_is_no_initialize_and_other_wasi_calls_get_enosys() {
+        let m = r#"(module
+          (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+          (import "wasi_snapshot_preview1" "fd_pread"
+            (func $pread (param i32 i32 i32 i64 i32) (result i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "started")
+          (func (export "_start")
+            (drop (call $log (i32.const 2) (i32.const 0) (i32.const 7))))
+          (func (export "proxy_on_configure") (param i32 i32) (result i32)
+            ;; configure passes only if fd_pread answered ENOSYS (52)
+            (i32.eq (call $pread (i32.const 3) (i32.const 0) (i32.const 0) (i64.const 0)
+                                 (i32.const 0))
+                    (i32.const 52))))"#;
+        let r = run(m, &Plan::default());
+        assert!(r.passed(), "{r:?}");
+        assert_eq!(r.logs[0].to_string(), "[info] started");
+        assert_eq!(r.unimplemented, ["wasi_snapshot_preview1.fd_pread"]);
+    }
 }
