@@ -16,6 +16,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod oci;
+#[cfg(feature = "preflight")]
 pub mod preflight;
 pub mod render;
 pub mod workloads;

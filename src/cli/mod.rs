@@ -539,6 +539,8 @@ async fn run_operator(
     late_ctx: Arc<OnceLock<Arc<Context>>>,
     late_elector: Arc<OnceLock<Arc<Elector>>>,
 ) -> anyhow::Result<()> {
+    #[cfg(feature = "preflight")]
+    let preflight = preflight_sandbox(&args)?;
     let cache = ModuleCache::open(&args.cache_dir)
         .with_context(|| format!("opening cache dir {}", args.cache_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
@@ -652,22 +654,10 @@ async fn run_operator(
         }
         None => (None, None),
     };
-    let preflight = if args.preflight {
-        let limits = crate::preflight::Limits {
-            timeout: Duration::from_millis(args.preflight_timeout_ms.max(1)),
-            memory_bytes: args.preflight_memory_mib.saturating_mul(1 << 20),
-        };
-        let compiled = args.cache_dir.join("compiled");
-        Some(
-            controller::preflight::Preflight::new(limits, Some(compiled))
-                .context("setting up the pre-flight sandbox")?,
-        )
-    } else {
-        None
-    };
-    let ctx = Arc::new(
-        Context::new(client, metrics, resolver, cache, settings, xds).with_preflight(preflight),
-    );
+    let ctx = Context::new(client, metrics, resolver, cache, settings, xds);
+    #[cfg(feature = "preflight")]
+    let ctx = ctx.with_preflight(preflight);
+    let ctx = Arc::new(ctx);
     let _ = late_ctx.set(ctx.clone());
     match election {
         Some(config) => {
@@ -981,6 +971,30 @@ async fn load_target(target: &str, source: &SourceArgs) -> anyhow::Result<Vec<u8
     module.map_err(|e| anyhow::Error::new(Unreadable(format!("{e:#}"))))
 }
 
+/// The operator's pre-flight sandbox, unless `--preflight=false`.
+#[cfg(feature = "preflight")]
+fn preflight_sandbox(
+    args: &OperatorArgs,
+) -> anyhow::Result<Option<controller::preflight::Preflight>> {
+    if !args.preflight {
+        return Ok(None);
+    }
+    let limits = crate::preflight::Limits {
+        timeout: Duration::from_millis(args.preflight_timeout_ms.max(1)),
+        memory_bytes: args.preflight_memory_mib.saturating_mul(1 << 20),
+    };
+    let compiled = args.cache_dir.join("compiled");
+    controller::preflight::Preflight::new(limits, Some(compiled))
+        .map(Some)
+        .context("setting up the pre-flight sandbox")
+}
+
+#[cfg(not(feature = "preflight"))]
+async fn run_module(_: RunArgs) -> anyhow::Result<()> {
+    bail!("this wasmfilter was built without the pre-flight sandbox (cargo feature `preflight`)")
+}
+
+#[cfg(feature = "preflight")]
 async fn run_module(args: RunArgs) -> anyhow::Result<()> {
     use crate::preflight::{Limits, Plan, Request, Sandbox};
     let module = load_target(&args.target, &args.source).await?;
@@ -1034,6 +1048,7 @@ async fn run_module(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+#[cfg(feature = "preflight")]
 /// Where the CLI keeps compiled modules: `$XDG_CACHE_HOME/wasmfilter/compiled` or
 /// `~/.cache/wasmfilter/compiled`; none without a home.
 fn compile_cache_dir() -> Option<PathBuf> {

@@ -8,6 +8,7 @@ mod crds;
 mod decode;
 mod deploy;
 mod error;
+#[cfg(feature = "preflight")]
 pub mod preflight;
 mod report;
 mod resolve;
@@ -86,6 +87,7 @@ pub struct Context {
     /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
     pub xds: Option<Arc<Xds>>,
     /// The sandbox every new module and configuration runs in first (`--preflight`).
+    #[cfg(feature = "preflight")]
     pub preflight: Option<Arc<preflight::Preflight>>,
     /// Every pod in scope, from one watch.
     pub pods: Arc<PodIndex>,
@@ -129,6 +131,7 @@ impl Context {
             inspected: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
             xds,
+            #[cfg(feature = "preflight")]
             preflight: None,
             pods: Arc::default(),
             reconciling: AtomicUsize::new(0),
@@ -139,6 +142,7 @@ impl Context {
     }
 
     /// Runs every new module and configuration in `preflight` before deploying it.
+    #[cfg(feature = "preflight")]
     pub fn with_preflight(mut self, preflight: Option<preflight::Preflight>) -> Self {
         self.preflight = preflight.map(Arc::new);
         self
@@ -408,6 +412,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
         });
     }
     let artifact = resolve::resolve(wf, &ns, ctx).await?;
+    #[cfg(feature = "preflight")]
     preflight::check(wf, &artifact, ctx).await?;
     let mut assessment = assess::assess(wf, &ns, &artifact.module_sha256, ctx).await?;
     match assess::verdict(wf.spec.on_incompatible, &assessment.compatible) {
