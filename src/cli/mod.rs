@@ -57,6 +57,23 @@ pub enum Command {
     /// 1: it refused its configuration, trapped, exited or ran out of time; 2: the input cannot
     /// be read.
     Run(RunArgs),
+    /// Verify that a module's manifest carries a cosign signature (`cosign sign --key`, the
+    /// `sha256-<digest>.sig` tag) by one of the given public keys. Exit 0: it does; 1: it is
+    /// unsigned, signed by none of the keys, or the signature is not valid; 2: the input cannot
+    /// be read.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The artifact, e.g. registry.example.com/filters/add-header:1.2.0
+    pub reference: String,
+    /// A PEM public key (ECDSA P-256, as `cosign generate-key-pair` writes). Repeatable: one
+    /// signature by any of them is enough.
+    #[arg(long = "key", required = true, value_name = "FILE")]
+    pub keys: Vec<PathBuf>,
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -423,6 +440,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect(args).await,
         Command::Check(args) => check(args).await,
         Command::Run(args) => run_module(args).await,
+        Command::Verify(args) => verify(args).await,
         Command::EcdsEntry(args) => ecds_entry(&args),
     }
 }
@@ -969,6 +987,41 @@ async fn load_target(target: &str, source: &SourceArgs) -> anyhow::Result<Vec<u8
         fetch(target, source).await.map(|(_, module)| module)
     };
     module.map_err(|e| anyhow::Error::new(Unreadable(format!("{e:#}"))))
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    use crate::oci::signature::{self, TrustedKey};
+    let unreadable = |m: String| anyhow::Error::new(Unreadable(m));
+    let mut keys = Vec::new();
+    for path in &args.keys {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| unreadable(format!("reading {}: {e}", path.display())))?;
+        keys.push(TrustedKey::from_pem(&path.display().to_string(), &pem).map_err(unreadable)?);
+    }
+    let (resolver, creds) =
+        registry_for(&args.reference, &args.source).map_err(|e| unreadable(format!("{e:#}")))?;
+    let (artifact, _) = resolver
+        .pull(&args.reference, None, None, &creds)
+        .await
+        .map_err(|e| unreadable(format!("{e:#}")))?;
+    let digest = &artifact.manifest_digest;
+    let found = resolver
+        .cosign_signatures(&args.reference, digest, &creds)
+        .await
+        .map_err(|e| unreadable(format!("reading the signatures of {digest}: {e:#}")))?;
+    match signature::verify(digest, found.as_ref(), &keys) {
+        Ok(v) => {
+            println!(
+                "verified {}@{digest}: signed by {} ({}), signature {}",
+                artifact.image, v.key, v.key_fingerprint, v.signature_digest
+            );
+            Ok(())
+        }
+        Err(refusal) => {
+            println!("{}: {refusal}", refusal.reason());
+            Err(anyhow::Error::new(Incompatible))
+        }
+    }
 }
 
 /// The operator's pre-flight sandbox, unless `--preflight=false`.
