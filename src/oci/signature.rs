@@ -169,7 +169,7 @@ pub fn verify(
         let Some(signature) = found
             .signature
             .as_deref()
-            .and_then(|b64| base64_decode(b64))
+            .and_then(base64_decode)
             .and_then(|der| Signature::from_der(&der).ok())
         else {
             problems.push("a layer has no readable signature annotation".into());
@@ -274,7 +274,7 @@ mod tests {
     use super::*;
     use p256::ecdsa::SigningKey;
     use p256::ecdsa::signature::Signer as _;
-    use p256::pkcs8::{EncodePublicKey as _, LineEnding};
+    use p256::pkcs8::LineEnding;
 
     const DIGEST: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
 
