@@ -45,6 +45,13 @@ if [ ! -x "$HELM_BIN/helm" ]; then
     go build -ldflags='-s -w' -o "$HELM_BIN.tmp/" helm.sh/helm/v3/cmd/helm)
   rm -rf "$HELM_BIN" && mv "$HELM_BIN.tmp" "$HELM_BIN"
 fi
+if [ ! -x "$COSIGN_BIN/cosign" ]; then
+  log "building cosign $COSIGN_VERSION from its Go module (cold: a few minutes; cached in $COSIGN_BIN)"
+  mkdir -p "$COSIGN_BIN.tmp"
+  (cd "$ROOT/e2e/tools/cosign" && run_with_heartbeat "go build (cosign $COSIGN_VERSION)" \
+    go build -ldflags='-s -w' -o "$COSIGN_BIN.tmp/" github.com/sigstore/cosign/v2/cmd/cosign)
+  rm -rf "$COSIGN_BIN" && mv "$COSIGN_BIN.tmp" "$COSIGN_BIN"
+fi
 if [ ! -x "$KSTATUS_BIN/kstatus" ]; then
   log "building kstatus (sigs.k8s.io/cli-utils) from e2e/tools/kstatus (cached in $KSTATUS_BIN)"
   mkdir -p "$KSTATUS_BIN.tmp"

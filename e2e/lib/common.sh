@@ -24,6 +24,9 @@ ORAS_BIN="$WASMFILTER_CACHE/bin/oras-$ORAS_VERSION-$(sha256sum "$ROOT/e2e/tools/
 # The helm CLI (chart tests), built from its Go module.
 HELM_VERSION=v3.22.0
 HELM_BIN="$WASMFILTER_CACHE/bin/helm-$HELM_VERSION-$(sha256sum "$ROOT/e2e/tools/helm/go.sum" | cut -c1-12)"
+# The cosign CLI (signature tests: it signs, the operator verifies), built from its Go module.
+COSIGN_VERSION=v2.6.5
+COSIGN_BIN="$WASMFILTER_CACHE/bin/cosign-$COSIGN_VERSION-$(sha256sum "$ROOT/e2e/tools/cosign/go.sum" | cut -c1-12)"
 # kstatus (sigs.k8s.io/cli-utils), as Flux reads status, built from e2e/tools/kstatus.
 KSTATUS_BIN="$WASMFILTER_CACHE/bin/kstatus-$(cat "$ROOT"/e2e/tools/kstatus/{go.sum,main.go} | sha256sum | cut -c1-12)"
 
