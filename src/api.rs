@@ -109,6 +109,43 @@ pub struct ModuleSource {
         .message("must be the module's sha256: 64 lowercase hex characters"))]
     #[schemars(length(min = 64, max = 64))]
     pub sha256: Option<String>,
+    /// Require a signature on the module's manifest: nothing is deployed until one verifies,
+    /// and what was deployed before stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verification>,
+}
+
+/// How a module's signature is checked.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    /// A cosign signature made with a key (`cosign sign --key`), found under cosign's
+    /// `sha256-<digest>.sig` tag beside the module.
+    pub cosign: CosignVerification,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CosignVerification {
+    /// Where the trusted public keys are; a signature by any one of them is enough.
+    pub public_keys: KeySource,
+}
+
+/// A ConfigMap or a Secret in the filter's namespace; every value in it holding a PEM public
+/// key (ECDSA P-256, as `cosign generate-key-pair` writes) is trusted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.configMap) != has(self.secret)")
+    .message("name exactly one of configMap or secret"))]
+pub struct KeySource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = secret_name_rule())]
+    pub config_map: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = secret_name_rule())]
+    pub secret: Option<String>,
 }
 
 /// Label selector for the workloads that get the filter.
@@ -296,6 +333,23 @@ pub struct ArtifactStatus {
     /// The manifest digest deployed before this one, when the tag moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_manifest_digest: Option<String>,
+    /// Who signed what was deployed, when the spec or the operator requires a signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<SignatureStatus>,
+}
+
+/// A verified signature.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SignatureStatus {
+    /// `cosign`.
+    pub scheme: String,
+    /// The trusted key that verified it: where it came from, and the sha256 of its DER
+    /// encoding.
+    pub key: String,
+    pub key_fingerprint: String,
+    /// The digest of the signature manifest (`sha256-<digest>.sig`).
+    pub signature_digest: String,
 }
 
 /// A DNS subdomain (RFC 1123), the syntax of most object names, Secrets' among them.

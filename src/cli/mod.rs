@@ -110,6 +110,15 @@ pub struct RunArgs {
     pub source: SourceArgs,
 }
 
+fn namespaced_name(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAMESPACE/NAME")),
+    }
+}
+
 fn header_arg(s: &str) -> Result<(String, String), String> {
     // A pseudo-header's name starts with ':' and may not contain '='.
     let (name, value) = s
@@ -335,6 +344,10 @@ pub struct OperatorArgs {
     /// Seconds one whole resolve-and-pull may take, however steadily bytes arrive.
     #[arg(long, default_value_t = 600)]
     pub pull_timeout_seconds: u64,
+    /// A ConfigMap (NAMESPACE/NAME) of PEM public keys every module must be signed by (cosign),
+    /// whatever its WasmFilter says.
+    #[arg(long, value_name = "NAMESPACE/CONFIGMAP", value_parser = namespaced_name)]
+    pub require_signature_keys: Option<(String, String)>,
     /// Run every new module with each filter's configuration in a sandbox before deploying
     /// it (`--preflight=false` to deploy without).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -642,6 +655,16 @@ async fn run_operator(
         backoff: Backoff::default(),
         instance: args.instance,
         cache_max_bytes: args.cache_max_bytes,
+        required_signature_keys: args
+            .require_signature_keys
+            .clone()
+            .map(|(namespace, name)| controller::verify::KeysAt {
+                namespace,
+                source: crate::api::KeySource {
+                    config_map: Some(name),
+                    secret: None,
+                },
+            }),
         concurrency: args.max_concurrent_reconciles,
     };
     let (xds, xds_events) = match args.xds_listen {

@@ -43,6 +43,12 @@ pub enum Error {
     #[error("updating status: {0}")]
     UpdateStatus(#[source] kube::Error),
 
+    #[error(transparent)]
+    Signature(#[from] crate::oci::signature::Refusal),
+
+    #[error("the trusted keys in {keys} cannot be used: {message}")]
+    VerificationKeys { keys: String, message: String },
+
     #[error("pre-flight of module sha256:{} failed in {summary}", &sha256[..sha256.len().min(12)])]
     PreflightFailed {
         sha256: String,
@@ -77,6 +83,8 @@ impl Error {
             },
             Error::DeleteChild { .. } => "DeleteChild",
             Error::UpdateStatus(_) => "UpdateStatus",
+            Error::Signature(r) => r.reason(),
+            Error::VerificationKeys { .. } => "VerificationKeysNotFound",
             Error::PreflightFailed { .. } | Error::PreflightCrashed(_) => "PreflightFailed",
             Error::MissingNamespace => "MissingNamespace",
             Error::PodsNotSynced { .. } => "PodsNotSynced",
@@ -86,7 +94,10 @@ impl Error {
     /// Whether the failure belongs to resolving the module (condition `Resolved`) rather than to
     /// deploying it (condition `Deployed`).
     pub fn is_resolve_failure(&self) -> bool {
-        matches!(self, Error::Oci(_) | Error::Render(_))
+        matches!(
+            self,
+            Error::Oci(_) | Error::Render(_) | Error::Signature(_) | Error::VerificationKeys { .. }
+        )
     }
 
     /// The least time to wait before retrying, when the server said (HTTP 429 Retry-After).
@@ -107,6 +118,10 @@ impl Error {
             | Error::DeleteChild { .. }
             | Error::UpdateStatus(_)
             | Error::PodsNotSynced { .. } => Retry::Transient,
+            // A signature may be pushed after the module, a key ConfigMap created later.
+            Error::Signature(crate::oci::signature::Refusal::Missing { .. })
+            | Error::VerificationKeys { .. } => Retry::Transient,
+            Error::Signature(_) => Retry::Invalid,
             Error::PreflightFailed {
                 timed_out: false, ..
             } => Retry::Invalid,

@@ -1,5 +1,5 @@
 //! The WasmFilter controller. A reconcile is the pipeline of DESIGN.md, one step a file:
-//! [`resolve`] (the module), [`preflight`] (run it in a sandbox first), [`assess`] (the selected workloads and the verdict),
+//! [`resolve`] (the module), [`verify`] (its signature), [`preflight`] (run it in a sandbox first), [`assess`] (the selected workloads and the verdict),
 //! [`deploy`] (render and apply the child, or serve ECDS), [`report`] (status and Events).
 //! [`watch`] wires the watches that trigger it; [`crds`] waits for the CRDs it needs.
 
@@ -13,6 +13,7 @@ pub mod preflight;
 mod report;
 mod resolve;
 pub mod status;
+pub mod verify;
 mod watch;
 
 use std::collections::{HashMap, HashSet};
@@ -39,6 +40,7 @@ use crate::error::Backoff;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::oci::Resolver;
+use crate::oci::signature::Verified;
 use crate::render::{self, ModuleServer};
 use crate::workloads::index::PodIndex;
 use crate::xds::Xds;
@@ -59,6 +61,8 @@ pub struct Settings {
     pub cache_max_bytes: Option<u64>,
     /// Reconciles running at once, at most.
     pub concurrency: u16,
+    /// Keys every module must be signed by (`--require-signature-keys`).
+    pub required_signature_keys: Option<verify::KeysAt>,
 }
 
 /// How long a reconcile waits for the pod index's first full list (10,000 pods take seconds).
@@ -82,6 +86,8 @@ pub struct Context {
     on_demand: Singleflight,
     /// What inspecting each deployed module found, by sha256.
     inspected: Mutex<HashMap<String, Arc<ModuleInfo>>>,
+    /// Signatures verified, by manifest digest and trusted key fingerprints.
+    signatures: Mutex<HashMap<(String, String), Verified>>,
     /// Wakes the eviction task after a pull.
     evict_soon: tokio::sync::Notify,
     /// The ECDS server's state, when the operator serves plain Envoys (`--xds-listen`).
@@ -129,6 +135,7 @@ impl Context {
             store: OnceLock::new(),
             on_demand: Singleflight::default(),
             inspected: Mutex::new(HashMap::new()),
+            signatures: Mutex::new(HashMap::new()),
             evict_soon: tokio::sync::Notify::new(),
             xds,
             #[cfg(feature = "preflight")]
@@ -223,6 +230,19 @@ impl Context {
             inspected.clear();
         }
         inspected.insert(sha256.to_string(), info);
+    }
+
+    fn remembered_signature(&self, key: &(String, String)) -> Option<Verified> {
+        let signatures = self.signatures.lock().unwrap_or_else(|p| p.into_inner());
+        signatures.get(key).cloned()
+    }
+
+    fn remember_signature(&self, key: (String, String), verified: Verified) {
+        let mut signatures = self.signatures.lock().unwrap_or_else(|p| p.into_inner());
+        if signatures.len() >= 10_000 {
+            signatures.clear();
+        }
+        signatures.insert(key, verified);
     }
 
     /// The module's exports and imports: as the pull inspected them, else read back from the
@@ -411,7 +431,8 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
             waited_secs: POD_SYNC_WAIT.as_secs(),
         });
     }
-    let artifact = resolve::resolve(wf, &ns, ctx).await?;
+    let mut artifact = resolve::resolve(wf, &ns, ctx).await?;
+    verify::check(wf, &ns, &mut artifact, ctx).await?;
     #[cfg(feature = "preflight")]
     preflight::check(wf, &artifact, ctx).await?;
     let mut assessment = assess::assess(wf, &ns, &artifact.module_sha256, ctx).await?;

@@ -203,6 +203,7 @@ mod tests {
             abi_version: None,
             declared_abi_versions: Vec::new(),
             root_ids: Vec::new(),
+            signature: None,
         }
     }
 

@@ -88,6 +88,8 @@ pub(super) fn reusable(wf: &WasmFilter) -> Option<Artifact> {
         abi_version: a.abi_version.clone(),
         declared_abi_versions: a.declared_abi_versions.clone(),
         root_ids: a.root_ids.clone(),
+        // Verified again when required (a key may have been withdrawn since).
+        signature: None,
     })
 }
 

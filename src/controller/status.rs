@@ -3,7 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::Error;
-use crate::api::{ArtifactStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
+use crate::api::{ArtifactStatus, SignatureStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
 use crate::error::Retry;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
@@ -174,6 +174,12 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
         declared_abi_versions: a.declared_abi_versions.clone(),
         root_ids: a.root_ids.clone(),
         previous_manifest_digest: None,
+        signature: a.signature.as_ref().map(|v| SignatureStatus {
+            scheme: "cosign".into(),
+            key: v.key.clone(),
+            key_fingerprint: v.key_fingerprint.clone(),
+            signature_digest: v.signature_digest.clone(),
+        }),
     }
 }
 
@@ -675,6 +681,7 @@ mod tests {
             abi_version: Some("0.2.1".into()),
             declared_abi_versions: Vec::new(),
             root_ids: Vec::new(),
+            signature: None,
         }
     }
 

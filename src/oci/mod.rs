@@ -111,6 +111,8 @@ pub struct Artifact {
     pub declared_abi_versions: Vec<String>,
     /// Root ids the artifact's runtime config declares (Solo format).
     pub root_ids: Vec<String>,
+    /// The signature that verified its manifest, when one was required.
+    pub signature: Option<signature::Verified>,
 }
 
 /// Resolves references and fetches modules into the cache.
@@ -391,6 +393,7 @@ impl Resolver {
                 abi_version: summary.abi_version,
                 declared_abi_versions: declared.abi_versions,
                 root_ids: declared.root_ids,
+                signature: None,
             };
             return Ok((artifact, None, 0, false));
         }
@@ -466,6 +469,7 @@ impl Resolver {
             abi_version: summary.abi_version,
             declared_abi_versions: declared.abi_versions,
             root_ids: declared.root_ids,
+            signature: None,
         };
         Ok((artifact, Some((module, info)), downloaded, spooled))
     }

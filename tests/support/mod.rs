@@ -641,6 +641,7 @@ impl Filter {
                 pull_secret: None,
                 pull_policy: PullPolicy::IfNotPresent,
                 sha256: None,
+                verify: None,
             },
             selector: WorkloadSelector {
                 match_labels: [("app".to_string(), "web".to_string())].into(),

@@ -54,6 +54,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
+# Signing keys (spec.module.verify, --require-signature-keys), read one by one by name: get
+# only.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get]
 # Events on WasmFilters.
 - apiGroups: [events.k8s.io]
   resources: [events]
