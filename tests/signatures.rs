@@ -1,0 +1,349 @@
+//! Signed modules: the real `cosign` CLI (built from its Go module) signs modules in the local
+//! registry with keys it generates (`cosign sign --key`, its `sha256-<digest>.sig` tag scheme);
+//! `wasmfilter verify` and the operator verify them, and refuse what cosign itself refuses.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::*;
+use wasmfilter::api::{CosignVerification, KeySource, PullPolicy, Verification, WasmFilter};
+
+fn cosign() -> PathBuf {
+    std::env::var("WASMFILTER_COSIGN")
+        .expect(
+            "WASMFILTER_COSIGN is not set: e2e/env.sh exports it after e2e/setup.sh built cosign",
+        )
+        .into()
+}
+
+/// A key pair cosign generates (no password): the private key and the public key's path.
+fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let out = Command::new(cosign())
+        .args(["generate-key-pair", "--output-key-prefix", name])
+        .current_dir(dir)
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pub")),
+    )
+}
+
+/// `cosign sign --key` on `image@digest` (no transparency log: nothing leaves the machine).
+fn cosign_sign(key: &Path, image_at_digest: &str) {
+    let out = Command::new(cosign())
+        .args(["sign", "--key"])
+        .arg(key)
+        .args([
+            "--tlog-upload=false",
+            "--allow-http-registry",
+            "-y",
+            image_at_digest,
+        ])
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cosign sign: {}", stderr(&out));
+}
+
+/// Whether `cosign verify --key` accepts `image`.
+fn cosign_verifies(public: &Path, image: &str) -> bool {
+    Command::new(cosign())
+        .args(["verify", "--key"])
+        .arg(public)
+        .args([
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry",
+            image,
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn verify(image: &str, public: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .args(["verify", image, "--plain-http", "--key"])
+        .arg(public)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        stdout(&out) + &stderr(&out),
+    )
+}
+
+fn sig_tag(digest: &str) -> String {
+    digest.replacen(':', "-", 1) + ".sig"
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_agrees_with_cosign_on_signed_unsigned_misdirected_and_altered_modules() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "team");
+    let (_, other) = key_pair(dir.path(), "other");
+    let repo = format!("sig/cli-{:08x}", fastrand::u32(..));
+    let signed = format!("{}/{repo}:signed", env.registry);
+    let digest = push_module(&signed, module("signed")).await;
+    cosign_sign(&key, &format!("{}/{repo}@{digest}", env.registry));
+
+    let (code, out) = verify(&signed, &public);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("@{digest}: signed by {}", public.display())),
+        "{out}"
+    );
+    assert!(cosign_verifies(&public, &signed));
+
+    let (code, out) = verify(&signed, &other);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("SignerNotTrusted: "), "{out}");
+    assert!(!cosign_verifies(&other, &signed));
+
+    let unsigned = format!("{}/{repo}:unsigned", env.registry);
+    let unsigned_digest = push_module(&unsigned, module("unsigned")).await;
+    let (code, out) = verify(&unsigned, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("SignatureMissing: "), "{out}");
+    assert!(!cosign_verifies(&public, &unsigned));
+
+    // The signed module's signature, placed under the unsigned one's signature tag: a valid
+    // signature, of another manifest.
+    let signature = get_manifest_bytes(&env.registry, &repo, &sig_tag(&digest)).await;
+    put_manifest(
+        &env.registry,
+        &repo,
+        &sig_tag(&unsigned_digest),
+        OCI_MANIFEST,
+        signature.clone(),
+    )
+    .await;
+    let (code, out) = verify(&unsigned, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("SignatureInvalid: "), "{out}");
+    assert!(out.contains(&format!("a payload signs {digest}")), "{out}");
+    assert!(!cosign_verifies(&public, &unsigned));
+
+    // The signature altered: the annotation swapped for one over other bytes.
+    let mut manifest: serde_json::Value = serde_json::from_slice(&signature).unwrap();
+    let annotation =
+        &mut manifest["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"];
+    let original = annotation.as_str().unwrap().to_string();
+    let mut altered = original.clone().into_bytes();
+    let i = altered.len() / 2;
+    altered[i] = if altered[i] == b'A' { b'B' } else { b'A' };
+    *annotation = json!(String::from_utf8(altered).unwrap());
+    put_manifest(
+        &env.registry,
+        &repo,
+        &sig_tag(&digest),
+        OCI_MANIFEST,
+        manifest.to_string().into_bytes(),
+    )
+    .await;
+    let (code, out) = verify(&signed, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.starts_with("SignerNotTrusted: ") || out.starts_with("SignatureInvalid: "),
+        "{out}"
+    );
+    assert!(!cosign_verifies(&public, &signed));
+
+    let (code, out) = verify(&signed, Path::new("/nonexistent.pub"));
+    assert_eq!(code, 2, "{out}");
+}
+
+fn verifying(keys: KeySource) -> impl FnOnce(&mut wasmfilter::api::WasmFilterSpec) {
+    move |spec| {
+        spec.module.verify = Some(Verification {
+            cosign: CosignVerification { public_keys: keys },
+        })
+    }
+}
+
+fn config_map(name: &str) -> KeySource {
+    KeySource {
+        config_map: Some(name.into()),
+        secret: None,
+    }
+}
+
+fn key_config_map(ns: &str, name: &str, public: &Path) {
+    let out = kubectl(&[
+        "create",
+        "configmap",
+        name,
+        "-n",
+        ns,
+        &format!("--from-file=cosign.pub={}", public.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn reason_is(wf: &WasmFilter, reason: &str) -> bool {
+    condition(wf, "Ready").is_some_and(|c| c.status == "False" && c.reason == reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_deploys_only_modules_signed_by_a_trusted_key() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("signed");
+    let n = &ns.name;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "team");
+    let (_, other) = key_pair(dir.path(), "other");
+    key_config_map(n, "team-keys", &public);
+    key_config_map(n, "other-keys", &other);
+    // A short resync, so that the moved tag is looked at soon.
+    let _op = Operator::start(n, &["--resync-seconds", "2"]).await;
+    let image = format!("{}/sig/{n}:1", env.registry);
+    let repo = format!("sig/{n}");
+    let first = module(&format!("first-{n}"));
+    let digest = push_module(&image, first.clone()).await;
+    let filter = || {
+        Filter::new(n, "signed", &image)
+            .pull_policy(PullPolicy::Always)
+            .edit(verifying(config_map("team-keys")))
+    };
+
+    // Unsigned: nothing deployed, and said why.
+    filter().apply();
+    let wf = wait_status(&client, n, "signed", "SignatureMissing", |wf| {
+        reason_is(wf, "SignatureMissing")
+    })
+    .await;
+    let msg = &condition(&wf, "Ready").unwrap().message;
+    assert!(msg.contains(&sig_tag(&digest)), "{msg}");
+    assert!(
+        child_api(&client, n, "WasmPlugin")
+            .get_opt("signed")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing deployed before a signature verifies"
+    );
+    assert!(
+        warning_events(n, "signed")
+            .iter()
+            .any(|(reason, _)| reason == "SignatureMissing")
+    );
+
+    // Signed after the fact: picked up on the retry.
+    cosign_sign(&key, &format!("{}/{repo}@{digest}", env.registry));
+    let sha = wasmfilter::cache::sha256_hex(&first);
+    let wf = wait_module(&client, n, "signed", &sha).await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert_eq!(signature.scheme, "cosign");
+    assert_eq!(
+        signature.key,
+        format!("ConfigMap {n}/team-keys key cosign.pub")
+    );
+    assert!(signature.key_fingerprint.starts_with("sha256:"));
+    let signature_manifest = get_manifest_bytes(&env.registry, &repo, &sig_tag(&digest)).await;
+    assert_eq!(
+        signature.signature_digest,
+        format!(
+            "sha256:{}",
+            wasmfilter::cache::sha256_hex(&signature_manifest)
+        )
+    );
+
+    // The tag moves to an unsigned module: refused, and the signed one keeps running.
+    push_module(&image, module(&format!("second-{n}"))).await;
+    wait_status(&client, n, "signed", "the moved tag refused", |wf| {
+        reason_is(wf, "SignatureMissing")
+    })
+    .await;
+    let wp = child_api(&client, n, "WasmPlugin")
+        .get("signed")
+        .await
+        .unwrap();
+    assert_eq!(wp.data["spec"]["sha256"], sha);
+
+    // Trusting another key: the signature is there, but not by it.
+    push_module(&image, first.clone()).await;
+    filter().edit(verifying(config_map("other-keys"))).apply();
+    let wf = wait_status(&client, n, "signed", "SignerNotTrusted", |wf| {
+        reason_is(wf, "SignerNotTrusted")
+    })
+    .await;
+    let msg = &condition(&wf, "Ready").unwrap().message;
+    assert!(msg.contains("other-keys"), "{msg}");
+
+    // Keys that are not there.
+    filter().edit(verifying(config_map("no-such-keys"))).apply();
+    let wf = wait_status(&client, n, "signed", "VerificationKeysNotFound", |wf| {
+        reason_is(wf, "VerificationKeysNotFound")
+    })
+    .await;
+    let msg = &condition(&wf, "Ready").unwrap().message;
+    assert!(
+        msg.contains(&format!("ConfigMap {n}/no-such-keys")),
+        "{msg}"
+    );
+    let wp = child_api(&client, n, "WasmPlugin")
+        .get("signed")
+        .await
+        .unwrap();
+    assert_eq!(
+        wp.data["spec"]["sha256"], sha,
+        "the signed module still deployed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_can_require_signatures_of_every_filter() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("platform-keys");
+    let n = &ns.name;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "platform");
+    key_config_map(n, "platform", &public);
+    let _op = Operator::start(n, &["--require-signature-keys", &format!("{n}/platform")]).await;
+    let image = format!("{}/sig/{n}:1", env.registry);
+    let m = module(&format!("platform-{n}"));
+    let digest = push_module(&image, m.clone()).await;
+
+    // The filter says nothing about signatures; the operator requires one anyway.
+    Filter::new(n, "free", &image)
+        .pull_policy(PullPolicy::Always)
+        .apply();
+    wait_status(&client, n, "free", "SignatureMissing", |wf| {
+        reason_is(wf, "SignatureMissing")
+    })
+    .await;
+    cosign_sign(&key, &format!("{}/sig/{n}@{digest}", env.registry));
+    let wf = wait_module(&client, n, "free", &wasmfilter::cache::sha256_hex(&m)).await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert_eq!(
+        signature.key,
+        format!("ConfigMap {n}/platform key cosign.pub")
+    );
+}
+
+#[test]
+fn the_api_server_refuses_a_key_source_naming_both_or_neither() {
+    let ns = TestNamespace::new("sig-schema");
+    for keys in [json!({"configMap": "a", "secret": "b"}), json!({})] {
+        let mut wf = Filter::new(&ns.name, "both", "registry.example/f:1").json();
+        wf["spec"]["module"]["verify"] = json!({"cosign": {"publicKeys": keys}});
+        let out = kubectl_apply(&wf.to_string());
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("name exactly one of configMap or secret"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
