@@ -299,6 +299,22 @@ async fn the_operator_deploys_only_modules_signed_by_a_trusted_key() {
         wp.data["spec"]["sha256"], sha,
         "the signed module still deployed"
     );
+    let events = warning_events(n, "signed");
+    for reason in ["SignerNotTrusted", "VerificationKeysNotFound"] {
+        assert!(
+            events.iter().any(|(r, _)| r == reason),
+            "{reason}: {events:?}"
+        );
+    }
+
+    // The keys created afterwards: picked up on the retry.
+    key_config_map(n, "no-such-keys", &public);
+    let wf = wait_condition(&client, n, "signed", "Ready", "True").await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert_eq!(
+        signature.key,
+        format!("ConfigMap {n}/no-such-keys key cosign.pub")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,7 +86,7 @@ pub struct Context {
     on_demand: Singleflight,
     /// What inspecting each deployed module found, by sha256.
     inspected: Mutex<HashMap<String, Arc<ModuleInfo>>>,
-    /// Signatures verified, by manifest digest and trusted key fingerprints.
+    /// Signatures verified, by manifest digest and trusted key set (where, and fingerprints).
     signatures: Mutex<HashMap<(String, String), Verified>>,
     /// Wakes the eviction task after a pull.
     evict_soon: tokio::sync::Notify,

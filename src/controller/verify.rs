@@ -55,7 +55,12 @@ pub(super) async fn check(
     let mut signatures: Option<Option<Signatures>> = None;
     for at in required {
         let keys = load_keys(&ctx.client, &at).await?;
-        let memo_key = (artifact.manifest_digest.clone(), fingerprints(&keys));
+        // The key set by where it is and what it holds: a verified signature names its key by
+        // where it came from.
+        let memo_key = (
+            artifact.manifest_digest.clone(),
+            format!("{} {}", at.describe(), fingerprints(&keys)),
+        );
         if let Some(v) = ctx.remembered_signature(&memo_key) {
             artifact.signature = Some(v);
             continue;
