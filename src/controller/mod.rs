@@ -317,6 +317,21 @@ impl Context {
             .await
     }
 
+    /// Credentials for `wf`'s registry: its pull secret (in `ns`), else anonymous.
+    async fn pull_credentials(
+        &self,
+        wf: &WasmFilter,
+        ns: &str,
+    ) -> Result<crate::oci::Credentials, crate::oci::Error> {
+        crate::oci::pull_credentials(
+            &self.client,
+            ns,
+            wf.spec.module.pull_secret.as_deref(),
+            wf.image(),
+        )
+        .await
+    }
+
     /// `delay`, or the resync period if shorter for a `pullPolicy: Always` filter, which is
     /// promised a fresh look every resync, failing, blocked or not.
     fn within_resync(&self, wf: &WasmFilter, delay: Duration) -> Duration {

@@ -24,13 +24,7 @@ pub(super) async fn resolve(wf: &WasmFilter, ns: &str, ctx: &Context) -> Result<
         ctx.metrics.cache_hit();
         return Ok(artifact);
     }
-    let creds = oci::pull_credentials(
-        &ctx.client,
-        ns,
-        wf.spec.module.pull_secret.as_deref(),
-        wf.image(),
-    )
-    .await?;
+    let creds = ctx.pull_credentials(wf, ns).await?;
     let start = Instant::now();
     let fetched = ctx
         .resolver
@@ -107,14 +101,7 @@ pub(super) async fn fetch_deployed(
         .and_then(|s| s.artifact.clone())
         .ok_or(FetchFailure::Unknown)?;
     let ns = wf.namespace().ok_or(FetchFailure::Unknown)?;
-    let creds = oci::pull_credentials(
-        &ctx.client,
-        &ns,
-        wf.spec.module.pull_secret.as_deref(),
-        wf.image(),
-    )
-    .await
-    .map_err(unavailable)?;
+    let creds = ctx.pull_credentials(wf, &ns).await.map_err(unavailable)?;
     tracing::info!(sha256, image = %artifact.image, "fetching a module on a proxy's request");
     let start = Instant::now();
     let fetched = ctx

@@ -11,8 +11,8 @@ use kube::Api;
 
 use super::{Context, Error};
 use crate::api::{KeySource, WasmFilter};
+use crate::oci::Artifact;
 use crate::oci::signature::{self, Signatures, TrustedKey};
-use crate::oci::{self, Artifact};
 
 /// Where a set of trusted keys lives.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,13 +66,7 @@ pub(super) async fn check(
             continue;
         }
         if signatures.is_none() {
-            let creds = oci::pull_credentials(
-                &ctx.client,
-                ns,
-                wf.spec.module.pull_secret.as_deref(),
-                wf.image(),
-            )
-            .await?;
+            let creds = ctx.pull_credentials(wf, ns).await?;
             signatures = Some(
                 ctx.resolver
                     .cosign_signatures(wf.image(), &artifact.manifest_digest, &creds)

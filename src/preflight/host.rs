@@ -236,6 +236,21 @@ fn write_u32(caller: &mut Caller<'_, Host>, ptr: i32, value: u32) -> bool {
     write_bytes(caller, ptr, &value.to_le_bytes())
 }
 
+/// A proxy-wasm call's answer once it wrote its result: `Ok`, or `InvalidMemoryAccess` when
+/// the module's pointer led outside its memory.
+fn written(ok: bool) -> i32 {
+    if ok {
+        status::OK
+    } else {
+        status::INVALID_MEMORY_ACCESS
+    }
+}
+
+/// The same for a WASI call: success, or `EFAULT`.
+fn wasi_written(ok: bool) -> i32 {
+    if ok { errno::SUCCESS } else { errno::FAULT }
+}
+
 /// Copies `bytes` into memory the module allocates, and writes where and how long: what
 /// Envoy does for every call that returns a buffer.
 fn hand_over(
@@ -379,11 +394,7 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
         "proxy_get_log_level",
         |mut c: Caller<'_, Host>, ptr: i32| -> i32 {
             // Trace: every line the module would log reaches the report.
-            if write_u32(&mut c, ptr, 0) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
-            }
+            written(write_u32(&mut c, ptr, 0))
         },
     )?;
     l.func_wrap(
@@ -393,11 +404,7 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64);
-            if write_bytes(&mut c, ptr, &now.to_le_bytes()) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
-            }
+            written(write_bytes(&mut c, ptr, &now.to_le_bytes()))
         },
     )?;
     for name in [
@@ -520,11 +527,7 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
                 return status::NOT_FOUND;
             };
             let size = serialize_pairs(pairs).len() as u32;
-            if write_u32(&mut c, size_ptr, size) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
-            }
+            written(write_u32(&mut c, size_ptr, size))
         },
     )?;
     l.func_wrap(
@@ -639,11 +642,7 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
             let host = c.data_mut();
             host.metrics += 1;
             let id = host.metrics;
-            if write_u32(&mut c, id_ptr, id) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
-            }
+            written(write_u32(&mut c, id_ptr, id))
         },
     )?;
     l.func_wrap(
@@ -660,11 +659,7 @@ fn proxy_calls(l: &mut Linker<Host>) -> anyhow::Result<()> {
         ENV,
         "proxy_get_metric",
         |mut c: Caller<'_, Host>, _id: i32, ptr: i32| -> i32 {
-            if write_bytes(&mut c, ptr, &0u64.to_le_bytes()) {
-                status::OK
-            } else {
-                status::INVALID_MEMORY_ACCESS
-            }
+            written(write_bytes(&mut c, ptr, &0u64.to_le_bytes()))
         },
     )?;
     l.func_wrap(
@@ -739,11 +734,7 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
                 total = total.saturating_add(bytes.len() as u32);
                 c.data_mut().write_output(fd, &bytes);
             }
-            if write_u32(&mut c, written_ptr, total) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            wasi_written(write_u32(&mut c, written_ptr, total))
         },
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
@@ -751,11 +742,7 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
             wasi,
             name,
             |mut c: Caller<'_, Host>, count_ptr: i32, size_ptr: i32| -> i32 {
-                if write_u32(&mut c, count_ptr, 0) && write_u32(&mut c, size_ptr, 0) {
-                    errno::SUCCESS
-                } else {
-                    errno::FAULT
-                }
+                wasi_written(write_u32(&mut c, count_ptr, 0) && write_u32(&mut c, size_ptr, 0))
             },
         )?;
     }
@@ -775,11 +762,7 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
                 1 => monotonic_nanos(),
                 _ => return errno::NOTSUP,
             };
-            if write_bytes(&mut c, ptr, &now.to_le_bytes()) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            wasi_written(write_bytes(&mut c, ptr, &now.to_le_bytes()))
         },
     )?;
     // Clock subscriptions fire at once (the sandbox does not wait); any other kind gets
@@ -843,11 +826,7 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
             let bytes: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
                 .take(len)
                 .collect();
-            if write_bytes(&mut c, ptr, &bytes) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            wasi_written(write_bytes(&mut c, ptr, &bytes))
         },
     )?;
     // Envoy logs it and carries on: the module keeps running (a Go panic traps by itself).
@@ -867,11 +846,7 @@ fn wasi_calls_as(l: &mut Linker<Host>, wasi: &str) -> anyhow::Result<()> {
             // All zero but the rights: FD_WRITE (64).
             let mut stat = [0u8; 24];
             stat[8] = 64;
-            if write_bytes(&mut c, ptr, &stat) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            wasi_written(write_bytes(&mut c, ptr, &stat))
         },
     )?;
     // No preopened directories: the module's search for them ends at the first descriptor.
