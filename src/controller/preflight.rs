@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kube::ResourceExt;
-use wasmtime::Module;
 
 use super::{Context, Error};
 use crate::api::WasmFilter;
+use crate::cache::ModuleCache;
 use crate::oci::Artifact;
-use crate::preflight::{Limits, Plan, Report, Sandbox};
+use crate::preflight::{Compiled, Limits, Plan, Report, Sandbox};
 
 /// Runs at once, at most (each takes a core while it runs).
 const PARALLEL_RUNS: usize = 2;
@@ -31,7 +31,7 @@ const LOG_LINES_IN_MESSAGE: usize = 8;
 pub struct Preflight {
     sandbox: Arc<Sandbox>,
     permits: tokio::sync::Semaphore,
-    compiled: Mutex<HashMap<String, Module>>,
+    compiled: Mutex<HashMap<String, Compiled>>,
     outcomes: Mutex<HashMap<Key, Arc<Report>>>,
 }
 
@@ -73,29 +73,46 @@ impl Preflight {
         outcomes.insert(key, report);
     }
 
-    /// Compiles (or finds) the module and runs `plan`. Blocking.
-    fn run_blocking(&self, sha256: &str, wasm: &[u8], plan: &Plan) -> Report {
+    /// Runs `plan` on the module, compiling it first unless it is in memory (only then are its
+    /// bytes read from `cache`). Blocking.
+    fn run_blocking(
+        &self,
+        sha256: &str,
+        cache: &ModuleCache,
+        plan: &Plan,
+    ) -> Result<Report, crate::cache::Error> {
         let cached = self
             .compiled
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(sha256)
             .cloned();
-        let module = match cached {
-            Some(m) => m,
-            None => match self.sandbox.compile(wasm) {
-                Ok(m) => {
-                    let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
-                    if compiled.len() >= COMPILED_KEPT {
-                        compiled.clear();
+        let compiled = match cached {
+            Some(c) => c,
+            None => {
+                let wasm = cache
+                    .read_verified(sha256)
+                    .map_err(|source| crate::cache::Error::Read {
+                        sha256: sha256.to_string(),
+                        source,
+                    })?
+                    .ok_or_else(|| crate::cache::Error::Missing {
+                        sha256: sha256.to_string(),
+                    })?;
+                match self.sandbox.compile(&wasm) {
+                    Ok(c) => {
+                        let mut compiled = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+                        if compiled.len() >= COMPILED_KEPT {
+                            compiled.clear();
+                        }
+                        compiled.insert(sha256.to_string(), c.clone());
+                        c
                     }
-                    compiled.insert(sha256.to_string(), m.clone());
-                    m
+                    Err(failure) => return Ok(Report::failed(failure)),
                 }
-                Err(failure) => return Report::failed(failure),
-            },
+            }
         };
-        self.sandbox.run(&module, plan)
+        Ok(self.sandbox.run(&compiled, plan))
     }
 }
 
@@ -132,7 +149,6 @@ pub(super) async fn check(
         Some(report) => report,
         None => {
             let _permit = preflight.permits.acquire().await;
-            let wasm = ctx.cache.read_off_thread(&key.sha256).await?;
             let plan = Plan {
                 configuration: key.configuration.clone(),
                 vm_configuration: Vec::new(),
@@ -140,12 +156,16 @@ pub(super) async fn check(
                 name: format!("{}.{}", wf.namespace().unwrap_or_default(), wf.name_any()),
                 request: None,
             };
-            let runner = preflight.clone();
-            let sha256 = key.sha256.clone();
-            let report =
-                tokio::task::spawn_blocking(move || runner.run_blocking(&sha256, &wasm, &plan))
+            let (runner, cache, sha256) =
+                (preflight.clone(), ctx.cache.clone(), key.sha256.clone());
+            let mut report =
+                tokio::task::spawn_blocking(move || runner.run_blocking(&sha256, &cache, &plan))
                     .await
-                    .map_err(|e| Error::PreflightCrashed(e.to_string()))?;
+                    .map_err(|e| Error::PreflightCrashed(e.to_string()))??;
+            if report.passed() {
+                // Only the verdict is kept of a run that passed.
+                report.logs.clear();
+            }
             let report = Arc::new(report);
             ctx.metrics.preflight_ran(report.passed());
             preflight.remember(key.clone(), report.clone());

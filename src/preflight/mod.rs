@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wasmtime::{
-    Cache, CacheConfig, Config, Engine, Func, Module, Store, StoreLimitsBuilder, Trap, Val,
-    ValType, WasmBacktrace,
+    Cache, CacheConfig, Config, Engine, Func, InstancePre, Module, Store, StoreLimitsBuilder, Trap,
+    Val, ValType, WasmBacktrace,
 };
 
 pub use host::{HeaderChange, LocalResponse, LogLine};
@@ -23,6 +23,9 @@ use host::{Host, Maps};
 
 /// How long one epoch tick is: the wall-clock cap's granularity.
 const TICK: Duration = Duration::from_millis(10);
+
+/// Entries one table may hold, at most.
+const TABLE_ELEMENTS: usize = 1 << 20;
 
 /// The root context's id, and the request's (as Envoy numbers them: the root context first).
 const ROOT_CONTEXT: i32 = 1;
@@ -221,6 +224,12 @@ impl Report {
     }
 }
 
+/// A module compiled and linked to the sandbox's host, ready to run any number of times.
+#[derive(Clone)]
+pub struct Compiled {
+    pre: InstancePre<Host>,
+}
+
 /// A wasmtime engine with the sandbox's settings and its epoch clock.
 pub struct Sandbox {
     engine: Engine,
@@ -256,19 +265,27 @@ impl Sandbox {
         &self.limits
     }
 
-    /// Compiles `wasm` (or finds it in the compilation cache).
-    pub fn compile(&self, wasm: &[u8]) -> Result<Module, Failure> {
-        Module::new(&self.engine, wasm).map_err(|e| Failure {
+    /// Compiles `wasm` (or finds it in the compilation cache) and links it to the host, once
+    /// for any number of runs.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Compiled, Failure> {
+        let module = Module::new(&self.engine, wasm).map_err(|e| Failure {
             step: "compile".into(),
             message: format!("{e:#}"),
             timed_out: false,
-        })
+        })?;
+        host::linker(&module)
+            .and_then(|linker| linker.instantiate_pre(&module))
+            .map(|pre| Compiled { pre })
+            .map_err(|e| failure("instantiate", &e))
     }
 
     /// Runs `plan` against a compiled module. Blocking: call it off the async threads.
-    pub fn run(&self, module: &Module, plan: &Plan) -> Report {
+    pub fn run(&self, compiled: &Compiled, plan: &Plan) -> Report {
+        // Tables hold function references: a module's own are a few thousand entries; growing
+        // one without bound would take the operator's memory instead of the module's.
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory_bytes)
+            .table_elements(TABLE_ELEMENTS)
             .instances(1)
             .build();
         let mut host = Host::new(limits);
@@ -292,7 +309,7 @@ impl Sandbox {
             timeout: self.limits.timeout,
             started: Instant::now(),
         };
-        let result = run.steps(module, plan);
+        let result = run.steps(&compiled.pre, plan);
         let host = run.store.data_mut();
         host.flush_output();
         Report {
@@ -318,10 +335,9 @@ struct Run {
 }
 
 impl Run {
-    fn steps(&mut self, module: &Module, plan: &Plan) -> Result<(), Failure> {
-        let linker = host::linker(module).map_err(|e| failure("instantiate", &e))?;
-        let instance = linker
-            .instantiate(&mut self.store, module)
+    fn steps(&mut self, pre: &InstancePre<Host>, plan: &Plan) -> Result<(), Failure> {
+        let instance = pre
+            .instantiate(&mut self.store)
             .map_err(|e| self.explain("instantiate", e))?;
         let export = |store: &mut Store<Host>, name: &str| instance.get_func(&mut *store, name);
         for start in ["_initialize", "_start"] {
@@ -577,5 +593,17 @@ mod tests {
         assert!(r.passed(), "{r:?}");
         assert_eq!(r.logs[0].to_string(), "[info] started");
         assert_eq!(r.unimplemented, ["wasi_snapshot_preview1.fd_pread"]);
+    }
+
+    #[test]
+    fn a_table_grown_past_its_bound_fails_the_run() {
+        let grow = r#"(module (memory (export "memory") 1) (table $t 1 funcref)
+          (func (export "proxy_on_configure") (param i32 i32) (result i32)
+            ;; table.grow answers -1 when refused; trap then, as a module would on failure
+            (if (i32.eq (table.grow $t (ref.null func) (i32.const 2000000)) (i32.const -1))
+              (then unreachable))
+            i32.const 1))"#;
+        let f = run(grow, &Plan::default()).failure.expect("bounded");
+        assert_eq!(f.step, "proxy_on_configure");
     }
 }
