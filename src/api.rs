@@ -336,6 +336,10 @@ pub struct ArtifactStatus {
     /// Who signed what was deployed, when the spec or the operator requires a signature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<SignatureStatus>,
+    /// sha256 of the module, root id and configuration the pre-flight passed with, so that a
+    /// restarted operator does not run the same again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight_passed: Option<String>,
 }
 
 /// A verified signature.

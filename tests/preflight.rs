@@ -362,6 +362,23 @@ async fn a_module_that_fails_preflight_is_not_deployed_and_the_working_one_stays
         failures,
         "remembered, not run again"
     );
+
+    // What passed is recorded in the filter's status: a restarted operator does not run it
+    // again.
+    filter(json!({"header": "x-team", "value": "green"})).apply();
+    let wf = wait_condition(&client, n, "team", "Ready", "True").await;
+    let recorded = wf.status.unwrap().artifact.unwrap().preflight_passed;
+    assert!(recorded.is_some_and(|r| r.len() == 64));
+    drop(op);
+    let op = Operator::start(n, &[]).await;
+    wait_for(
+        "the restarted operator's reconcile",
+        Duration::from_secs(60),
+        || async { (op.metric("wasmfilter_reconciles_total").await >= 1.0).then_some(()) },
+    )
+    .await;
+    wait_condition(&client, n, "team", "Ready", "True").await;
+    assert_eq!(op.metric("wasmfilter_preflight_runs_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -449,7 +449,7 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
     let mut artifact = resolve::resolve(wf, &ns, ctx).await?;
     verify::check(wf, &ns, &mut artifact, ctx).await?;
     #[cfg(feature = "preflight")]
-    preflight::check(wf, &artifact, ctx).await?;
+    preflight::check(wf, &mut artifact, ctx).await?;
     let mut assessment = assess::assess(wf, &ns, &artifact.module_sha256, ctx).await?;
     match assess::verdict(wf.spec.on_incompatible, &assessment.compatible) {
         assess::Verdict::Block => {

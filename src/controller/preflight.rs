@@ -43,6 +43,23 @@ struct Key {
     configuration: Vec<u8>,
 }
 
+impl Key {
+    /// sha256 (hex) of the module, root id and configuration, as `status.artifact` records a
+    /// pass.
+    fn digest(&self) -> String {
+        let mut bytes = Vec::with_capacity(self.configuration.len() + 128);
+        for part in [
+            self.sha256.as_bytes(),
+            self.root_id.as_bytes(),
+            &self.configuration,
+        ] {
+            bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(part);
+        }
+        crate::cache::sha256_hex(&bytes)
+    }
+}
+
 impl Preflight {
     /// A sandbox with `limits`, keeping compiled modules under `compiled_dir`.
     pub fn new(limits: Limits, compiled_dir: Option<PathBuf>) -> anyhow::Result<Self> {
@@ -134,7 +151,7 @@ pub fn configuration(wf: &WasmFilter) -> Vec<u8> {
 /// passed before; a failure is [`Error::PreflightFailed`] with the module's own words.
 pub(super) async fn check(
     wf: &WasmFilter,
-    artifact: &Artifact,
+    artifact: &mut Artifact,
     ctx: &Context,
 ) -> Result<(), Error> {
     let Some(preflight) = ctx.preflight.clone() else {
@@ -145,6 +162,17 @@ pub(super) async fn check(
         root_id: wf.spec.root_id.clone().unwrap_or_default(),
         configuration: configuration(wf),
     };
+    let passed = key.digest();
+    // What this filter's status says passed before (a restarted operator has no memory).
+    let recorded = wf
+        .status
+        .as_ref()
+        .and_then(|s| s.artifact.as_ref())
+        .and_then(|a| a.preflight_passed.as_deref());
+    if recorded == Some(passed.as_str()) {
+        artifact.preflight_passed = Some(passed);
+        return Ok(());
+    }
     let report = match preflight.remembered(&key) {
         Some(report) => report,
         None => {
@@ -173,6 +201,7 @@ pub(super) async fn check(
         }
     };
     if report.passed() {
+        artifact.preflight_passed = Some(passed);
         return Ok(());
     }
     Err(Error::PreflightFailed {

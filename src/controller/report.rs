@@ -204,6 +204,7 @@ mod tests {
             declared_abi_versions: Vec::new(),
             root_ids: Vec::new(),
             signature: None,
+            preflight_passed: None,
         }
     }
 

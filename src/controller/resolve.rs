@@ -84,6 +84,7 @@ pub(super) fn reusable(wf: &WasmFilter) -> Option<Artifact> {
         root_ids: a.root_ids.clone(),
         // Verified again when required (a key may have been withdrawn since).
         signature: None,
+        preflight_passed: None,
     })
 }
 

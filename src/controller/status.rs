@@ -180,6 +180,7 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
             key_fingerprint: v.key_fingerprint.clone(),
             signature_digest: v.signature_digest.clone(),
         }),
+        preflight_passed: a.preflight_passed.clone(),
     }
 }
 
@@ -682,6 +683,7 @@ mod tests {
             declared_abi_versions: Vec::new(),
             root_ids: Vec::new(),
             signature: None,
+            preflight_passed: None,
         }
     }
 

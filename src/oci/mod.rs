@@ -113,6 +113,8 @@ pub struct Artifact {
     pub root_ids: Vec<String>,
     /// The signature that verified its manifest, when one was required.
     pub signature: Option<signature::Verified>,
+    /// What the pre-flight passed with (see `ArtifactStatus::preflight_passed`).
+    pub preflight_passed: Option<String>,
 }
 
 /// Resolves references and fetches modules into the cache.
@@ -394,6 +396,7 @@ impl Resolver {
                 declared_abi_versions: declared.abi_versions,
                 root_ids: declared.root_ids,
                 signature: None,
+                preflight_passed: None,
             };
             return Ok((artifact, None, 0, false));
         }
@@ -470,6 +473,7 @@ impl Resolver {
             declared_abi_versions: declared.abi_versions,
             root_ids: declared.root_ids,
             signature: None,
+            preflight_passed: None,
         };
         Ok((artifact, Some((module, info)), downloaded, spooled))
     }
