@@ -140,7 +140,7 @@ pub struct CosignVerification {
 pub struct KeySource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    #[x_kube(validation = secret_name_rule())]
+    #[x_kube(validation = config_map_name_rule())]
     pub config_map: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
@@ -372,10 +372,20 @@ fn cel_literal(re: &str) -> String {
 }
 
 fn secret_name_rule() -> kube::core::Rule {
-    kube::core::Rule::new(format!("self.matches('{}')", cel_literal(DNS_SUBDOMAIN_RE))).message(
-        "must be a Secret name: lowercase letters, digits, '-' and '.', starting and ending \
-         with a letter or digit",
-    )
+    object_name_rule("Secret")
+}
+
+fn config_map_name_rule() -> kube::core::Rule {
+    object_name_rule("ConfigMap")
+}
+
+fn object_name_rule(kind: &str) -> kube::core::Rule {
+    let message = format!(
+        "must be a {kind} name: lowercase letters, digits, '-' and '.', starting and ending \
+         with a letter or digit"
+    );
+    kube::core::Rule::new(format!("self.matches('{}')", cel_literal(DNS_SUBDOMAIN_RE)))
+        .message(message.as_str())
 }
 
 fn label_keys_rule() -> kube::core::Rule {

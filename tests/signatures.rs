@@ -349,17 +349,23 @@ async fn the_operator_can_require_signatures_of_every_filter() {
 }
 
 #[test]
-fn the_api_server_refuses_a_key_source_naming_both_or_neither() {
+fn the_api_server_refuses_a_key_source_naming_both_or_neither_or_a_bad_name() {
     let ns = TestNamespace::new("sig-schema");
-    for keys in [json!({"configMap": "a", "secret": "b"}), json!({})] {
-        let mut wf = Filter::new(&ns.name, "both", "registry.example/f:1").json();
+    for (keys, says) in [
+        (
+            json!({"configMap": "a", "secret": "b"}),
+            "name exactly one of configMap or secret",
+        ),
+        (json!({}), "name exactly one of configMap or secret"),
+        (
+            json!({"configMap": "Not_A_Name"}),
+            "must be a ConfigMap name",
+        ),
+    ] {
+        let mut wf = Filter::new(&ns.name, "keys", "registry.example/f:1").json();
         wf["spec"]["module"]["verify"] = json!({"cosign": {"publicKeys": keys}});
         let out = kubectl_apply(&wf.to_string());
         assert!(!out.status.success());
-        assert!(
-            stderr(&out).contains("name exactly one of configMap or secret"),
-            "{}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
 }

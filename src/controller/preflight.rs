@@ -1,6 +1,6 @@
 //! Step 1b, pre-flight: the resolved module runs in the sandbox with the filter's real
-//! configuration before any proxy gets it. A module that traps, exits, runs out of time or
-//! refuses its configuration is not deployed; what was deployed before stays.
+//! configuration before any proxy gets it. A module that traps, runs out of time or refuses
+//! its configuration is not deployed; what was deployed before stays.
 //!
 //! A run is remembered per module, root id and configuration, so a resync or a pod change
 //! does not run it again; a timeout is not remembered (a busy machine is slow, not the
