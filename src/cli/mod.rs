@@ -54,7 +54,7 @@ pub enum Command {
     /// Run a module in a sandbox as a proxy would start it (start, context, vm start,
     /// configure with --config), then one request and response through its HTTP callbacks,
     /// printing its log lines and every header change it made. Exit 0: it configured and ran;
-    /// 1: it refused its configuration, trapped, exited or ran out of time; 2: the input cannot
+    /// 1: it refused its configuration, trapped or ran out of time; 2: the input cannot
     /// be read.
     Run(RunArgs),
     /// Verify that a module's manifest carries a cosign signature (`cosign sign --key`, the
