@@ -293,6 +293,11 @@ async fn a_module_that_fails_preflight_is_not_deployed_and_the_working_one_stays
     let plugin_config =
         || async { wasm_plugins.get("team").await.unwrap().data["spec"]["pluginConfig"].clone() };
     assert_eq!(plugin_config().await["value"], "blue");
+    // Compiled once, into the operator's own cache directory.
+    assert!(
+        !walk(&op.cache_dir.path().join("modules/compiled")).is_empty(),
+        "no compiled module under the operator's --cache-dir"
+    );
 
     // Each bad configuration: refused with the module's own words, an Event, and the
     // WasmPlugin as it was.
