@@ -37,6 +37,8 @@ pub const IMAGE_REFERENCE_RE: &str = r"^(oci://)?(([a-zA-Z0-9]([a-zA-Z0-9-]*[a-z
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!has(self.rollout) || (has(self.target) && self.target == 'Ecds')")
+    .message("spec.rollout needs target: Ecds (the operator chooses which proxies get the new module only when it serves them itself)"))]
 pub struct WasmFilterSpec {
     /// The Wasm module to deploy, stored as an OCI artifact.
     pub module: ModuleSource,
@@ -80,6 +82,49 @@ pub struct WasmFilterSpec {
     /// deploy nothing new and keep what runs) or `Warn` (deploy and report).
     #[serde(default)]
     pub on_incompatible: OnIncompatible,
+    /// `target: Ecds` only: roll a new module (or configuration) out in steps, and return every
+    /// proxy to the last module that was fully rolled out when the new one fails to load.
+    /// Without it, every selected proxy gets a new module at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// A stepped rollout: each step gives the new module to more of the selected pods (the first
+/// ones by name), and holds until every one of them whose Envoy is connected loaded it and the
+/// step's pause has passed. After the last step every selected pod gets it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// The steps before all; e.g. `[{count: 1}, {percent: 50}]`.
+    #[schemars(length(min = 1, max = 10))]
+    pub steps: Vec<RolloutStep>,
+    /// How many proxies may refuse the new module (an ECDS NACK: Envoy could not load it) before
+    /// it is rolled back. Default 0: the first refusal rolls it back.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_failures: u32,
+}
+
+/// How many selected pods have the new module during a step, and how long the step lasts at
+/// least.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.percent) != has(self.count)")
+    .message("name exactly one of percent or count"))]
+pub struct RolloutStep {
+    /// This share of the selected pods, rounded up (at least one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub percent: Option<u32>,
+    /// This many of the selected pods (all of them, when fewer are selected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub count: Option<u32>,
+    /// Seconds the step lasts at least, counted from its start; the step also waits until every
+    /// pod in it whose Envoy is connected loaded the module. Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 86400))]
+    pub pause_seconds: u32,
 }
 
 /// Where the module is stored and how to fetch it.
@@ -272,6 +317,79 @@ pub struct WasmFilterStatus {
     /// `target: Ecds`: how many of them have a connected Envoy that loaded the current module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_workloads: Option<u32>,
+    /// `spec.rollout`: the module every proxy returns to, the one being rolled out, and the
+    /// step it is at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Where a rollout stands.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The last module and configuration every selected proxy was given: what a rollback
+    /// returns them to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Revision>,
+    /// The module and configuration being rolled out, while a rollout runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<Revision>,
+    /// The step the candidate is at (0 is the first of `spec.rollout.steps`; one past the last
+    /// means every selected pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    /// When that step began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<String>,
+    /// How many selected pods are given the candidate during the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_workloads: Option<u32>,
+    /// The last candidate that was rolled back: it is not tried again until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolledBack>,
+}
+
+/// A module with the settings it is served with.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// Identifies the module and every setting that reaches Envoy (the ECDS version's prefix).
+    pub version: String,
+    pub module_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub config: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    #[serde(default, rename = "type")]
+    pub filter_type: FilterType,
+}
+
+/// A candidate that proxies refused, and what they said.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolledBack {
+    /// The candidate's version.
+    pub version: String,
+    pub module_sha256: String,
+    /// The `metadata.generation` it was rolled back at.
+    pub generation: i64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The step it had reached (0 is the first).
+    pub step: u32,
+    /// How many proxies refused it.
+    #[serde(default)]
+    pub refused: u32,
+    /// The proxies that refused it, each with Envoy's words (the first 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 /// One selected pod and the verdict for its Envoy.
@@ -302,6 +420,9 @@ pub struct WorkloadStatus {
     /// Envoy's bootstrap lacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
+    /// While a rollout runs: `candidate` (the pod is given the new module) or `stable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 /// The resolved, verified module.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub api_requests: Family<VerbLabels, Counter>,
     /// Pre-flight runs of a module with a configuration, by result (passed, failed).
     pub preflight_runs: Family<ResultLabels, Counter>,
+    /// Rollout events (`spec.rollout`), by result: started, step, completed, rolled_back.
+    pub rollouts: Family<ResultLabels, Counter>,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
     ready: AtomicBool,
@@ -127,6 +129,12 @@ impl Default for Metrics {
             "Pre-flight runs of a module with a filter's configuration in the sandbox, by result (passed, failed)",
             preflight_runs.clone(),
         );
+        let rollouts = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "rollouts",
+            "Stepped rollouts (spec.rollout), by event: started, step (a step began), completed, rolled_back",
+            rollouts.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -135,6 +143,7 @@ impl Default for Metrics {
         );
         Metrics {
             preflight_runs,
+            rollouts,
             leader,
             api_requests,
             registry,
@@ -233,6 +242,15 @@ impl Metrics {
         self.preflight_runs
             .get_or_create(&ResultLabels {
                 result: result.into(),
+            })
+            .inc();
+    }
+
+    /// A rollout started, stepped, completed or was rolled back.
+    pub fn rollout(&self, event: &str) {
+        self.rollouts
+            .get_or_create(&ResultLabels {
+                result: event.into(),
             })
             .inc();
     }

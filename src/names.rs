@@ -53,6 +53,10 @@ pub mod reason {
     pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const RECONCILING: &str = "Reconciling";
+    /// `spec.rollout`: steps remain before every selected pod has the new module.
+    pub const ROLLOUT_IN_PROGRESS: &str = "RolloutInProgress";
+    /// `spec.rollout`: proxies refused the new module; every pod is back on the stable one.
+    pub const ROLLED_BACK: &str = "RolledBack";
 }
 
 /// Istio's API groups and kinds the operator writes.

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 
+use super::rollout::{self, Phase, Plan, Verdict};
 use super::status::{self, Cond};
 use super::{Context, Error};
-use crate::api::{Target, WasmFilter, WorkloadStatus};
+use crate::api::{Revision, Target, WasmFilter, WasmFilterSpec, WorkloadStatus};
 use crate::names;
 use crate::oci::Artifact;
 use crate::render::{self, Module, ecds};
-use crate::xds::{Offer, Xds};
+use crate::xds::{Load, Offer, Split, Xds};
 
 /// What deploying did.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub(super) struct Deployed {
     pub notes: Vec<String>,
     /// `target: Ecds`: the `Loaded` condition and how many proxies loaded the module.
     pub loaded: Option<(Cond, u32)>,
+    /// `target: Ecds` with `spec.rollout`: where the rollout stands.
+    pub rollout: Option<rollout::Outcome>,
 }
 
 /// Deploys the verified module for the filter's target. `workloads` gain their load state
@@ -37,11 +40,15 @@ pub(super) async fn deploy(
     ctx: &Context,
 ) -> Result<Deployed, Error> {
     let deployed = match (wf.spec.target, &ctx.xds) {
-        (Target::Ecds, Some(xds)) => Deployed {
-            kind: "ECDS resource",
-            notes: Vec::new(),
-            loaded: Some(serve_ecds(wf, ctx, xds, ns, artifact, workloads).await?),
-        },
+        (Target::Ecds, Some(xds)) => {
+            let served = serve_ecds(wf, ctx, xds, ns, artifact, workloads).await?;
+            Deployed {
+                kind: "ECDS resource",
+                notes: Vec::new(),
+                loaded: Some(served.loaded),
+                rollout: served.rollout,
+            }
+        }
         _ => {
             let module = Module {
                 sha256: artifact.module_sha256.clone(),
@@ -70,6 +77,7 @@ pub(super) async fn deploy(
                 },
                 notes: child.notes,
                 loaded: None,
+                rollout: None,
             }
         }
     };
@@ -158,8 +166,9 @@ pub(super) fn kept_previous(wf: &WasmFilter, ctx: &Context) {
     }
 }
 
-/// Offers the verified module to the ECDS server for the selected pods, and reads back what
-/// each connected Envoy did with it: the `Loaded` condition and how many loaded it.
+/// Offers the verified module to the ECDS server for the selected pods (in steps, with
+/// `spec.rollout`), and reads back what each connected Envoy did with it: the `Loaded`
+/// condition, how many loaded it, and where a rollout stands.
 async fn serve_ecds(
     wf: &WasmFilter,
     ctx: &Context,
@@ -167,34 +176,227 @@ async fn serve_ecds(
     ns: &str,
     artifact: &Artifact,
     workloads: &mut [WorkloadStatus],
-) -> Result<(Cond, u32), Error> {
+) -> Result<Ecds, Error> {
     let name = ecds::resource_name(ns, &wf.name_any());
     let sha = &artifact.module_sha256;
-    let offer = match xds.offered(&name) {
-        Some(o) if o.module_sha256 == *sha && o.spec == wf.spec => o,
-        previous => {
-            // The bytes are in memory already when the same module is offered again.
-            let module = match previous.filter(|o| o.module_sha256 == *sha) {
-                Some(o) => o.module.clone(),
-                None => Arc::new(ctx.cache.read_off_thread(sha).await?),
-            };
-            let info = ctx.module_info(sha).await?;
-            Arc::new(Offer::new(wf.spec.clone(), sha.clone(), module, info))
-        }
-    };
+    let offer = offer(ctx, xds, &name, &wf.spec, sha, None).await?;
     let selected: BTreeSet<String> = workloads.iter().map(|w| w.name.clone()).collect();
-    xds.publish(&name, ns, selected, Some(offer));
-    let current = ecds::version_base(&wf.spec, sha);
+    let Some(spec_rollout) = &wf.spec.rollout else {
+        xds.publish(&name, ns, selected, Some(offer), None);
+        let current = ecds::version_base(&wf.spec, sha);
+        let loads: Vec<_> = workloads
+            .iter()
+            .map(|w| xds.load(&name, ns, &w.name, &current))
+            .collect();
+        let loaded = status::loaded(workloads, &loads, &name, &sha[..12.min(sha.len())]);
+        return Ok(Ecds {
+            loaded,
+            rollout: None,
+        });
+    };
+    let pods: Vec<String> = selected.iter().cloned().collect();
+    let previous = wf.status.as_ref().and_then(|s| s.rollout.as_ref());
+    // A filter that gains `spec.rollout` steps from what its proxies were given until now.
+    let fallback = match previous.and_then(|p| p.stable.as_ref()) {
+        Some(_) => None,
+        None => xds.offered(&name).map(|o| {
+            let deployed = wf.status.as_ref().and_then(|s| s.artifact.as_ref());
+            let mut rev = rollout::revision(
+                &o.spec,
+                &Artifact {
+                    module_sha256: o.module_sha256.clone(),
+                    ..artifact.clone()
+                },
+            );
+            let same = deployed.filter(|a| a.module_sha256 == o.module_sha256);
+            rev.image = same.map(|a| a.image.clone());
+            rev.manifest_digest = same.map(|a| a.manifest_digest.clone());
+            rev
+        }),
+    };
+    let generation = wf.metadata.generation.unwrap_or(0);
+    let now = jiff::Timestamp::now();
+    let mut plan = rollout::plan(
+        spec_rollout,
+        previous,
+        fallback,
+        rollout::revision(&wf.spec, artifact),
+        generation,
+        &pods,
+        now,
+    );
+    let mut just_rolled_back = false;
+    let mut wait = None;
+    // Each round advances a step or stops: bounded by the number of steps.
+    for _ in 0..spec_rollout.steps.len() + 2 {
+        publish_plan(ctx, xds, wf, ns, &name, &selected, &plan, &offer).await?;
+        let loads: Vec<(&str, Option<Load>)> = plan_canary(&plan)
+            .map(|pod| {
+                let load = xds.load(&name, ns, pod, &plan.candidate.version);
+                (pod.as_str(), load)
+            })
+            .collect();
+        match rollout::judge(
+            spec_rollout,
+            &plan,
+            loads.iter().map(|(p, l)| (*p, l.as_ref())),
+            now,
+        ) {
+            Verdict::Settled => break,
+            Verdict::Wait(after) => {
+                wait = after;
+                break;
+            }
+            Verdict::Advance => plan = rollout::advance(spec_rollout, plan, &pods, now),
+            Verdict::RollBack(refused) => {
+                plan = rollout::roll_back(plan, &refused, generation, now);
+                publish_plan(ctx, xds, wf, ns, &name, &selected, &plan, &offer).await?;
+                just_rolled_back = true;
+                break;
+            }
+        }
+    }
     let loads: Vec<_> = workloads
         .iter()
-        .map(|w| xds.load(&name, ns, &w.name, &current))
+        .map(|w| xds.load(&name, ns, &w.name, &plan.revision_of(&w.name).version))
         .collect();
-    Ok(status::loaded(
-        workloads,
-        &loads,
-        &name,
-        &sha[..12.min(sha.len())],
-    ))
+    for w in workloads.iter_mut() {
+        w.revision = plan.label_of(&w.name).map(str::to_string);
+    }
+    let module = match (&plan.phase, &plan.stable) {
+        (Phase::Stepping { .. }, Some(stable)) => format!(
+            "{} (candidate) or sha256:{} (stable)",
+            &sha[..12.min(sha.len())],
+            &stable.module_sha256[..12.min(stable.module_sha256.len())]
+        ),
+        (Phase::RolledBack, Some(stable)) => {
+            stable.module_sha256[..12.min(stable.module_sha256.len())].to_string()
+        }
+        _ => sha[..12.min(sha.len())].to_string(),
+    };
+    let loaded = status::loaded(workloads, &loads, &name, &module);
+    let describe = rollout::describe(spec_rollout, &plan, pods.len());
+    Ok(Ecds {
+        loaded,
+        rollout: Some(rollout::Outcome {
+            running: matches!(plan.phase, Phase::Stepping { .. }).then(|| describe.clone()),
+            rolled_back: rollout::rolled_back_message(&plan, pods.len())
+                .map(|m| (m, just_rolled_back)),
+            status: plan.status,
+            wait,
+        }),
+    })
+}
+
+/// What serving a filter over ECDS found.
+pub(super) struct Ecds {
+    loaded: (Cond, u32),
+    rollout: Option<rollout::Outcome>,
+}
+
+/// The pods given the candidate in this plan's step.
+fn plan_canary(plan: &Plan) -> impl Iterator<Item = &String> {
+    match &plan.phase {
+        Phase::Stepping { canary, .. } => Some(canary.iter()),
+        _ => None,
+    }
+    .into_iter()
+    .flatten()
+}
+
+/// Tells the ECDS server what `plan` gives each selected pod.
+#[allow(clippy::too_many_arguments)]
+async fn publish_plan(
+    ctx: &Context,
+    xds: &Xds,
+    wf: &WasmFilter,
+    ns: &str,
+    name: &str,
+    selected: &BTreeSet<String>,
+    plan: &Plan,
+    candidate: &Arc<Offer>,
+) -> Result<(), Error> {
+    let stable = match &plan.stable {
+        Some(rev) if plan.phase != Phase::Settled => {
+            let spec = rollout::spec_of(rev, &wf.spec);
+            Some(offer(ctx, xds, name, &spec, &rev.module_sha256, Some((wf, rev))).await?)
+        }
+        _ => None,
+    };
+    let (offer, split) = match (&plan.phase, stable) {
+        (Phase::Stepping { canary, .. }, Some(stable)) => (
+            candidate.clone(),
+            Some(Split {
+                stable,
+                candidate_pods: canary.clone(),
+            }),
+        ),
+        (Phase::RolledBack, Some(stable)) => (stable, None),
+        _ => (candidate.clone(), None),
+    };
+    xds.publish(name, ns, selected.clone(), Some(offer), split);
+    Ok(())
+}
+
+/// The offer of module `sha` with `spec`: the one the server holds when it is the same, else
+/// built from the cache (fetched first, for a stable revision the cache lost).
+async fn offer(
+    ctx: &Context,
+    xds: &Xds,
+    name: &str,
+    spec: &WasmFilterSpec,
+    sha: &str,
+    refetch: Option<(&WasmFilter, &Revision)>,
+) -> Result<Arc<Offer>, Error> {
+    let held = [xds.offered(name), xds.offered_stable(name)];
+    if let Some(o) = held
+        .iter()
+        .flatten()
+        .find(|o| o.module_sha256 == sha && o.spec == *spec)
+    {
+        return Ok(o.clone());
+    }
+    // The bytes are in memory already when the same module is offered again.
+    let module = match held.into_iter().flatten().find(|o| o.module_sha256 == sha) {
+        Some(o) => o.module.clone(),
+        None => {
+            if let Some((wf, rev)) = refetch
+                && !ctx.cache.contains(sha)
+            {
+                fetch_revision(ctx, wf, rev).await?;
+            }
+            Arc::new(ctx.cache.read_off_thread(sha).await?)
+        }
+    };
+    let info = ctx.module_info(sha).await?;
+    Ok(Arc::new(Offer::new(
+        spec.clone(),
+        sha.to_string(),
+        module,
+        info,
+    )))
+}
+
+/// Pulls a stable revision's module again, by the digest it was pinned to.
+async fn fetch_revision(ctx: &Context, wf: &WasmFilter, rev: &Revision) -> Result<(), Error> {
+    let (Some(image), Some(digest)) = (&rev.image, &rev.manifest_digest) else {
+        return Err(crate::cache::Error::Missing {
+            sha256: rev.module_sha256.clone(),
+        }
+        .into());
+    };
+    let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
+    let creds = ctx.pull_credentials(wf, &ns).await?;
+    ctx.resolver
+        .fetch(
+            image,
+            Some(digest),
+            Some(&rev.module_sha256),
+            &ctx.cache,
+            &creds,
+        )
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

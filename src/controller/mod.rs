@@ -12,6 +12,7 @@ mod error;
 pub mod preflight;
 mod report;
 mod resolve;
+mod rollout;
 pub mod status;
 pub mod verify;
 mod watch;
@@ -270,17 +271,24 @@ impl Context {
         Ok(info)
     }
 
-    /// Module sha256s some WasmFilter's status says are deployed.
+    /// Module sha256s some WasmFilter's status says are deployed, or are a rollout's stable or
+    /// candidate module.
     fn referenced_modules(&self) -> Option<HashSet<String>> {
         let store = self.store.get()?;
-        Some(
-            store
-                .state()
-                .iter()
-                .filter_map(|wf| wf.status.as_ref()?.artifact.as_ref())
-                .map(|a| a.module_sha256.clone())
-                .collect(),
-        )
+        let mut shas = HashSet::new();
+        for wf in store.state() {
+            let Some(s) = &wf.status else { continue };
+            shas.extend(s.artifact.iter().map(|a| a.module_sha256.clone()));
+            if let Some(r) = &s.rollout {
+                shas.extend(
+                    [&r.stable, &r.candidate]
+                        .into_iter()
+                        .flatten()
+                        .map(|rev| rev.module_sha256.clone()),
+                );
+            }
+        }
+        Some(shas)
     }
 
     /// Trims the cache to `--cache-max-bytes`, keeping every module in use (walks the cache
@@ -372,11 +380,15 @@ impl Drop for InFlight<'_> {
 
 /// How a reconcile that did not fail ended.
 enum Outcome {
-    /// The module is deployed (or served) and the status says so.
-    Deployed,
+    /// The module is deployed (or served) and the status says so; look again this soon (a
+    /// rollout step's pause) if set.
+    Deployed(Option<Duration>),
     /// `spec.onIncompatible: Block` kept the module from the selected workloads; the status
     /// says which refuse it and why.
     Blocked,
+    /// `spec.rollout`: proxies refused the new module, and every pod is back on the stable one
+    /// until the spec changes.
+    RolledBack,
 }
 
 #[tracing::instrument(skip_all, fields(filter = %wf.name_any(), namespace = wf.namespace().unwrap_or_default()))]
@@ -390,20 +402,26 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
     let result = apply_filter(&wf, &ctx).await;
     ctx.metrics.reconciled(
         match &result {
-            Ok(Outcome::Deployed) => Ok(()),
+            Ok(Outcome::Deployed(_)) => Ok(()),
             Ok(Outcome::Blocked) => Err(names::reason::INCOMPATIBLE),
+            Ok(Outcome::RolledBack) => Err(names::reason::ROLLED_BACK),
             Err(e) => Err(e.reason()),
         },
         start.elapsed(),
     );
     match result {
-        Ok(Outcome::Deployed) => {
+        Ok(Outcome::Deployed(soon)) => {
             ctx.clear_failures(&wf);
-            Ok(Action::requeue(match wf.spec.module.pull_policy {
+            let resync = match wf.spec.module.pull_policy {
                 PullPolicy::Always => ctx.settings.resync,
                 PullPolicy::IfNotPresent => PINNED_RESYNC,
-            }))
+            };
+            Ok(Action::requeue(soon.map_or(resync, |s| s.min(resync))))
         }
+        // The stable module is served; the candidate waits for a spec change (or a new digest).
+        Ok(Outcome::RolledBack) => Ok(Action::requeue(
+            ctx.within_resync(&wf, ctx.settings.backoff.invalid),
+        )),
         // Nothing changes until the spec or the pods do (a pod change triggers a reconcile).
         Ok(Outcome::Blocked) => {
             deploy::kept_previous(&wf, &ctx);
@@ -458,9 +476,28 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
         }
         assess::Verdict::Deploy | assess::Verdict::Warn => {}
     }
-    let deployed = deploy::deploy(wf, &ns, &artifact, &mut assessment.workloads, ctx).await?;
+    let mut deployed = deploy::deploy(wf, &ns, &artifact, &mut assessment.workloads, ctx).await?;
+    if let Some(r) = deployed.rollout.as_mut()
+        && let Some((message, now)) = r.rolled_back.take()
+    {
+        let loaded = deployed.loaded.take().map(|(l, _)| l).unwrap_or_else(|| {
+            status::Cond::unknown(names::condition::LOADED, names::reason::LOAD_PENDING, "")
+        });
+        report::rolled_back(
+            ctx,
+            wf,
+            &message,
+            &assessment.workloads,
+            loaded,
+            r.status.clone(),
+            now,
+        )
+        .await?;
+        return Ok(Outcome::RolledBack);
+    }
+    let soon = deployed.rollout.as_ref().and_then(|r| r.wait);
     report::deployed(ctx, wf, &artifact, assessment, deployed).await?;
-    Ok(Outcome::Deployed)
+    Ok(Outcome::Deployed(soon))
 }
 
 /// Until the controller runs, proxies asking for a module this replica lacks are told to

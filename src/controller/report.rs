@@ -61,6 +61,11 @@ pub(super) async fn deployed(
                 .find(|c| c.type_ == names::condition::COMPATIBLE)
         })
         .is_some_and(|c| c.status == "False" && Some(&c.message) == refusal.as_ref());
+    let running = deployed.rollout.as_ref().and_then(|r| r.running.clone());
+    let rollout = deployed
+        .rollout
+        .as_ref()
+        .map(|r| (r.status.clone(), r.running.clone()));
     let status = status::ready(
         wf,
         artifact,
@@ -70,11 +75,25 @@ pub(super) async fn deployed(
             all: assessment.workloads,
             compatible: assessment.compatible,
             loaded: deployed.loaded,
+            rollout,
         },
     );
     write_status(ctx, wf, &status).await?;
+    let previous = wf.status.as_ref().and_then(|s| s.rollout.as_ref());
+    if let Some(now) = &status.rollout {
+        for (event, note) in rollout_events(previous, now, running.as_deref()) {
+            ctx.metrics.rollout(event.metric());
+            super::publish(ctx, wf, EventType::Normal, event.reason(), note).await;
+        }
+    }
+    // While steps remain, the module is not deployed everywhere yet: announced at the end.
     let old = wf.status.as_ref().and_then(|s| s.artifact.as_ref());
-    for (type_, reason, note) in announcements(old, artifact, deployed.kind, &wf.name_any()) {
+    let announced = if running.is_some() {
+        Vec::new()
+    } else {
+        announcements(old, artifact, deployed.kind, &wf.name_any())
+    };
+    for (type_, reason, note) in announced {
         super::publish(ctx, wf, type_, reason, note).await;
     }
     if let Some(refusal) = refusal
@@ -90,6 +109,94 @@ pub(super) async fn deployed(
         .await;
     }
     Ok(())
+}
+
+/// A rollout was rolled back: status says which proxies refused the module and what they said,
+/// and (`just_now`, once) a Warning Event says the same.
+pub(super) async fn rolled_back(
+    ctx: &Context,
+    wf: &WasmFilter,
+    message: &str,
+    workloads: &[crate::api::WorkloadStatus],
+    loaded: status::Cond,
+    rollout: crate::api::RolloutStatus,
+    just_now: bool,
+) -> Result<(), Error> {
+    let status = status::rolled_back(wf, message, workloads, loaded, rollout);
+    write_status(ctx, wf, &status).await?;
+    if !just_now {
+        return Ok(());
+    }
+    tracing::warn!(reason = names::reason::ROLLED_BACK, "{message}");
+    ctx.metrics.rollout("rolled_back");
+    super::publish(
+        ctx,
+        wf,
+        EventType::Warning,
+        names::reason::ROLLED_BACK,
+        message.to_string(),
+    )
+    .await;
+    Ok(())
+}
+
+/// A change in a rollout worth an Event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RolloutEvent {
+    Started,
+    Step,
+    Completed,
+}
+
+impl RolloutEvent {
+    fn reason(self) -> &'static str {
+        match self {
+            RolloutEvent::Started => "RolloutStarted",
+            RolloutEvent::Step => "RolloutStep",
+            RolloutEvent::Completed => "RolloutCompleted",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            RolloutEvent::Started => "started",
+            RolloutEvent::Step => "step",
+            RolloutEvent::Completed => "completed",
+        }
+    }
+}
+
+/// The Events between two rollout statuses: a rollout started (a new candidate), reached a
+/// new step, or completed (its candidate became stable). `running` says what it is at.
+pub(super) fn rollout_events(
+    old: Option<&crate::api::RolloutStatus>,
+    new: &crate::api::RolloutStatus,
+    running: Option<&str>,
+) -> Vec<(RolloutEvent, String)> {
+    let old_candidate = old.and_then(|o| o.candidate.as_ref());
+    match (&new.candidate, old_candidate) {
+        (Some(c), Some(o)) if c.version == o.version => {
+            if new.step != old.and_then(|o| o.step) {
+                vec![(RolloutEvent::Step, running.unwrap_or_default().to_string())]
+            } else {
+                Vec::new()
+            }
+        }
+        (Some(_), _) => vec![(
+            RolloutEvent::Started,
+            running.unwrap_or_default().to_string(),
+        )],
+        (None, Some(o)) if new.stable.as_ref().map(|s| &s.version) == Some(&o.version) => {
+            vec![(
+                RolloutEvent::Completed,
+                format!(
+                    "module sha256:{} is rolled out to every selected pod",
+                    o.module_sha256
+                ),
+            )]
+        }
+        (None, _) => Vec::new(),
+    }
 }
 
 /// `onIncompatible: Block` kept the module back: status lists the verdicts, an Event says why.

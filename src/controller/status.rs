@@ -3,7 +3,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::Error;
-use crate::api::{ArtifactStatus, SignatureStatus, WasmFilter, WasmFilterStatus, WorkloadStatus};
+use crate::api::{
+    ArtifactStatus, RolloutStatus, SignatureStatus, WasmFilter, WasmFilterStatus, WorkloadStatus,
+};
 use crate::error::Retry;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
@@ -192,6 +194,8 @@ pub struct Workloads {
     pub compatible: Cond,
     /// `target: Ecds`: the `Loaded` condition and how many pods' Envoys loaded the module.
     pub loaded: Option<(Cond, u32)>,
+    /// `spec.rollout`: `status.rollout`, and what the rollout is at while steps remain.
+    pub rollout: Option<(RolloutStatus, Option<String>)>,
 }
 
 /// Status after a successful reconcile.
@@ -245,8 +249,11 @@ pub fn ready(
         mut all,
         compatible,
         loaded,
+        rollout,
     } = workloads;
-    // Ready waits for the proxies that were sent the module, and fails with them.
+    let running = rollout.as_ref().and_then(|(_, r)| r.clone());
+    // Ready waits for the proxies that were sent the module, and fails with them; then for a
+    // rollout's remaining steps.
     let ready = match &loaded {
         Some((l, _)) if l.status == "False" => {
             Cond::new(condition::READY, false, &l.reason, l.message.clone())
@@ -254,6 +261,12 @@ pub fn ready(
         Some((l, _)) if l.reason == reason::LOAD_PENDING => {
             Cond::new(condition::READY, false, &l.reason, l.message.clone())
         }
+        Some(_) if running.is_some() => Cond::new(
+            condition::READY,
+            false,
+            reason::ROLLOUT_IN_PROGRESS,
+            running.clone().unwrap_or_default(),
+        ),
         Some(_) => Cond::new(
             condition::READY,
             true,
@@ -275,18 +288,33 @@ pub fn ready(
     let loaded_count = loaded.as_ref().map(|(_, n)| *n);
     conds.extend(loaded.map(|(l, _)| l));
     conds.push(ready);
+    // kstatus: a rollout with steps left is work in progress.
+    if let Some(r) = &running {
+        conds.push(Cond::new(
+            condition::RECONCILING,
+            true,
+            reason::ROLLOUT_IN_PROGRESS,
+            r.clone(),
+        ));
+    }
     let selected = u32::try_from(all.len()).unwrap_or(u32::MAX);
     all.truncate(MAX_LISTED_WORKLOADS);
+    // While steps remain, the module every pod has is still the previous one.
+    let artifact = match (&running, old) {
+        (Some(_), Some(old)) => old.clone(),
+        _ => ArtifactStatus {
+            previous_manifest_digest,
+            ..artifact_status(artifact)
+        },
+    };
     WasmFilterStatus {
         observed_generation: wf.metadata.generation,
         conditions: conditions(previous, &conds, wf.metadata.generation),
-        artifact: Some(ArtifactStatus {
-            previous_manifest_digest,
-            ..artifact_status(artifact)
-        }),
+        artifact: Some(artifact),
         workloads: all,
         selected_workloads: Some(selected),
         loaded_workloads: loaded_count,
+        rollout: rollout.map(|(s, _)| s),
     }
 }
 
@@ -454,6 +482,11 @@ enum Stage<'a> {
         refusal: &'a str,
         workloads: &'a [WorkloadStatus],
     },
+    /// It was rolled out in steps, and proxies refused it (`Loaded` as they answered since).
+    RolledBack {
+        workloads: &'a [WorkloadStatus],
+        loaded: Cond,
+    },
 }
 
 /// Status after a failed reconcile: says what failed and why, and that whatever was deployed
@@ -480,6 +513,29 @@ pub fn blocked_message(compatible: &Cond) -> String {
         "{}; spec.onIncompatible is Block, so the module is not deployed",
         compatible.message
     )
+}
+
+/// Status after a rollout was rolled back: `Ready=False, reason: RolledBack` with the refusals,
+/// the stable module still deployed, each workload as the proxies answered, and
+/// `status.rollout` remembering the candidate so that it is not tried again.
+pub fn rolled_back(
+    wf: &WasmFilter,
+    message: &str,
+    workloads: &[WorkloadStatus],
+    loaded: Cond,
+    rollout: RolloutStatus,
+) -> WasmFilterStatus {
+    let mut s = not_ready(
+        wf,
+        NotReady {
+            reason: reason::ROLLED_BACK,
+            what: message.to_string(),
+            retry: Retry::Invalid,
+            stage: Stage::RolledBack { workloads, loaded },
+        },
+    );
+    s.rollout = Some(rollout);
+    s
 }
 
 /// Status after a `Block` verdict: `Compatible=False` with every workload's verdict, and the
@@ -541,6 +597,7 @@ fn not_ready(wf: &WasmFilter, failure: NotReady<'_>) -> WasmFilterStatus {
     };
     let mut conds = Vec::new();
     let mut workloads = old.workloads.clone();
+    let mut fresh_loaded = None;
     match stage {
         Stage::Resolve => {
             conds.push(Cond::new(condition::RESOLVED, false, why, what.clone()));
@@ -572,9 +629,25 @@ fn not_ready(wf: &WasmFilter, failure: NotReady<'_>) -> WasmFilterStatus {
             conds.extend(carry(condition::COMPATIBLE));
             conds.push(Cond::new(condition::DEPLOYED, false, why, what.clone()));
         }
+        Stage::RolledBack {
+            workloads: answers,
+            loaded,
+        } => {
+            conds.extend(carry(condition::RESOLVED));
+            conds.extend(carry(condition::COMPATIBLE));
+            workloads = answers[..answers.len().min(MAX_LISTED_WORKLOADS)].to_vec();
+            conds.push(kept_or(
+                reason::ROLLED_BACK,
+                "nothing deployed: the rollout was rolled back",
+            ));
+            fresh_loaded = Some(loaded);
+        }
     }
     // What the proxies said of the module they run is still true.
-    conds.extend(carry(condition::LOADED));
+    match fresh_loaded {
+        Some(l) => conds.push(l),
+        None => conds.extend(carry(condition::LOADED)),
+    }
     conds.push(Cond::new(condition::READY, false, why, message.clone()));
     // kstatus: a failure that may pass is work in progress; one that needs a change is stalled.
     conds.push(match retry {
@@ -792,6 +865,7 @@ mod tests {
                 all: Vec::new(),
                 compatible: compatibility(&[], 0),
                 loaded: None,
+                rollout: None,
             },
         )
     }
@@ -814,6 +888,7 @@ mod tests {
                 all,
                 compatible: compatibility(&[], 0),
                 loaded: Some(l),
+                rollout: None,
             },
         )
     }

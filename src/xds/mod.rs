@@ -102,10 +102,19 @@ pub enum Load {
     NotSubscribed,
 }
 
+/// While a rollout runs: the pods given the offer (the candidate); every other selected pod is
+/// given `stable`.
+#[derive(Clone)]
+pub struct Split {
+    pub stable: Arc<Offer>,
+    pub candidate_pods: BTreeSet<String>,
+}
+
 struct Filter {
     namespace: String,
     selected: BTreeSet<String>,
     offer: Option<Arc<Offer>>,
+    split: Option<Split>,
 }
 
 struct Stream {
@@ -194,23 +203,27 @@ impl Xds {
     }
 
     /// The controller's decision for filter `name`: the pods it selects, and the module to
-    /// serve (`None` keeps whatever was offered before).
+    /// serve (`None` keeps whatever was offered before), to all of them or, while a rollout
+    /// runs, to the pods `split` names (the others get its stable module).
     pub fn publish(
         &self,
         name: &str,
         namespace: &str,
         selected: BTreeSet<String>,
         offer: Option<Arc<Offer>>,
+        split: Option<Split>,
     ) {
         let mut s = self.lock();
         let entry = s.filters.entry(name.to_string()).or_insert_with(|| Filter {
             namespace: namespace.to_string(),
             selected: BTreeSet::new(),
             offer: None,
+            split: None,
         });
         entry.selected = selected;
         if offer.is_some() {
             entry.offer = offer;
+            entry.split = split;
         }
         s.decided.insert(name.to_string());
         s.update_ready();
@@ -228,6 +241,7 @@ impl Xds {
                 namespace: namespace.to_string(),
                 selected: BTreeSet::new(),
                 offer: None,
+                split: None,
             });
         }
         s.decided.insert(name.to_string());
@@ -241,6 +255,19 @@ impl Xds {
     /// The offered module of `name`, if any, by sha256.
     pub fn offered(&self, name: &str) -> Option<Arc<Offer>> {
         self.lock().filters.get(name)?.offer.clone()
+    }
+
+    /// While a rollout of `name` runs: the stable module its other pods are given.
+    pub fn offered_stable(&self, name: &str) -> Option<Arc<Offer>> {
+        Some(
+            self.lock()
+                .filters
+                .get(name)?
+                .split
+                .as_ref()?
+                .stable
+                .clone(),
+        )
     }
 
     /// Filter `name` is gone (deleted, or no longer targets ECDS).
@@ -308,6 +335,10 @@ impl Xds {
         if filter.namespace != pod.namespace || !filter.selected.contains(&pod.name) {
             return Decision::Absent;
         }
+        let offer = match &filter.split {
+            Some(split) if !split.candidate_pods.contains(&pod.name) => split.stable.clone(),
+            _ => offer,
+        };
         drop(s);
         if let Some(v) = node.envoy_version.as_deref()
             && let Some((host, measured)) = check::host_for(v)
@@ -507,6 +538,7 @@ mod tests {
             "shop",
             ["p".to_string()].into(),
             Some(offer(GOOD)),
+            None,
         );
         assert!(matches!(xds.decide(&n, "shop/f"), Decision::Hold));
         assert!(matches!(xds.decide(&n, "shop/gone"), Decision::Hold));
@@ -526,6 +558,7 @@ mod tests {
             "shop",
             ["p".to_string()].into(),
             Some(offer(NEEDS_1_39)),
+            None,
         );
         assert!(matches!(
             xds.decide(&node(Some(("shop", "p")), "1.40.0"), "shop/f"),
@@ -553,7 +586,13 @@ mod tests {
         let (xds, mut rx) = Xds::new();
         xds.sync(HashSet::new());
         let o = offer(GOOD);
-        xds.publish("shop/f", "shop", ["p".to_string()].into(), Some(o.clone()));
+        xds.publish(
+            "shop/f",
+            "shop",
+            ["p".to_string()].into(),
+            Some(o.clone()),
+            None,
+        );
         let n = node(Some(("shop", "p")), "1.40.0");
         let id = xds.open_stream(n.clone());
         assert_eq!(
@@ -594,6 +633,42 @@ mod tests {
             seen.insert(n);
         }
         assert!(seen.contains("shop/f"));
+    }
+
+    #[test]
+    fn during_a_rollout_only_the_candidate_pods_get_the_new_module() {
+        let (xds, _rx) = Xds::new();
+        xds.sync(HashSet::new());
+        let stable = offer(GOOD);
+        let candidate = offer(&GOOD.replace("\"on\"", "\"v2\""));
+        let version = |pod: &str| match xds.decide(&node(Some(("shop", pod)), "1.40.0"), "shop/f") {
+            Decision::Send { version, .. } => version,
+            other => panic!("{other:?}"),
+        };
+        let pods: BTreeSet<String> = ["p".to_string(), "q".to_string()].into();
+        xds.publish("shop/f", "shop", pods.clone(), Some(stable.clone()), None);
+        let old = version("q");
+        xds.publish(
+            "shop/f",
+            "shop",
+            pods.clone(),
+            Some(candidate.clone()),
+            Some(Split {
+                stable: stable.clone(),
+                candidate_pods: ["p".to_string()].into(),
+            }),
+        );
+        assert_ne!(version("p"), old);
+        assert_eq!(version("q"), old, "the other pod keeps the stable module");
+        assert_eq!(
+            xds.offered_stable("shop/f")
+                .map(|o| o.module_sha256.clone()),
+            Some(stable.module_sha256.clone())
+        );
+        // The rollout ends (or is rolled back): one module for all again.
+        xds.publish("shop/f", "shop", pods, Some(stable), None);
+        assert_eq!(version("p"), old);
+        assert!(xds.offered_stable("shop/f").is_none());
     }
 
     #[test]

@@ -655,6 +655,7 @@ impl Filter {
             filter_type: Default::default(),
             traffic: Vec::new(),
             on_incompatible: OnIncompatible::Block,
+            rollout: None,
         };
         let mut wf = WasmFilter::new(name, spec);
         wf.metadata.namespace = Some(ns.to_string());
@@ -673,6 +674,12 @@ impl Filter {
 
     pub fn pull_secret(mut self, secret: &str) -> Self {
         self.0.spec.module.pull_secret = Some(secret.to_string());
+        self
+    }
+
+    /// A stepped rollout (`target: Ecds`).
+    pub fn rollout(mut self, rollout: wasmfilter::api::Rollout) -> Self {
+        self.0.spec.rollout = Some(rollout);
         self
     }
 
