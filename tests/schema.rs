@@ -32,6 +32,15 @@ fn api_server_refuses_malformed_specs_with_a_clear_message() {
     );
     let ok = dry_run(&filter(&ns.name, &digest_ref));
     assert!(ok.status.success(), "valid spec refused: {}", stderr(&ok));
+    let rollout = format!(
+        "{VALID}  target: Ecds\n  rollout: {{maxFailures: 1, steps: [{{count: 1}}, {{percent: 50, pauseSeconds: 30}}]}}\n"
+    );
+    let ok = dry_run(&filter(&ns.name, &rollout));
+    assert!(
+        ok.status.success(),
+        "valid rollout refused: {}",
+        stderr(&ok)
+    );
 
     let cases: &[(&str, String, &str)] = &[
         (
@@ -143,6 +152,26 @@ fn api_server_refuses_malformed_specs_with_a_clear_message() {
             "spec.selector.matchLabels: Required value",
         ),
         (
+            "rollout for an Istio target",
+            format!("{VALID}  rollout: {{steps: [{{count: 1}}]}}\n"),
+            "spec.rollout needs target: Ecds",
+        ),
+        (
+            "rollout step with both percent and count",
+            format!("{VALID}  target: Ecds\n  rollout: {{steps: [{{count: 1, percent: 10}}]}}\n"),
+            "name exactly one of percent or count",
+        ),
+        (
+            "rollout step of 0 percent",
+            format!("{VALID}  target: Ecds\n  rollout: {{steps: [{{percent: 0}}]}}\n"),
+            "spec.rollout.steps[0].percent: Invalid value: 0",
+        ),
+        (
+            "rollout without steps",
+            format!("{VALID}  target: Ecds\n  rollout: {{steps: []}}\n"),
+            "spec.rollout.steps: Invalid value",
+        ),
+        (
             "missing module",
             "  selector: {matchLabels: {app: web}}\n".to_string(),
             "spec.module: Required value",
@@ -180,6 +209,7 @@ fn kubectl_explain_documents_every_field() {
         "type",
         "match",
         "onIncompatible",
+        "rollout",
     ] {
         assert!(
             text.contains(&format!("  {field}\t")),

@@ -2,6 +2,7 @@
 //! binary run per test in its own namespace, pushes to the real registry, real Envoys.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod ecds;
 pub mod registries;
 
 // What building and applying a `Filter` needs, for every test file.
