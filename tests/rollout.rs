@@ -119,7 +119,7 @@ async fn a_good_module_reaches_the_pods_step_by_step_then_becomes_stable() {
     let ns = TestNamespace::new("rollout-good");
     let n = &ns.name;
     setup_pods(n);
-    let (_op, xds) = operator(n).await;
+    let (op, xds) = operator(n).await;
     let v1 = format!("{}/rollout/{n}:v1", env.registry);
     push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
     let rollout = Rollout {
@@ -250,6 +250,11 @@ async fn a_good_module_reaches_the_pods_step_by_step_then_becomes_stable() {
     for reason in ["RolloutStarted", "RolloutStep", "RolloutCompleted"] {
         assert!(normal.iter().any(|r| r == reason), "{reason} in {normal:?}");
     }
+    // Started at step 1, two more steps (half, then all), completed.
+    for (result, count) in [("started", 1.0), ("step", 2.0), ("completed", 1.0)] {
+        let name = format!("wasmfilter_rollouts_total{{result=\"{result}\"}}");
+        assert_eq!(op.metric(&name).await, count, "{name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,6 +345,11 @@ async fn a_module_half_the_envoys_refuse_is_rolled_back_before_it_reaches_the_re
     assert!(
         after[0] >= reloads[0] + 2,
         "r-a took the candidate, then v1 again"
+    );
+    assert_eq!(
+        op.metric("wasmfilter_rollouts_total{result=\"rolled_back\"}")
+            .await,
+        1.0
     );
 
     // A restarted operator remembers: the candidate is not tried again.
