@@ -1,6 +1,7 @@
 //! Signed modules: the real `cosign` CLI (built from its Go module) signs modules in the local
 //! registry with keys it generates (`cosign sign --key`, its `sha256-<digest>.sig` tag scheme);
-//! `wasmfilter verify` and the operator verify them, and refuse what cosign itself refuses.
+//! `wasmfilter verify` and the operator verify them, and refuse what cosign itself refuses;
+//! `wasmfilter push --sign` signs with cosign's keys, and `cosign verify` accepts what it wrote.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -368,4 +369,77 @@ fn the_api_server_refuses_a_key_source_naming_both_or_neither_or_a_bad_name() {
         assert!(!out.status.success());
         assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
+}
+
+/// `wasmfilter push FILE REF --sign --key KEY` with `COSIGN_PASSWORD` set to `password`.
+fn push_signed(file: &Path, image: &str, key: &Path, password: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .args(["push"])
+        .arg(file)
+        .args([image, "--plain-http", "--sign", "--key"])
+        .arg(key)
+        .env("COSIGN_PASSWORD", password)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_sign_writes_signatures_cosign_verifies_and_keeps_the_others() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    // A cosign key with a password, as `cosign generate-key-pair` writes it.
+    let out = Command::new(cosign())
+        .args(["generate-key-pair", "--output-key-prefix", "ours"])
+        .current_dir(dir.path())
+        .env("COSIGN_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (key, public) = (dir.path().join("ours.key"), dir.path().join("ours.pub"));
+    let (their_key, their_public) = key_pair(dir.path(), "theirs");
+    let file = dir.path().join("m.wasm");
+    std::fs::write(&file, module("pushed and signed")).unwrap();
+    let repo = format!("sig/push-{:08x}", fastrand::u32(..));
+    let image = format!("{}/{repo}:v1", env.registry);
+
+    // A wrong password pushes nothing.
+    let out = push_signed(&file, &image, &key, "wrong");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not open with this password (set COSIGN_PASSWORD"),
+        "{}",
+        stderr(&out)
+    );
+    let (code, out) = verify(&image, &public);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not found in the registry"), "{out}");
+
+    let out = push_signed(&file, &image, &key, "s3cret");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    let digest = said
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap()
+        .to_string();
+    assert!(
+        said.contains(&format!("signed {digest} under {}", sig_tag(&digest))),
+        "{said}"
+    );
+    assert!(
+        cosign_verifies(&public, &image),
+        "cosign accepts our signature"
+    );
+    let (code, out) = verify(&image, &public);
+    assert_eq!(code, 0, "{out}");
+
+    // cosign adds its own beside ours; signing again with our key adds nothing, drops nothing.
+    cosign_sign(&their_key, &format!("{}/{repo}@{digest}", env.registry));
+    assert!(cosign_verifies(&their_public, &image));
+    let before = get_manifest_bytes(&env.registry, &repo, &sig_tag(&digest)).await;
+    let out = push_signed(&file, &image, &key, "s3cret");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = get_manifest_bytes(&env.registry, &repo, &sig_tag(&digest)).await;
+    assert_eq!(before, after, "the same signature is not added twice");
+    assert!(cosign_verifies(&public, &image) && cosign_verifies(&their_public, &image));
 }

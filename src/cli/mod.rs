@@ -436,6 +436,14 @@ pub struct PushArgs {
     /// Root id to declare in the artifact config. Repeatable.
     #[arg(long = "root-id")]
     pub root_ids: Vec<String>,
+    /// Sign the pushed manifest as `cosign sign --key` does (the `sha256-<digest>.sig` tag
+    /// beside it, keeping the signatures already there), with the key `--key` names.
+    #[arg(long, requires = "key")]
+    pub sign: bool,
+    /// The private key to sign with: cosign's (`cosign generate-key-pair`; its password is read
+    /// from COSIGN_PASSWORD, as cosign reads it) or a PKCS#8 PEM ECDSA P-256 key.
+    #[arg(long, requires = "sign", value_name = "FILE")]
+    pub key: Option<PathBuf>,
 }
 
 /// Runs a parsed command line.
@@ -738,10 +746,24 @@ async fn run_operator(
 
 async fn push(args: PushArgs) -> anyhow::Result<()> {
     let module = read_module(&args.file)?;
+    // The key opens before anything is pushed: a wrong password leaves no unsigned module.
+    let signer = match &args.key {
+        Some(path) if args.sign => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the signing key {}", path.display()))?;
+            let password = std::env::var("COSIGN_PASSWORD").unwrap_or_default();
+            let signer = oci::sign::Signer::from_pem(&pem, password.as_bytes())
+                .with_context(|| format!("reading the signing key {}", path.display()))?;
+            Some(signer)
+        }
+        _ => None,
+    };
     let reference = oci::parse_reference(&args.reference)?;
     let registry = reference.resolve_registry().to_string();
-    let client = oci::client(&args.registry.config(&registry, u64::MAX)?);
-    let auth = match args.registry.credentials(&registry)? {
+    let config = args.registry.config(&registry, u64::MAX)?;
+    let client = oci::client(&config);
+    let creds = args.registry.credentials(&registry)?;
+    let auth = match creds.clone() {
         Credentials::Anonymous => RegistryAuth::Anonymous,
         Credentials::Basic { username, password } => RegistryAuth::Basic(username, password),
     };
@@ -756,6 +778,14 @@ async fn push(args: PushArgs) -> anyhow::Result<()> {
         "pushed {} ({format}, {size} bytes) digest {digest}",
         reference.whole()
     );
+    if let Some(signer) = signer {
+        let resolver = Resolver::new(config)?;
+        let tag = oci::sign::push_signature(
+            &resolver, &creds, &client, &auth, &reference, &digest, &signer,
+        )
+        .await?;
+        println!("signed {digest} under {tag}");
+    }
     Ok(())
 }
 

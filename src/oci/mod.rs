@@ -11,6 +11,7 @@ mod push;
 mod reference;
 mod registry;
 mod secret;
+pub mod sign;
 pub mod signature;
 mod tls;
 

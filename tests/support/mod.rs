@@ -245,6 +245,7 @@ pub async fn put_manifest(
 
 /// The raw bytes of a manifest.
 pub async fn get_manifest_bytes(registry: &str, repository: &str, reference: &str) -> Vec<u8> {
+    tls_provider();
     reqwest::Client::new()
         .get(format!(
             "http://{registry}/v2/{repository}/manifests/{reference}"
