@@ -174,6 +174,7 @@ fn wrong_values_are_refused_at_install_time_naming_the_value() {
         ("logFormat=xml", "'/logFormat'"),
         ("watchNamespace=Not_A_Namespace", "'/watchNamespace'"),
         ("cache.persistence.size=lots", "'/cache/persistence/size'"),
+        ("signatures.requireKeys=nope", "'/signatures/requireKeys'"),
         ("unknownValue=1", "unknownValue"),
     ];
     for (set, field) in cases {
@@ -417,6 +418,108 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
         .get("first")
         .await
         .unwrap();
+}
+
+/// `signatures.requireKeys`: the operator, installed for one namespace and run as the chart's
+/// ServiceAccount, reads the trusted keys from a ConfigMap in another namespace (the chart's
+/// Role for that one ConfigMap is enough) and deploys only modules signed by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_signature_keys_from_the_chart_are_read_and_enforced() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("chart-keys");
+    let keys_ns = TestNamespace::new("chart-trust");
+    let (n, k) = (ns.name.as_str(), keys_ns.name.as_str());
+    let release = format!("k{}", &n[n.len() - 8..]);
+    let rendered = ok(helm(&[
+        "template",
+        &release,
+        CHART,
+        "--namespace",
+        n,
+        "--set",
+        &format!("watchNamespace={n}"),
+        "--set",
+        &format!("signatures.requireKeys={k}/signing-keys"),
+        "--set",
+        &format!("registry.insecure[0]={}", env.registry),
+        "--set",
+        "logFormat=text",
+    ]));
+    // Every object names its namespace (the Role for the keys is in the other one).
+    let out = kubectl_stdin(&["apply", "-f", "-"], &rendered);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fullname = format!("{release}-wasmfilter-operator");
+    let out = kubectl(&["get", "deploy", &fullname, "-n", n, "-o", "json"]);
+    let deployment: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let args: Vec<String> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        args.contains(&format!("--require-signature-keys={k}/signing-keys")),
+        "{args:?}"
+    );
+
+    // A cosign key pair; its public key in the trusted ConfigMap.
+    let dir = tempfile::tempdir().unwrap();
+    let cosign = std::env::var("WASMFILTER_COSIGN").expect("WASMFILTER_COSIGN (set by e2e/env.sh)");
+    let out = Command::new(cosign)
+        .args(["generate-key-pair", "--output-key-prefix", "team"])
+        .current_dir(dir.path())
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = kubectl(&[
+        "create",
+        "configmap",
+        "signing-keys",
+        "-n",
+        k,
+        &format!(
+            "--from-file=team.pub={}",
+            dir.path().join("team.pub").display()
+        ),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = dir.path().join("m.wasm");
+    std::fs::write(&file, module(&format!("keys-{n}"))).unwrap();
+    let push = |image: &str, sign: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasmfilter"));
+        cmd.arg("push").arg(&file).args([image, "--plain-http"]);
+        if sign {
+            cmd.args(["--sign", "--key"])
+                .arg(dir.path().join("team.key"));
+        }
+        ok(cmd.env("COSIGN_PASSWORD", "").output().unwrap())
+    };
+    let signed = format!("{}/chart-keys/{n}:signed", env.registry);
+    push(&signed, true);
+    let unsigned = format!("{}/chart-keys/{n}:unsigned", env.registry);
+    std::fs::write(&file, module(&format!("keys-unsigned-{n}"))).unwrap();
+    push(&unsigned, false);
+
+    let kubeconfig = service_account_kubeconfig(n, &fullname, dir.path());
+    let op = Operator::run_as(&args, &kubeconfig).await;
+    Filter::new(n, "signed", &signed).apply();
+    Filter::new(n, "unsigned", &unsigned).apply();
+    let wf = wait_condition(&client, n, "signed", "Ready", "True").await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert!(
+        signature
+            .key
+            .contains(&format!("ConfigMap {k}/signing-keys")),
+        "{signature:?}"
+    );
+    let wf = wait_condition(&client, n, "unsigned", "Ready", "False").await;
+    assert_eq!(condition(&wf, "Ready").unwrap().reason, "SignatureMissing");
+    assert!(!op.logs().contains("forbidden"), "{}", op.logs());
+    drop(op);
+    let out = kubectl_stdin(&["delete", "--wait=false", "-f", "-"], &rendered);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// What `kubectl apply -k config/default` created, removed again (never the CRD: other tests'
