@@ -467,13 +467,15 @@ pub struct ArtifactStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignatureStatus {
-    /// `cosign`.
+    /// `cosign` (cosign's `sha256-<digest>.sig` tag) or `sigstore-bundle` (a Sigstore bundle
+    /// referring to the manifest).
     pub scheme: String,
     /// The trusted key that verified it: where it came from, and the sha256 of its DER
     /// encoding.
     pub key: String,
     pub key_fingerprint: String,
-    /// The digest of the signature manifest (`sha256-<digest>.sig`).
+    /// The digest of the manifest holding the signature (under `sha256-<digest>.sig`, or the
+    /// bundle's).
     pub signature_digest: String,
 }
 

@@ -443,3 +443,133 @@ async fn push_sign_writes_signatures_cosign_verifies_and_keeps_the_others() {
     assert_eq!(before, after, "the same signature is not added twice");
     assert!(cosign_verifies(&public, &image) && cosign_verifies(&their_public, &image));
 }
+
+/// `cosign sign --key --new-bundle-format`: a Sigstore bundle (cosign 3's default form) in a
+/// manifest that refers to the module's (this registry has no referrers API, so cosign writes
+/// the OCI 1.1 fallback tag `sha256-<hex>`).
+fn cosign_sign_bundle(key: &Path, image_at_digest: &str) {
+    let out = Command::new(cosign())
+        .args(["sign", "--key"])
+        .arg(key)
+        .args([
+            "--tlog-upload=false",
+            "--new-bundle-format",
+            "--allow-http-registry",
+            "-y",
+            image_at_digest,
+        ])
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cosign sign: {}", stderr(&out));
+}
+
+/// Whether `cosign verify --new-bundle-format --key` accepts `image` (with a trusted root that
+/// trusts nothing but the key: no log, no CA).
+fn cosign_verifies_bundle(public: &Path, image: &str, dir: &Path) -> bool {
+    let root = dir.join("trusted_root.json");
+    std::fs::write(
+        &root,
+        r#"{"mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1"}"#,
+    )
+    .unwrap();
+    Command::new(cosign())
+        .args(["verify", "--key"])
+        .arg(public)
+        .args(["--new-bundle-format", "--trusted-root"])
+        .arg(&root)
+        .args([
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry",
+            image,
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstore_bundles_verify_as_cosign_verifies_them_in_the_cli_and_the_operator() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("bundles");
+    let n = &ns.name;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, public) = key_pair(dir.path(), "team");
+    let (_, other) = key_pair(dir.path(), "other");
+    let repo = format!("sig/bundle-{:08x}", fastrand::u32(..));
+    let signed = format!("{}/{repo}:signed", env.registry);
+    let first = module("bundle-signed");
+    let digest = push_module(&signed, first.clone()).await;
+    cosign_sign_bundle(&key, &format!("{}/{repo}@{digest}", env.registry));
+
+    let (code, out) = verify(&signed, &public);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("(sigstore-bundle)\n"), "{out}");
+    assert!(cosign_verifies_bundle(&public, &signed, dir.path()));
+    let (code, out) = verify(&signed, &other);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("SignerNotTrusted: "), "{out}");
+    assert!(!cosign_verifies_bundle(&other, &signed, dir.path()));
+
+    // The signed module's referrers, placed under an unsigned module's fallback tag: a valid
+    // bundle, of another manifest.
+    let unsigned = format!("{}/{repo}:unsigned", env.registry);
+    let unsigned_digest = push_module(&unsigned, module("bundle-unsigned")).await;
+    let fallback = |d: &str| d.replacen(':', "-", 1);
+    let index = reqwest::Client::new()
+        .get(format!(
+            "http://{}/v2/{repo}/manifests/{}",
+            env.registry,
+            fallback(&digest)
+        ))
+        .header("Accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    put_manifest(
+        &env.registry,
+        &repo,
+        &fallback(&unsigned_digest),
+        "application/vnd.oci.image.index.v1+json",
+        index,
+    )
+    .await;
+    let (code, out) = verify(&unsigned, &public);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("SignatureInvalid: "), "{out}");
+    assert!(out.contains(&format!("refers to {digest}")), "{out}");
+    assert!(!cosign_verifies_bundle(&public, &unsigned, dir.path()));
+
+    // The operator deploys the bundle-signed module, and says how it was signed.
+    key_config_map(n, "team-keys", &public);
+    let _op = Operator::start(n, &[]).await;
+    Filter::new(n, "bundled", &signed)
+        .edit(verifying(config_map("team-keys")))
+        .apply();
+    let wf = wait_module(
+        &client,
+        n,
+        "bundled",
+        &wasmfilter::cache::sha256_hex(&first),
+    )
+    .await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert_eq!(signature.scheme, "sigstore-bundle");
+    assert_eq!(
+        signature.key,
+        format!("ConfigMap {n}/team-keys key cosign.pub")
+    );
+    Filter::new(n, "misdirected", &unsigned)
+        .edit(verifying(config_map("team-keys")))
+        .apply();
+    wait_status(&client, n, "misdirected", "SignatureInvalid", |wf| {
+        reason_is(wf, "SignatureInvalid")
+    })
+    .await;
+}

@@ -57,8 +57,9 @@ pub enum Command {
     /// 1: it refused its configuration, trapped or ran out of time; 2: the input cannot
     /// be read.
     Run(RunArgs),
-    /// Verify that a module's manifest carries a cosign signature (`cosign sign --key`, the
-    /// `sha256-<digest>.sig` tag) by one of the given public keys. Exit 0: it does; 1: it is
+    /// Verify that a module's manifest carries a cosign signature (`cosign sign --key`: the
+    /// `sha256-<digest>.sig` tag, or a Sigstore bundle referring to it) by one of the given
+    /// public keys. Exit 0: it does; 1: it is
     /// unsigned, signed by none of the keys, or the signature is not valid; 2: the input cannot
     /// be read.
     Verify(VerifyArgs),
@@ -1065,8 +1066,8 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     match signature::verify(digest, found.as_ref(), &keys) {
         Ok(v) => {
             println!(
-                "verified {}@{digest}: signed by {} ({}), signature {}",
-                artifact.image, v.key, v.key_fingerprint, v.signature_digest
+                "verified {}@{digest}: signed by {} ({}), signature {} ({})",
+                artifact.image, v.key, v.key_fingerprint, v.signature_digest, v.scheme
             );
             Ok(())
         }

@@ -177,7 +177,7 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
         root_ids: a.root_ids.clone(),
         previous_manifest_digest: None,
         signature: a.signature.as_ref().map(|v| SignatureStatus {
-            scheme: "cosign".into(),
+            scheme: v.scheme.clone(),
             key: v.key.clone(),
             key_fingerprint: v.key_fingerprint.clone(),
             signature_digest: v.signature_digest.clone(),

@@ -503,7 +503,31 @@ impl RegistryClient {
             "manifests/{}",
             reference.digest().or(reference.tag()).unwrap_or("latest")
         );
-        let resp = self.get(reference, &path, accept, creds).await?;
+        self.document(reference, &path, accept, creds).await
+    }
+
+    /// The OCI 1.1 referrers API's index for `digest` in `reference`'s repository (raw bytes,
+    /// capped like a manifest). A registry without the API answers 404 (or another 4xx).
+    pub async fn referrers(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        creds: &Credentials,
+    ) -> Result<Vec<u8>, Error> {
+        let path = format!("referrers/{digest}");
+        let accept = ["application/vnd.oci.image.index.v1+json"];
+        Ok(self.document(reference, &path, &accept, creds).await?.0)
+    }
+
+    /// A JSON document under `path`: its bytes and the digest the registry claims.
+    async fn document(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: &[&str],
+        creds: &Credentials,
+    ) -> Result<(Vec<u8>, Option<String>), Error> {
+        let resp = self.get(reference, path, accept, creds).await?;
         let too_large = |size: String| Error::ManifestTooLarge {
             reference: reference.whole(),
             size,

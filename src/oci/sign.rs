@@ -307,6 +307,7 @@ mod tests {
         let found = super::super::signature::Found {
             signature: Some(signer.sign(&payload)),
             payload,
+            bundle: None,
         };
         let trusted =
             super::super::signature::TrustedKey::from_pem("k", &signer.public_key_pem().unwrap())

@@ -1,11 +1,19 @@
-//! cosign signatures of a module's manifest, in cosign's tag scheme: the manifest tagged
-//! `sha256-<hex of the signed manifest digest>.sig` in the same repository, each of its layers a
-//! "simple signing" payload (`application/vnd.dev.cosign.simplesigning.v1+json`) naming the
-//! signed digest, with the signature in the `dev.cosignproject.cosign/signature` annotation
-//! (base64 ECDSA P-256 / SHA-256 over the payload bytes, as `cosign sign --key` writes).
+//! cosign signatures of a module's manifest, in either of cosign's two forms:
+//! - its tag scheme (cosign 2's default): the manifest tagged `sha256-<hex of the signed
+//!   manifest digest>.sig` in the same repository, each of its layers a "simple signing" payload
+//!   (`application/vnd.dev.cosign.simplesigning.v1+json`) naming the signed digest, with the
+//!   signature in the `dev.cosignproject.cosign/signature` annotation (base64 ECDSA P-256 /
+//!   SHA-256 over the payload bytes, as `cosign sign --key` writes);
+//! - Sigstore bundles (`application/vnd.dev.sigstore.bundle.v0.3+json`, cosign 3's default and
+//!   cosign 2's `--new-bundle-format`), each the layer of a manifest whose `subject` is the
+//!   signed manifest, found through the OCI 1.1 referrers API or, on registries without it,
+//!   its fallback tag `sha256-<hex>`: a DSSE envelope of an in-toto statement naming the
+//!   digest with cosign's signing predicate, signed over DSSE's pre-authentication encoding.
 //!
 //! Fetching is [`Resolver::cosign_signatures`] (every digest checked like a module's);
-//! deciding is [`verify`], pure. Keys are PEM `PUBLIC KEY`s (cosign's own, ECDSA P-256).
+//! deciding is [`verify`], pure. Keys are PEM `PUBLIC KEY`s (cosign's own, ECDSA P-256). No
+//! transparency log is consulted (as `cosign verify --insecure-ignore-tlog`); bundles with a
+//! certificate (keyless) are not verified.
 
 use oci_client::Reference;
 use p256::ecdsa::signature::Verifier as _;
@@ -22,18 +30,46 @@ pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+js
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 /// The largest payload read (cosign's are a few hundred bytes).
 const MAX_PAYLOAD_BYTES: u64 = 64 << 10;
-/// Signatures looked at, at most.
+/// Signatures looked at, at most (of each form).
 const MAX_SIGNATURES: usize = 32;
+/// The media types (and artifact types) of a Sigstore bundle.
+pub const BUNDLE_MEDIA_TYPES: [&str; 4] = [
+    "application/vnd.dev.sigstore.bundle.v0.3+json",
+    "application/vnd.dev.sigstore.bundle+json;version=0.3",
+    "application/vnd.dev.sigstore.bundle+json;version=0.2",
+    "application/vnd.dev.sigstore.bundle+json;version=0.1",
+];
+/// A DSSE envelope's payload type for an in-toto statement.
+const IN_TOTO: &str = "application/vnd.in-toto+json";
+/// The predicate type of cosign's image signature statement.
+const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 
 /// One signature as the registry holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
+    /// What was signed: the simple-signing payload, or the DSSE envelope's payload.
     pub payload: Vec<u8>,
-    /// The base64 signature annotation, if the layer had one.
+    /// The base64 signature, if there was one.
     pub signature: Option<String>,
+    /// From a Sigstore bundle; `None`: cosign's tag scheme.
+    pub bundle: Option<Bundled>,
 }
 
-/// The signatures of one manifest, and the digest of the manifest that holds them.
+/// Where a signature from a Sigstore bundle came from, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundled {
+    /// The digest of the manifest holding the bundle.
+    pub manifest_digest: String,
+    /// The DSSE envelope's payload type.
+    pub payload_type: String,
+    /// Why the bundle cannot be used, when it cannot.
+    pub problem: Option<String>,
+}
+
+/// The signatures of one manifest: those under the signature tag (and the digest of the
+/// manifest there, empty when there is none), then those of the bundles referring to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signatures {
     pub tag: String,
@@ -70,6 +106,8 @@ impl TrustedKey {
 /// Who signed what was verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
+    /// `cosign` (the tag scheme) or `sigstore-bundle`.
+    pub scheme: String,
     /// The trusted key's name and fingerprint.
     pub key: String,
     pub key_fingerprint: String,
@@ -80,7 +118,9 @@ pub struct Verified {
 /// Why a manifest is not verified.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("{digest} has no cosign signature (no {tag} in the repository)")]
+    #[error(
+        "{digest} has no cosign signature (no {tag} in the repository, and no Sigstore bundle refers to it)"
+    )]
     Missing { digest: String, tag: String },
 
     #[error("the cosign signature of {digest} is not valid: {message}")]
@@ -143,29 +183,22 @@ pub fn verify(
     let mut problems = Vec::new();
     let mut well_formed = 0;
     for found in &sigs.found {
-        let payload: Payload = match serde_json::from_slice(&found.payload) {
-            Ok(p) => p,
-            Err(e) => {
-                problems.push(format!(
-                    "a payload is not a cosign simple-signing payload: {e}"
-                ));
-                continue;
-            }
+        let signed = match &found.bundle {
+            None => match simple_signing(digest, &found.payload) {
+                Ok(()) => found.payload.clone(),
+                Err(p) => {
+                    problems.push(p);
+                    continue;
+                }
+            },
+            Some(b) => match in_toto(digest, b, &found.payload) {
+                Ok(message) => message,
+                Err(p) => {
+                    problems.push(p);
+                    continue;
+                }
+            },
         };
-        if payload.critical.kind != "cosign container image signature" {
-            problems.push(format!(
-                "a payload has type {:?}, not a cosign container image signature",
-                payload.critical.kind
-            ));
-            continue;
-        }
-        if payload.critical.image.docker_manifest_digest != digest {
-            problems.push(format!(
-                "a payload signs {}, not {digest}",
-                payload.critical.image.docker_manifest_digest
-            ));
-            continue;
-        }
         let Some(signature) = found
             .signature
             .as_deref()
@@ -178,12 +211,17 @@ pub fn verify(
         well_formed += 1;
         if let Some(key) = keys
             .iter()
-            .find(|k| k.key.verify(&found.payload, &signature).is_ok())
+            .find(|k| k.key.verify(&signed, &signature).is_ok())
         {
+            let (scheme, holder) = match &found.bundle {
+                None => ("cosign", sigs.manifest_digest.clone()),
+                Some(b) => ("sigstore-bundle", b.manifest_digest.clone()),
+            };
             return Ok(Verified {
+                scheme: scheme.to_string(),
                 key: key.name.clone(),
                 key_fingerprint: key.fingerprint.clone(),
-                signature_digest: sigs.manifest_digest.clone(),
+                signature_digest: holder,
             });
         }
     }
@@ -203,6 +241,95 @@ pub fn verify(
     })
 }
 
+/// Checks a simple-signing payload names `digest`.
+fn simple_signing(digest: &str, payload: &[u8]) -> Result<(), String> {
+    let payload: Payload = serde_json::from_slice(payload)
+        .map_err(|e| format!("a payload is not a cosign simple-signing payload: {e}"))?;
+    if payload.critical.kind != "cosign container image signature" {
+        return Err(format!(
+            "a payload has type {:?}, not a cosign container image signature",
+            payload.critical.kind
+        ));
+    }
+    if payload.critical.image.docker_manifest_digest != digest {
+        return Err(format!(
+            "a payload signs {}, not {digest}",
+            payload.critical.image.docker_manifest_digest
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Statement {
+    #[serde(rename = "predicateType")]
+    predicate_type: String,
+    #[serde(default)]
+    subject: Vec<Subject>,
+}
+
+#[derive(Deserialize)]
+struct Subject {
+    #[serde(default)]
+    digest: std::collections::BTreeMap<String, String>,
+}
+
+/// Checks a bundle's in-toto statement is cosign's signature of `digest`; returns the bytes
+/// its signature covers (DSSE's pre-authentication encoding of the payload).
+fn in_toto(digest: &str, bundle: &Bundled, payload: &[u8]) -> Result<Vec<u8>, String> {
+    if let Some(p) = &bundle.problem {
+        return Err(p.clone());
+    }
+    if bundle.payload_type != IN_TOTO {
+        return Err(format!(
+            "a bundle's envelope holds {:?}, not an in-toto statement",
+            bundle.payload_type
+        ));
+    }
+    let statement: Statement = serde_json::from_slice(payload)
+        .map_err(|e| format!("a bundle's statement is not an in-toto statement: {e}"))?;
+    if statement.predicate_type != COSIGN_SIGN_PREDICATE {
+        return Err(format!(
+            "a bundle attests {:?}, not cosign's signature ({COSIGN_SIGN_PREDICATE})",
+            statement.predicate_type
+        ));
+    }
+    let hex = digest.trim_start_matches("sha256:");
+    if !statement
+        .subject
+        .iter()
+        .any(|s| s.digest.get("sha256").map(String::as_str) == Some(hex))
+    {
+        let named: Vec<String> = statement
+            .subject
+            .iter()
+            .filter_map(|s| s.digest.get("sha256"))
+            .map(|h| format!("sha256:{h}"))
+            .collect();
+        return Err(format!(
+            "a bundle signs {}, not {digest}",
+            if named.is_empty() {
+                "no sha256 digest".to_string()
+            } else {
+                named.join(", ")
+            }
+        ));
+    }
+    Ok(pae(&bundle.payload_type, payload))
+}
+
+/// DSSE's pre-authentication encoding: what a DSSE signature is over.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
@@ -210,10 +337,109 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
+#[derive(Deserialize)]
+struct Index {
+    #[serde(default)]
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexEntry {
+    digest: String,
+    #[serde(default)]
+    artifact_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BundleDoc {
+    #[serde(default)]
+    verification_material: Option<serde_json::Value>,
+    #[serde(default)]
+    dsse_envelope: Option<Envelope>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    payload: String,
+    payload_type: String,
+    #[serde(default)]
+    signatures: Vec<EnvelopeSignature>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeSignature {
+    sig: String,
+}
+
+/// A bundle that cannot be used, and why (reported only when no signature verifies).
+fn unusable(holder: &str, problem: String) -> Found {
+    Found {
+        payload: Vec::new(),
+        signature: None,
+        bundle: Some(Bundled {
+            manifest_digest: holder.to_string(),
+            payload_type: String::new(),
+            problem: Some(problem),
+        }),
+    }
+}
+
+/// The signatures in one Sigstore bundle (the manifest `holder` holds it).
+fn parse_bundle(bytes: &[u8], holder: &str) -> Vec<Found> {
+    let doc: BundleDoc = match serde_json::from_slice(bytes) {
+        Ok(d) => d,
+        Err(e) => {
+            return vec![unusable(
+                holder,
+                format!("a bundle is not a Sigstore bundle: {e}"),
+            )];
+        }
+    };
+    if doc
+        .verification_material
+        .as_ref()
+        .is_some_and(|v| v.get("certificate").is_some() || v.get("x509CertificateChain").is_some())
+    {
+        return vec![unusable(
+            holder,
+            "a bundle carries a certificate (keyless signing), which is not verified yet".into(),
+        )];
+    }
+    let Some(envelope) = doc.dsse_envelope else {
+        return vec![unusable(
+            holder,
+            "a bundle holds no DSSE envelope (cosign signs images with one)".into(),
+        )];
+    };
+    let Some(payload) = base64_decode(&envelope.payload) else {
+        return vec![unusable(
+            holder,
+            "a bundle's envelope payload is not base64".into(),
+        )];
+    };
+    envelope
+        .signatures
+        .into_iter()
+        .take(MAX_SIGNATURES)
+        .map(|s| Found {
+            payload: payload.clone(),
+            signature: Some(s.sig),
+            bundle: Some(Bundled {
+                manifest_digest: holder.to_string(),
+                payload_type: envelope.payload_type.clone(),
+                problem: None,
+            }),
+        })
+        .collect()
+}
+
 impl Resolver {
-    /// The cosign signatures of `manifest_digest` in `image`'s repository; `None` when there
-    /// are none (no signature tag). Every digest is checked: the signature manifest's, and
-    /// each payload's against its descriptor.
+    /// The cosign signatures of `manifest_digest` in `image`'s repository, of both forms;
+    /// `None` when there are none (no signature tag, no bundle). Every digest is checked: the
+    /// signature manifests', and each payload's or bundle's against its descriptor.
     pub async fn cosign_signatures(
         &self,
         image: &str,
@@ -222,10 +448,32 @@ impl Resolver {
     ) -> Result<Option<Signatures>, OciError> {
         let source = super::parse_reference(image)?;
         let tag = signature_tag(manifest_digest);
+        let (holder, mut found) = self
+            .tag_scheme(&source, &tag, creds)
+            .await?
+            .unwrap_or_default();
+        found.extend(self.bundles(&source, manifest_digest, creds).await?);
+        if holder.is_empty() && found.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Signatures {
+            tag,
+            manifest_digest: holder,
+            found,
+        }))
+    }
+
+    /// The signatures under cosign's signature tag, and that manifest's digest.
+    async fn tag_scheme(
+        &self,
+        source: &Reference,
+        tag: &str,
+        creds: &Credentials,
+    ) -> Result<Option<(String, Vec<Found>)>, OciError> {
         let reference = Reference::with_tag(
             source.registry().to_string(),
             source.repository().to_string(),
-            tag.clone(),
+            tag.to_string(),
         );
         let (manifest, digest) = match self.manifest(&reference, creds).await {
             Ok(m) => m,
@@ -259,13 +507,107 @@ impl Resolver {
                     .as_ref()
                     .and_then(|a| a.get(SIGNATURE_ANNOTATION))
                     .cloned(),
+                bundle: None,
             });
         }
-        Ok(Some(Signatures {
-            tag,
-            manifest_digest: digest,
-            found,
-        }))
+        Ok(Some((digest, found)))
+    }
+
+    /// The signatures in the Sigstore bundles referring to `digest`: through the referrers
+    /// API, else (a registry without it) its fallback tag `sha256-<hex>`.
+    async fn bundles(
+        &self,
+        source: &Reference,
+        digest: &str,
+        creds: &Credentials,
+    ) -> Result<Vec<Found>, OciError> {
+        let (registry, repository) = (
+            source.registry().to_string(),
+            source.repository().to_string(),
+        );
+        let at = Reference::with_digest(registry.clone(), repository.clone(), digest.to_string());
+        let index = match self.registry.referrers(&at, digest, creds).await {
+            Ok(body) => body,
+            Err(OciError::ManifestNotFound { .. } | OciError::ResolveDigest { .. }) => {
+                let fallback = Reference::with_tag(
+                    registry.clone(),
+                    repository.clone(),
+                    digest.replacen(':', "-", 1),
+                );
+                match self.registry.manifest(&fallback, &[OCI_INDEX], creds).await {
+                    Ok((body, _)) => body,
+                    Err(OciError::ManifestNotFound { .. }) => return Ok(Vec::new()),
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        let index: Index = serde_json::from_slice(&index).map_err(|e| OciError::ResolveDigest {
+            reference: at.whole(),
+            message: format!("the index of what refers to it is not an OCI index: {e}"),
+        })?;
+        let mut found = Vec::new();
+        for entry in index
+            .manifests
+            .iter()
+            .filter(|m| match m.artifact_type.as_deref() {
+                // cosign's fallback index names the empty config's type, not the manifest's.
+                None | Some(OCI_EMPTY) => true,
+                Some(t) => BUNDLE_MEDIA_TYPES.contains(&t),
+            })
+            .take(MAX_SIGNATURES)
+        {
+            let holder =
+                Reference::with_digest(registry.clone(), repository.clone(), entry.digest.clone());
+            let (manifest, holder_digest) = self.manifest(&holder, creds).await?;
+            let oci_client::manifest::OciManifest::Image(m) = manifest else {
+                found.push(unusable(
+                    &holder_digest,
+                    "a bundle's manifest is an index".into(),
+                ));
+                continue;
+            };
+            let is_bundle = |t: &str| BUNDLE_MEDIA_TYPES.contains(&t);
+            if !m.artifact_type.as_deref().is_some_and(is_bundle)
+                && !m.layers.iter().any(|l| is_bundle(&l.media_type))
+            {
+                // Something else refers to it (an SBOM, an attestation): not a signature.
+                continue;
+            }
+            let subject = m.subject.as_ref().map(|s| s.digest.as_str());
+            if subject != Some(digest) {
+                found.push(unusable(
+                    &holder_digest,
+                    format!(
+                        "a bundle's manifest refers to {}, not {digest}",
+                        subject.unwrap_or("nothing")
+                    ),
+                ));
+                continue;
+            }
+            let Some(layer) = m
+                .layers
+                .iter()
+                .find(|l| BUNDLE_MEDIA_TYPES.contains(&l.media_type.as_str()))
+            else {
+                found.push(unusable(
+                    &holder_digest,
+                    "a bundle's manifest has no bundle layer".into(),
+                ));
+                continue;
+            };
+            let size = u64::try_from(layer.size).unwrap_or(u64::MAX);
+            if size > MAX_PAYLOAD_BYTES {
+                found.push(unusable(
+                    &holder_digest,
+                    format!("a bundle is larger than {MAX_PAYLOAD_BYTES} bytes"),
+                ));
+                continue;
+            }
+            let bytes = self.fetch_blob(&holder, layer, size, creds, None).await?;
+            found.extend(parse_bundle(&bytes, &holder_digest));
+        }
+        Ok(found)
     }
 }
 
@@ -311,6 +653,7 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes()),
             ),
             payload,
+            bundle: None,
         }
     }
 
@@ -366,6 +709,97 @@ mod tests {
         assert_eq!(e.reason(), "SignatureInvalid");
         // One good signature among bad ones is enough.
         let good = signed(&a, payload(DIGEST));
+        let misdirected = signed(&a, payload(other));
+        assert!(verify(DIGEST, Some(&sigs(vec![misdirected, good])), &keys).is_ok());
+    }
+
+    fn statement(digest: &str, predicate: &str) -> Vec<u8> {
+        serde_json::json!({
+            "_type": "https://in-toto.io/Statement/v1",
+            "subject": [{"digest": {"sha256": digest.trim_start_matches("sha256:")}}],
+            "predicateType": predicate,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn bundled(by: &SigningKey, payload: Vec<u8>) -> Found {
+        use base64::Engine as _;
+        let sig: Signature = by.sign(&pae(IN_TOTO, &payload));
+        Found {
+            signature: Some(
+                base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes()),
+            ),
+            payload,
+            bundle: Some(Bundled {
+                manifest_digest: "sha256:4444".into(),
+                payload_type: IN_TOTO.into(),
+                problem: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn dsse_pre_authentication_encoding_matches_the_spec() {
+        // The DSSE specification's own example.
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+        );
+    }
+
+    #[test]
+    fn a_bundle_verifies_only_as_cosigns_signature_of_this_digest_by_a_trusted_key() {
+        let (a, trusted_a) = key(1);
+        let (b, _) = key(2);
+        let keys = [trusted_a];
+        let good = bundled(&a, statement(DIGEST, COSIGN_SIGN_PREDICATE));
+        let v = verify(DIGEST, Some(&sigs(vec![good.clone()])), &keys).unwrap();
+        assert_eq!(
+            (v.scheme.as_str(), v.signature_digest.as_str()),
+            ("sigstore-bundle", "sha256:4444")
+        );
+        let other = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+        let e = verify(
+            DIGEST,
+            Some(&sigs(vec![bundled(
+                &a,
+                statement(other, COSIGN_SIGN_PREDICATE),
+            )])),
+            &keys,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "SignatureInvalid");
+        assert!(
+            e.to_string().contains(&format!("a bundle signs {other}")),
+            "{e}"
+        );
+        // An attestation of something else (an SBOM, say) by the same key is no signature.
+        let sbom = bundled(&a, statement(DIGEST, "https://spdx.dev/Document"));
+        let e = verify(DIGEST, Some(&sigs(vec![sbom])), &keys).unwrap_err();
+        assert_eq!(e.reason(), "SignatureInvalid");
+        let e = verify(
+            DIGEST,
+            Some(&sigs(vec![bundled(
+                &b,
+                statement(DIGEST, COSIGN_SIGN_PREDICATE),
+            )])),
+            &keys,
+        )
+        .unwrap_err();
+        assert_eq!(e.reason(), "SignerNotTrusted");
+        let mut altered = good.clone();
+        altered.payload.push(b' ');
+        let e = verify(DIGEST, Some(&sigs(vec![altered])), &keys).unwrap_err();
+        assert_eq!(e.reason(), "SignerNotTrusted");
+        let keyless = parse_bundle(
+            br#"{"verificationMaterial": {"certificate": {"rawBytes": "AA=="}}, "dsseEnvelope": {"payload": "", "payloadType": "x", "signatures": []}}"#,
+            "sha256:5555",
+        );
+        let e = verify(DIGEST, Some(&sigs(keyless)), &keys).unwrap_err();
+        assert_eq!(e.reason(), "SignatureInvalid");
+        assert!(e.to_string().contains("keyless"), "{e}");
+        // Both forms side by side: either verifying is enough.
         let misdirected = signed(&a, payload(other));
         assert!(verify(DIGEST, Some(&sigs(vec![misdirected, good])), &keys).is_ok());
     }
