@@ -164,8 +164,8 @@ pub struct ModuleSource {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Verification {
-    /// A cosign signature made with a key (`cosign sign --key`), found under cosign's
-    /// `sha256-<digest>.sig` tag beside the module.
+    /// A cosign signature made with a key (`cosign sign --key`): under cosign's
+    /// `sha256-<digest>.sig` tag beside the module, or a Sigstore bundle referring to it.
     pub cosign: CosignVerification,
 }
 
