@@ -143,9 +143,10 @@ RC
   start registry /usr/bin/docker-registry serve "$ENV_DIR/registry.yml"
   wait_for registry 30 curl -fsS "http://127.0.0.1:$reg_port/v2/"
 
-  log "installing Istio $ISTIO_API_VERSION CRDs and the WasmFilter CRD"
+  log "installing Istio $ISTIO_API_VERSION CRDs, Argo CD's and Flux's (for gitops/), and the WasmFilter CRD"
   local kc=("$K8S_BIN/kubectl" --kubeconfig "$ENV_DIR/kubeconfig")
   "${kc[@]}" apply --server-side -f "$ISTIO_CRDS" >/dev/null
+  "${kc[@]}" apply --server-side -f "$GITOPS_CRDS" >/dev/null
   "${kc[@]}" apply --server-side -f "$ROOT/crds/wasmfilter.dev_wasmfilters.yaml" >/dev/null
   "${kc[@]}" wait --for condition=Established --timeout 60s crd --all >/dev/null
 

@@ -79,6 +79,27 @@ if [ ! -s "$ISTIO_CRDS" ]; then
   cp "$dir/kubernetes/customresourcedefinitions.gen.yaml" "$ISTIO_CRDS.tmp" && mv "$ISTIO_CRDS.tmp" "$ISTIO_CRDS"
 fi
 
+if [ ! -s "$GITOPS_CRDS" ]; then
+  # The argo-cd module is about 60 MB.
+  module_dir() {
+    (cd "$ROOT/e2e/tools/k8s" && GOFLAGS=-mod=mod go mod download -json "$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  }
+  run_with_heartbeat "go mod download (argo-cd $ARGOCD_VERSION, for its Application CRD)" \
+    module_dir "github.com/argoproj/argo-cd/v2@$ARGOCD_VERSION"
+  argocd=$(module_dir "github.com/argoproj/argo-cd/v2@$ARGOCD_VERSION")
+  source_ctl=$(module_dir "github.com/fluxcd/source-controller@$FLUX_SOURCE_VERSION")
+  kustomize_ctl=$(module_dir "github.com/fluxcd/kustomize-controller@$FLUX_KUSTOMIZE_VERSION")
+  mkdir -p "$(dirname "$GITOPS_CRDS")"
+  {
+    cat "$argocd/manifests/crds/application-crd.yaml"
+    echo "---"
+    cat "$source_ctl/config/crd/bases/source.toolkit.fluxcd.io_gitrepositories.yaml"
+    echo "---"
+    cat "$kustomize_ctl/config/crd/bases/kustomize.toolkit.fluxcd.io_kustomizations.yaml"
+  } >"$GITOPS_CRDS.tmp" && mv "$GITOPS_CRDS.tmp" "$GITOPS_CRDS"
+  log "fetched Argo CD's and Flux's CRDs into $GITOPS_CRDS"
+fi
+
 for v in $ENVOY_VERSIONS; do
   dest="$WASMFILTER_CACHE/envoy/$v"
   [ -x "$dest/envoy" ] && continue

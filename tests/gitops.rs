@@ -6,84 +6,11 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::gitops::*;
 use support::*;
-
-const HEALTH_LUA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/gitops/argocd/health.lua");
-
-/// JSON as a Lua table constructor.
-fn lua(v: &Value) -> String {
-    match v {
-        Value::Null => "nil".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => lua_string(s),
-        Value::Array(items) => format!(
-            "{{{}}}",
-            items.iter().map(lua).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Object(fields) => format!(
-            "{{{}}}",
-            fields
-                .iter()
-                .filter(|(_, v)| !v.is_null())
-                .map(|(k, v)| format!("[{}] = {}", lua_string(k), lua(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
-/// A Lua 5.1 string literal: printable ASCII as is, the rest as decimal byte escapes.
-fn lua_string(s: &str) -> String {
-    let mut out = String::from("\"");
-    for b in s.bytes() {
-        match b {
-            b'"' | b'\\' => out.push_str(&format!("\\{}", b as char)),
-            b' '..=b'~' => out.push(b as char),
-            _ => out.push_str(&format!("\\{b:03}")),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// What the Argo CD health check says of `obj`: (status, message).
-fn argocd_health(obj: &Value) -> (String, String) {
-    let script = format!(
-        "obj = {}\nlocal hs = dofile({HEALTH_LUA:?})\nio.write(hs.status, \"\\t\", hs.message or \"\")\n",
-        lua(obj)
-    );
-    let out = Command::new("lua5.1")
-        .args(["-e", &script])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "lua5.1: {}", stderr(&out));
-    let text = stdout(&out);
-    let (s, m) = text.split_once('\t').unwrap();
-    (s.to_string(), m.to_string())
-}
-
-/// What kstatus computes for `obj`: (status, message).
-fn kstatus(obj: &Value) -> (String, String) {
-    let bin = std::env::var("WASMFILTER_KSTATUS").expect("WASMFILTER_KSTATUS (set by e2e/env.sh)");
-    let mut child = Command::new(bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{obj}").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kstatus: {}", stderr(&out));
-    let text = stdout(&out);
-    let (s, m) = text.trim_end().split_once('\t').unwrap();
-    (s.to_string(), m.to_string())
-}
 
 fn get(ns: &str, name: &str) -> Value {
     serde_json::from_slice(&kubectl(&["get", "wf", name, "-n", ns, "-o", "json"]).stdout).unwrap()
@@ -167,4 +94,68 @@ async fn flux_kstatus_and_the_argocd_health_check_read_every_state_right() {
     let mut bare = states[0].clone();
     bare.as_object_mut().unwrap().remove("status");
     assert_eq!(argocd_health(&bare).0, "Progressing");
+}
+
+/// The GitOps examples are objects Argo CD's and Flux's own CRDs accept (installed from their Go
+/// modules by `e2e/setup.sh`; no Argo CD or Flux controller runs here), and what they point at
+/// exists: the chart renders with the Application's values, the kustomize directories build.
+#[test]
+fn the_argocd_and_flux_examples_are_accepted_by_their_crds_and_point_at_what_exists() {
+    env();
+    let root = env!("CARGO_MANIFEST_DIR");
+    for ns in ["argocd", "flux-system"] {
+        let yaml = format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n");
+        apply_ok(&yaml);
+    }
+    let application = format!("{root}/gitops/argocd/application.yaml");
+    let flux = format!("{root}/gitops/flux/operator.yaml");
+    for file in [&application, &flux] {
+        let out = kubectl(&["apply", "--dry-run=server", "-f", file]);
+        assert!(out.status.success(), "{file}: {}", stderr(&out));
+    }
+    // The schemas are really checked: a misspelled field is refused.
+    let text = std::fs::read_to_string(&flux).unwrap();
+    let out = kubectl_stdin(
+        &["apply", "--dry-run=server", "-f", "-"],
+        &text.replacen("sourceRef:", "sourceRefs:", 1),
+    );
+    assert!(!out.status.success(), "a misspelled field was accepted");
+    assert!(stderr(&out).contains("sourceRefs"), "{}", stderr(&out));
+
+    // Argo CD: the chart at that path, with those values.
+    let app: Value =
+        serde_norway::from_str(&std::fs::read_to_string(&application).unwrap()).unwrap();
+    let source = &app["spec"]["source"];
+    let chart = format!("{root}/{}", source["path"].as_str().unwrap());
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        serde_json::to_string(&source["helm"]["valuesObject"]).unwrap(),
+    )
+    .unwrap();
+    let helm = std::env::var("WASMFILTER_HELM").expect("WASMFILTER_HELM (set by e2e/env.sh)");
+    let out = std::process::Command::new(helm)
+        .args(["template", source["helm"]["releaseName"].as_str().unwrap()])
+        .arg(&chart)
+        .arg("-f")
+        .arg(values.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("kind: Deployment"));
+
+    // Flux: every Kustomization's path builds.
+    let mut paths = Vec::new();
+    for doc in text.split("\n---\n") {
+        let obj: Value = serde_norway::from_str(doc).unwrap();
+        if obj["kind"] == "Kustomization" {
+            paths.push(obj["spec"]["path"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(paths, ["./config/default", "./config/samples"]);
+    for path in paths {
+        let dir = format!("{root}/{path}");
+        let out = kubectl(&["kustomize", &dir]);
+        assert!(out.status.success(), "{dir}: {}", stderr(&out));
+    }
 }

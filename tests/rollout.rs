@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use support::ecds::*;
+use support::gitops::*;
 use support::*;
 use wasmfilter::api::{Rollout, RolloutStep, WasmFilter};
 
@@ -221,6 +222,10 @@ async fn a_good_module_reaches_the_pods_step_by_step_then_becomes_stable() {
         ready.message
     );
     assert!(cond_is(&wf, "Reconciling", "True", "RolloutInProgress"));
+    // Flux (kstatus) and Argo CD see a rollout under way as in progress.
+    let obj = serde_json::to_value(&wf).unwrap();
+    assert_eq!(kstatus(&obj).0, "InProgress");
+    assert_eq!(argocd_health(&obj).0, "Progressing");
 
     // At the end: the candidate is stable, and everyone loaded it once.
     let wf = wait_status(&client, n, "hdr", "v2 stable", |wf| {
@@ -312,6 +317,15 @@ async fn a_module_half_the_envoys_refuse_is_rolled_back_before_it_reaches_the_re
             .contains("not tried again until the spec changes")
     );
     assert!(cond_is(&wf, "Stalled", "True", "RolledBack"));
+    // Flux (kstatus) and Argo CD see a rollback as failed, with the operator's words.
+    let obj = serde_json::to_value(&wf).unwrap();
+    assert_eq!(kstatus(&obj).0, "Failed");
+    let (health, message) = argocd_health(&obj);
+    assert_eq!(health, "Degraded");
+    assert!(
+        message.starts_with("RolledBack: 1 of the proxies"),
+        "{message}"
+    );
     assert!(cond_is(&wf, "Deployed", "True", "KeptPreviousModule"));
     let r = rollout_of(&wf);
     let back = r.rolled_back.clone().unwrap();

@@ -15,6 +15,12 @@ ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.39.3 1.40.0"}
 
 K8S_BIN="$WASMFILTER_CACHE/bin/k8s-$K8S_VERSION-$(sha256sum "$ROOT/e2e/tools/k8s/go.sum" | cut -c1-12)"
 ISTIO_CRDS="$WASMFILTER_CACHE/istio-api-$ISTIO_API_VERSION/crds.yaml"
+# Argo CD's Application and Flux's GitRepository and Kustomization CRDs, from the projects' own
+# Go modules, so the API server checks the GitOps examples (gitops/) against their schemas.
+ARGOCD_VERSION=v2.14.21
+FLUX_SOURCE_VERSION=v1.9.6
+FLUX_KUSTOMIZE_VERSION=v1.9.6
+GITOPS_CRDS="$WASMFILTER_CACHE/gitops-crds-argocd-$ARGOCD_VERSION-flux-$FLUX_SOURCE_VERSION-$FLUX_KUSTOMIZE_VERSION/crds.yaml"
 # Real filters for the ABI-check corpus, built from e2e/fixtures (Go SDK, clang), keyed by
 # their sources.
 FIXTURE_MODULES="$WASMFILTER_CACHE/fixtures/modules-$(cat "$ROOT"/e2e/fixtures/go-filter/* "$ROOT"/e2e/fixtures/go-configured/* "$ROOT"/e2e/fixtures/c-filter/* | sha256sum | cut -c1-12)"

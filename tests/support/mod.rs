@@ -3,6 +3,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod ecds;
+pub mod gitops;
 pub mod registries;
 
 // What building and applying a `Filter` needs, for every test file.
