@@ -171,9 +171,44 @@ pub struct Verification {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.publicKeys) != has(self.keyless)")
+    .message("name exactly one of publicKeys or keyless"))]
 pub struct CosignVerification {
     /// Where the trusted public keys are; a signature by any one of them is enough.
-    pub public_keys: KeySource,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_keys: Option<KeySource>,
+    /// Keyless signatures (`cosign sign` with a certificate, as Sigstore's Fulcio issues for
+    /// an OIDC identity): the certificate must chain to the trusted root and name one of the
+    /// identities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyless: Option<KeylessVerification>,
+}
+
+/// What a keyless signature is checked against, offline.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeylessVerification {
+    /// A ConfigMap in the filter's namespace whose key `trusted_root.json` is a Sigstore
+    /// trusted root: the certificate authorities in it are trusted.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = config_map_name_rule())]
+    pub trusted_root: String,
+    /// Whose signatures count: a certificate must name one of these (exactly).
+    #[schemars(length(min = 1, max = 16))]
+    pub identities: Vec<CertificateIdentity>,
+}
+
+/// A signer's identity as its certificate names it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateIdentity {
+    /// The OIDC issuer that vouched for the subject, e.g.
+    /// `https://token.actions.githubusercontent.com`.
+    #[schemars(length(min = 1, max = 1024))]
+    pub issuer: String,
+    /// The certificate's subject: an email, or a URI such as a CI workflow's.
+    #[schemars(length(min = 1, max = 1024))]
+    pub subject: String,
 }
 
 /// A ConfigMap or a Secret in the filter's namespace; every value in it holding a PEM public

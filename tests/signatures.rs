@@ -166,7 +166,10 @@ async fn verify_agrees_with_cosign_on_signed_unsigned_misdirected_and_altered_mo
 fn verifying(keys: KeySource) -> impl FnOnce(&mut wasmfilter::api::WasmFilterSpec) {
     move |spec| {
         spec.module.verify = Some(Verification {
-            cosign: CosignVerification { public_keys: keys },
+            cosign: CosignVerification {
+                public_keys: Some(keys),
+                keyless: None,
+            },
         })
     }
 }
@@ -369,6 +372,28 @@ fn the_api_server_refuses_a_key_source_naming_both_or_neither_or_a_bad_name() {
         assert!(!out.status.success());
         assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
+    let keyless = json!({"trustedRoot": "sigstore-root", "identities": [{"issuer": "https://i", "subject": "dev@example.com"}]});
+    for (cosign, says) in [
+        (
+            json!({"publicKeys": {"configMap": "a"}, "keyless": keyless}),
+            "name exactly one of publicKeys or keyless",
+        ),
+        (json!({}), "name exactly one of publicKeys or keyless"),
+        (
+            json!({"keyless": {"trustedRoot": "sigstore-root", "identities": []}}),
+            "spec.module.verify.cosign.keyless.identities: Invalid value",
+        ),
+    ] {
+        let mut wf = Filter::new(&ns.name, "keys", "registry.example/f:1").json();
+        wf["spec"]["module"]["verify"] = json!({ "cosign": cosign });
+        let out = kubectl_apply(&wf.to_string());
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
+    let mut wf = Filter::new(&ns.name, "keys", "registry.example/f:1").json();
+    wf["spec"]["module"]["verify"] = json!({"cosign": {"keyless": keyless}});
+    let out = kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &wf.to_string());
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// `wasmfilter push FILE REF --sign --key KEY` with `COSIGN_PASSWORD` set to `password`.
@@ -572,4 +597,355 @@ async fn sigstore_bundles_verify_as_cosign_verifies_them_in_the_cli_and_the_oper
         reason_is(wf, "SignatureInvalid")
     })
     .await;
+}
+
+/// A test certificate authority made with openssl: its certificate and key, and a Sigstore
+/// trusted root naming it (valid until `end`, RFC 3339, when given).
+struct TestCa {
+    cert: PathBuf,
+    key: PathBuf,
+    name: String,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+fn test_ca(dir: &Path, name: &str) -> TestCa {
+    let key = format!("{name}.key");
+    let cert = format!("{name}.pem");
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &key,
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            &format!("/CN={name}/O=wasmfilter test"),
+            "-days",
+            "3650",
+            "-out",
+            &cert,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    TestCa {
+        cert: dir.join(cert),
+        key: dir.join(key),
+        name: name.to_string(),
+    }
+}
+
+impl TestCa {
+    /// A trusted root naming this CA, written beside it.
+    fn trusted_root(&self, dir: &Path, end: Option<&str>) -> PathBuf {
+        use base64::Engine as _;
+        let pem = std::fs::read_to_string(&self.cert).unwrap();
+        let (_, der) = pem_rfc7468::decode_vec(pem.as_bytes()).unwrap();
+        let mut valid_for = json!({"start": "2020-01-01T00:00:00Z"});
+        if let Some(end) = end {
+            valid_for["end"] = json!(end);
+        }
+        let root = json!({
+            "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+            "certificateAuthorities": [{
+                "subject": {"organization": "wasmfilter test", "commonName": self.name},
+                "uri": format!("https://{}.test", self.name),
+                "certChain": {"certificates": [{"rawBytes": base64::engine::general_purpose::STANDARD.encode(der)}]},
+                "validFor": valid_for,
+            }],
+        });
+        let path = dir.join(format!("{}-root-{}.json", self.name, end.is_some()));
+        std::fs::write(&path, root.to_string()).unwrap();
+        path
+    }
+
+    /// A code-signing certificate for `public` (a cosign public key) naming `subject`, with
+    /// Fulcio's OIDC issuer extensions (v1 raw, v2 UTF8String) set to `issuer`.
+    fn issue(&self, dir: &Path, public: &Path, subject: &str, issuer: &str) -> PathBuf {
+        let hex: String = issuer.bytes().map(|b| format!("{b:02x}")).collect();
+        let ext = dir.join("leaf.cnf");
+        std::fs::write(
+            &ext,
+            format!(
+                "[leaf]\nbasicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+                 extendedKeyUsage = codeSigning\nsubjectAltName = email:{subject}\n\
+                 1.3.6.1.4.1.57264.1.1 = DER:{hex}\n1.3.6.1.4.1.57264.1.8 = ASN1:UTF8String:{issuer}\n"
+            ),
+        )
+        .unwrap();
+        let key = self.key.to_str().unwrap();
+        openssl(
+            dir,
+            &["req", "-new", "-key", key, "-subj", "/", "-out", "leaf.csr"],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-force_pubkey",
+                public.to_str().unwrap(),
+                "-CA",
+                self.cert.to_str().unwrap(),
+                "-CAkey",
+                key,
+                "-CAcreateserial",
+                "-days",
+                "365",
+                "-extfile",
+                "leaf.cnf",
+                "-extensions",
+                "leaf",
+                "-out",
+                "leaf.pem",
+            ],
+        );
+        dir.join("leaf.pem")
+    }
+}
+
+/// `cosign sign` with a key and its certificate (and the CA as the chain): a keyless-style
+/// signature, in the tag scheme or as a bundle.
+fn cosign_sign_certified(
+    key: &Path,
+    cert: &Path,
+    chain: &Path,
+    image_at_digest: &str,
+    bundle: bool,
+) {
+    let mut cmd = Command::new(cosign());
+    cmd.args(["sign", "--key"])
+        .arg(key)
+        .arg("--certificate")
+        .arg(cert)
+        .arg("--certificate-chain")
+        .arg(chain)
+        .args(["--tlog-upload=false", "--allow-http-registry", "-y"]);
+    if bundle {
+        cmd.arg("--new-bundle-format");
+    }
+    let out = cmd
+        .arg(image_at_digest)
+        .env("COSIGN_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cosign sign: {}", stderr(&out));
+}
+
+/// Whether `cosign verify --certificate-identity --certificate-oidc-issuer --trusted-root`
+/// accepts `image` (no log, no certificate transparency: offline).
+fn cosign_verifies_identity(
+    image: &str,
+    subject: &str,
+    issuer: &str,
+    root: &Path,
+    bundle: bool,
+) -> bool {
+    let mut cmd = Command::new(cosign());
+    cmd.args([
+        "verify",
+        "--certificate-identity",
+        subject,
+        "--certificate-oidc-issuer",
+        issuer,
+        "--trusted-root",
+    ])
+    .arg(root)
+    .args([
+        "--insecure-ignore-tlog=true",
+        "--insecure-ignore-sct",
+        "--allow-http-registry",
+    ]);
+    if bundle {
+        cmd.arg("--new-bundle-format");
+    }
+    cmd.arg(image).output().unwrap().status.success()
+}
+
+fn verify_identity(image: &str, subject: &str, issuer: &str, root: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmfilter"))
+        .args([
+            "verify",
+            image,
+            "--plain-http",
+            "--certificate-identity",
+            subject,
+        ])
+        .args(["--certificate-oidc-issuer", issuer, "--trusted-root"])
+        .arg(root)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        stdout(&out) + &stderr(&out),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_signatures_verify_against_a_trusted_root_as_cosign_says_in_the_cli_and_the_operator()
+ {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("keyless");
+    let n = &ns.name;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (key, public) = key_pair(d, "ephemeral");
+    let ca = test_ca(d, "test-ca");
+    let stranger = test_ca(d, "stranger-ca");
+    let (dev, issuer) = ("dev@example.com", "https://issuer.example");
+    let cert = ca.issue(d, &public, dev, issuer);
+    let root = ca.trusted_root(d, None);
+    let repo = format!("sig/keyless-{:08x}", fastrand::u32(..));
+
+    for (tag, bundle) in [("tag-scheme", false), ("bundle", true)] {
+        let image = format!("{}/{repo}:{tag}", env.registry);
+        let digest = push_module(&image, module(&format!("keyless-{tag}"))).await;
+        cosign_sign_certified(
+            &key,
+            &cert,
+            &ca.cert,
+            &format!("{}/{repo}@{digest}", env.registry),
+            bundle,
+        );
+        let (code, out) = verify_identity(&image, dev, issuer, &root);
+        assert_eq!(code, 0, "{tag}: {out}");
+        assert!(
+            out.contains(&format!(
+                "signed by {dev} (issuer {issuer}, certificate authority https://test-ca.test)"
+            )),
+            "{out}"
+        );
+        assert!(
+            cosign_verifies_identity(&image, dev, issuer, &root, bundle),
+            "{tag}"
+        );
+        // Another identity, another issuer, another CA: refused by both.
+        for (subject, iss, trusted, says) in [
+            (
+                "ops@example.com",
+                issuer,
+                &root,
+                "names dev@example.com (issuer https://issuer.example), not a required identity",
+            ),
+            (
+                dev,
+                "https://elsewhere.example",
+                &root,
+                "not a required identity",
+            ),
+            (
+                dev,
+                issuer,
+                &stranger.trusted_root(d, None),
+                "was not issued by a certificate authority of",
+            ),
+        ] {
+            let (code, out) = verify_identity(&image, subject, iss, trusted);
+            assert_eq!(code, 1, "{tag}: {out}");
+            assert!(
+                out.starts_with("SignerNotTrusted: ") && out.contains(says),
+                "{tag}: {out}"
+            );
+            assert!(
+                !cosign_verifies_identity(&image, subject, iss, trusted, bundle),
+                "{tag}: {subject} {iss}"
+            );
+        }
+    }
+    // An authority the trusted root no longer vouches for.
+    let expired = ca.trusted_root(d, Some("2021-01-01T00:00:00Z"));
+    let (code, out) = verify_identity(
+        &format!("{}/{repo}:bundle", env.registry),
+        dev,
+        issuer,
+        &expired,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("valid now"), "{out}");
+    // A signature made with a plain key is no keyless signature.
+    let keyed = format!("{}/{repo}:keyed", env.registry);
+    let digest = push_module(&keyed, module("keyless-keyed")).await;
+    cosign_sign(&key, &format!("{}/{repo}@{digest}", env.registry));
+    let (code, out) = verify_identity(&keyed, dev, issuer, &root);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("a signature made with a key, not a certificate"),
+        "{out}"
+    );
+
+    // The operator: the trusted root from a ConfigMap, the identity from the spec.
+    let out = kubectl(&[
+        "create",
+        "configmap",
+        "sigstore-root",
+        "-n",
+        n,
+        &format!("--from-file=trusted_root.json={}", root.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _op = Operator::start(n, &[]).await;
+    let keyless = |subject: &str| {
+        let subject = subject.to_string();
+        move |spec: &mut wasmfilter::api::WasmFilterSpec| {
+            spec.module.verify = Some(Verification {
+                cosign: CosignVerification {
+                    public_keys: None,
+                    keyless: Some(wasmfilter::api::KeylessVerification {
+                        trusted_root: "sigstore-root".into(),
+                        identities: vec![wasmfilter::api::CertificateIdentity {
+                            issuer: "https://issuer.example".into(),
+                            subject,
+                        }],
+                    }),
+                },
+            })
+        }
+    };
+    let bundled = format!("{}/{repo}:bundle", env.registry);
+    Filter::new(n, "keyless", &bundled)
+        .edit(keyless(dev))
+        .apply();
+    let wf = wait_condition(&client, n, "keyless", "Ready", "True").await;
+    let signature = wf.status.unwrap().artifact.unwrap().signature.unwrap();
+    assert_eq!(signature.scheme, "sigstore-bundle");
+    assert_eq!(
+        signature.key,
+        format!("{dev} (issuer {issuer}, certificate authority https://test-ca.test)")
+    );
+    assert!(signature.key_fingerprint.starts_with("sha256:"));
+    Filter::new(n, "stranger", &bundled)
+        .edit(keyless("ops@example.com"))
+        .apply();
+    let wf = wait_status(&client, n, "stranger", "SignerNotTrusted", |wf| {
+        reason_is(wf, "SignerNotTrusted")
+    })
+    .await;
+    let message = &condition(&wf, "Ready").unwrap().message;
+    assert!(message.contains("not a required identity"), "{message}");
 }

@@ -57,9 +57,10 @@ pub enum Command {
     /// 1: it refused its configuration, trapped or ran out of time; 2: the input cannot
     /// be read.
     Run(RunArgs),
-    /// Verify that a module's manifest carries a cosign signature (`cosign sign --key`: the
-    /// `sha256-<digest>.sig` tag, or a Sigstore bundle referring to it) by one of the given
-    /// public keys. Exit 0: it does; 1: it is
+    /// Verify that a module's manifest carries a cosign signature (the `sha256-<digest>.sig`
+    /// tag, or a Sigstore bundle referring to it) by one of the given public keys, or (keyless)
+    /// with a certificate a trusted root's authority issued to the given identity. Exit 0: it
+    /// does; 1: it is
     /// unsigned, signed by none of the keys, or the signature is not valid; 2: the input cannot
     /// be read.
     Verify(VerifyArgs),
@@ -71,8 +72,23 @@ pub struct VerifyArgs {
     pub reference: String,
     /// A PEM public key (ECDSA P-256, as `cosign generate-key-pair` writes). Repeatable: one
     /// signature by any of them is enough.
-    #[arg(long = "key", required = true, value_name = "FILE")]
+    #[arg(
+        long = "key",
+        value_name = "FILE",
+        required_unless_present = "certificate_identity",
+        conflicts_with = "certificate_identity"
+    )]
     pub keys: Vec<PathBuf>,
+    /// Keyless: the signing certificate must name this subject (an email or a URI).
+    #[arg(long, requires_all = ["certificate_oidc_issuer", "trusted_root"])]
+    pub certificate_identity: Option<String>,
+    /// Keyless: the OIDC issuer the certificate must name.
+    #[arg(long, requires = "certificate_identity")]
+    pub certificate_oidc_issuer: Option<String>,
+    /// Keyless: a Sigstore trusted root (`trusted_root.json`) whose certificate authorities
+    /// are trusted.
+    #[arg(long, value_name = "FILE", requires = "certificate_identity")]
+    pub trusted_root: Option<PathBuf>,
     #[command(flatten)]
     pub source: SourceArgs,
 }
@@ -1052,6 +1068,29 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             .map_err(|e| unreadable(format!("reading {}: {e}", path.display())))?;
         keys.push(TrustedKey::from_pem(&path.display().to_string(), &pem).map_err(unreadable)?);
     }
+    let keyless = match (
+        &args.certificate_identity,
+        &args.certificate_oidc_issuer,
+        &args.trusted_root,
+    ) {
+        (Some(subject), Some(issuer), Some(path)) => {
+            let json = std::fs::read_to_string(path)
+                .map_err(|e| unreadable(format!("reading {}: {e}", path.display())))?;
+            let identity = crate::oci::keyless::Identity {
+                issuer: issuer.clone(),
+                subject: subject.clone(),
+            };
+            Some(
+                crate::oci::keyless::KeylessTrust::from_trusted_root(
+                    &path.display().to_string(),
+                    &json,
+                    vec![identity],
+                )
+                .map_err(unreadable)?,
+            )
+        }
+        _ => None,
+    };
     let (resolver, creds) =
         registry_for(&args.reference, &args.source).map_err(|e| unreadable(format!("{e:#}")))?;
     let (artifact, _) = resolver
@@ -1063,7 +1102,16 @@ async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         .cosign_signatures(&args.reference, digest, &creds)
         .await
         .map_err(|e| unreadable(format!("reading the signatures of {digest}: {e:#}")))?;
-    match signature::verify(digest, found.as_ref(), &keys) {
+    let verdict = match &keyless {
+        Some(trust) => signature::verify_keyless(
+            digest,
+            found.as_ref(),
+            trust,
+            jiff::Timestamp::now().as_second(),
+        ),
+        None => signature::verify(digest, found.as_ref(), &keys),
+    };
+    match verdict {
         Ok(v) => {
             println!(
                 "verified {}@{digest}: signed by {} ({}), signature {} ({})",

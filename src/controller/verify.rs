@@ -10,8 +10,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 
 use super::{Context, Error};
-use crate::api::{KeySource, WasmFilter};
+use crate::api::{CertificateIdentity, KeySource, WasmFilter};
 use crate::oci::Artifact;
+use crate::oci::keyless::{Identity, KeylessTrust};
 use crate::oci::signature::{self, Signatures, TrustedKey};
 
 /// Where a set of trusted keys lives.
@@ -31,13 +32,56 @@ impl KeysAt {
     }
 }
 
-/// The key sets `wf`'s module must be signed by: the operator's first, then the filter's own.
-pub fn requirements(wf: &WasmFilter, ns: &str, operator: Option<&KeysAt>) -> Vec<KeysAt> {
-    let own = wf.spec.module.verify.as_ref().map(|v| KeysAt {
-        namespace: ns.to_string(),
-        source: v.cosign.public_keys.clone(),
+/// What a module must be signed by: keys, or a keyless signer trusted by a trusted root.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requirement {
+    Keys(KeysAt),
+    Keyless {
+        namespace: String,
+        /// The ConfigMap holding `trusted_root.json`.
+        trusted_root: String,
+        identities: Vec<CertificateIdentity>,
+    },
+}
+
+impl Requirement {
+    fn describe(&self) -> String {
+        match self {
+            Requirement::Keys(at) => at.describe(),
+            Requirement::Keyless {
+                namespace,
+                trusted_root,
+                ..
+            } => format!("ConfigMap {namespace}/{trusted_root}"),
+        }
+    }
+}
+
+/// The ConfigMap key holding a Sigstore trusted root.
+pub const TRUSTED_ROOT_KEY: &str = "trusted_root.json";
+
+/// What `wf`'s module must be signed by: the operator's keys first, then the filter's own.
+pub fn requirements(wf: &WasmFilter, ns: &str, operator: Option<&KeysAt>) -> Vec<Requirement> {
+    let own = wf.spec.module.verify.as_ref().and_then(|v| {
+        match (&v.cosign.public_keys, &v.cosign.keyless) {
+            (Some(keys), _) => Some(Requirement::Keys(KeysAt {
+                namespace: ns.to_string(),
+                source: keys.clone(),
+            })),
+            (None, Some(k)) => Some(Requirement::Keyless {
+                namespace: ns.to_string(),
+                trusted_root: k.trusted_root.clone(),
+                identities: k.identities.clone(),
+            }),
+            (None, None) => None,
+        }
     });
-    operator.cloned().into_iter().chain(own).collect()
+    operator
+        .cloned()
+        .map(Requirement::Keys)
+        .into_iter()
+        .chain(own)
+        .collect()
 }
 
 /// Verifies `artifact`'s manifest against every requirement, recording the signature of the
@@ -53,13 +97,22 @@ pub(super) async fn check(
         return Ok(());
     }
     let mut signatures: Option<Option<Signatures>> = None;
-    for at in required {
-        let keys = load_keys(&ctx.client, &at).await?;
-        // The key set by where it is and what it holds: a verified signature names its key by
-        // where it came from.
+    for requirement in required {
+        let trust = match &requirement {
+            Requirement::Keys(at) => Trust::Keys(load_keys(&ctx.client, at).await?),
+            Requirement::Keyless {
+                namespace,
+                trusted_root,
+                identities,
+            } => Trust::Keyless(
+                load_trusted_root(&ctx.client, namespace, trusted_root, identities).await?,
+            ),
+        };
+        // The trust by where it is and what it holds: a verified signature names its signer by
+        // where the trust came from.
         let memo_key = (
             artifact.manifest_digest.clone(),
-            format!("{} {}", at.describe(), fingerprints(&keys)),
+            format!("{} {}", requirement.describe(), trust.fingerprint()),
         );
         if let Some(v) = ctx.remembered_signature(&memo_key) {
             artifact.signature = Some(v);
@@ -74,11 +127,67 @@ pub(super) async fn check(
             );
         }
         let found = signatures.as_ref().and_then(Option::as_ref);
-        let verified = signature::verify(&artifact.manifest_digest, found, &keys)?;
+        let digest = &artifact.manifest_digest;
+        let verified = match &trust {
+            Trust::Keys(keys) => signature::verify(digest, found, keys)?,
+            Trust::Keyless(k) => {
+                signature::verify_keyless(digest, found, k, jiff::Timestamp::now().as_second())?
+            }
+        };
         ctx.remember_signature(memo_key, verified.clone());
         artifact.signature = Some(verified);
     }
     Ok(())
+}
+
+/// Trust material, loaded.
+enum Trust {
+    Keys(Vec<TrustedKey>),
+    Keyless(KeylessTrust),
+}
+
+impl Trust {
+    /// What identifies the material: the keys' fingerprints, or the trusted root's and the
+    /// identities' digest.
+    fn fingerprint(&self) -> String {
+        match self {
+            Trust::Keys(keys) => fingerprints(keys),
+            Trust::Keyless(k) => k.fingerprint.clone(),
+        }
+    }
+}
+
+/// A Sigstore trusted root from a ConfigMap (key `trusted_root.json`), with the identities.
+pub async fn load_trusted_root(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    identities: &[CertificateIdentity],
+) -> Result<KeylessTrust, Error> {
+    let where_ = format!("ConfigMap {namespace}/{name}");
+    let missing = |message: String| Error::VerificationKeys {
+        keys: where_.clone(),
+        message,
+    };
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = api
+        .get_opt(name)
+        .await
+        .map_err(|e| missing(format!("cannot read it: {e}")))?
+        .ok_or_else(|| missing("it does not exist".into()))?;
+    let json = cm
+        .data
+        .unwrap_or_default()
+        .remove(TRUSTED_ROOT_KEY)
+        .ok_or_else(|| missing(format!("it has no key {TRUSTED_ROOT_KEY}")))?;
+    let identities = identities
+        .iter()
+        .map(|i| Identity {
+            issuer: i.issuer.clone(),
+            subject: i.subject.clone(),
+        })
+        .collect();
+    KeylessTrust::from_trusted_root(&where_, &json, identities).map_err(missing)
 }
 
 fn fingerprints(keys: &[TrustedKey]) -> String {
@@ -170,7 +279,7 @@ mod tests {
         assert_eq!(own[0].describe(), "ConfigMap shop/team-keys");
         let both = requirements(&wf(Some("team-keys")), "shop", Some(&platform));
         assert_eq!(
-            both.iter().map(KeysAt::describe).collect::<Vec<_>>(),
+            both.iter().map(Requirement::describe).collect::<Vec<_>>(),
             ["ConfigMap platform/required", "ConfigMap shop/team-keys"]
         );
         assert_eq!(requirements(&wf(None), "shop", Some(&platform)).len(), 1);

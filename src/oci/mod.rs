@@ -7,6 +7,7 @@
 pub mod auth;
 mod error;
 pub mod format;
+pub mod keyless;
 mod push;
 mod reference;
 mod registry;

@@ -308,6 +308,7 @@ mod tests {
             signature: Some(signer.sign(&payload)),
             payload,
             bundle: None,
+            certificate: None,
         };
         let trusted =
             super::super::signature::TrustedKey::from_pem("k", &signer.public_key_pem().unwrap())

@@ -12,8 +12,9 @@
 //!
 //! Fetching is [`Resolver::cosign_signatures`] (every digest checked like a module's);
 //! deciding is [`verify`], pure. Keys are PEM `PUBLIC KEY`s (cosign's own, ECDSA P-256). No
-//! transparency log is consulted (as `cosign verify --insecure-ignore-tlog`); bundles with a
-//! certificate (keyless) are not verified.
+//! transparency log is consulted (as `cosign verify --insecure-ignore-tlog`). Keyless
+//! signatures (a certificate instead of a key) are judged by [`verify_keyless`] against a
+//! trusted root ([`super::keyless`]).
 
 use oci_client::Reference;
 use p256::ecdsa::signature::Verifier as _;
@@ -21,6 +22,7 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::{DecodePublicKey as _, EncodePublicKey as _};
 use serde::Deserialize;
 
+use super::keyless::KeylessTrust;
 use super::{Credentials, Error as OciError, Resolver};
 use crate::cache::sha256_hex;
 
@@ -28,6 +30,8 @@ use crate::cache::sha256_hex;
 pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 /// The annotation holding the base64 signature.
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+/// The annotation holding a keyless signature's PEM certificate.
+pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 /// The largest payload read (cosign's are a few hundred bytes).
 const MAX_PAYLOAD_BYTES: u64 = 64 << 10;
 /// Signatures looked at, at most (of each form).
@@ -55,6 +59,8 @@ pub struct Found {
     pub signature: Option<String>,
     /// From a Sigstore bundle; `None`: cosign's tag scheme.
     pub bundle: Option<Bundled>,
+    /// The signing certificate (DER) of a keyless signature.
+    pub certificate: Option<Vec<u8>>,
 }
 
 /// Where a signature from a Sigstore bundle came from, and what it is.
@@ -130,6 +136,15 @@ pub enum Refusal {
         "no cosign signature of {digest} verifies with the trusted keys ({keys}): signed by another key, or altered"
     )]
     NotTrusted { digest: String, keys: String },
+
+    #[error(
+        "no keyless cosign signature of {digest} is by a required identity under {trust}: {why}"
+    )]
+    IdentityNotTrusted {
+        digest: String,
+        trust: String,
+        why: String,
+    },
 }
 
 impl Refusal {
@@ -137,7 +152,7 @@ impl Refusal {
         match self {
             Refusal::Missing { .. } => "SignatureMissing",
             Refusal::Invalid { .. } => "SignatureInvalid",
-            Refusal::NotTrusted { .. } => "SignerNotTrusted",
+            Refusal::NotTrusted { .. } | Refusal::IdentityNotTrusted { .. } => "SignerNotTrusted",
         }
     }
 }
@@ -173,31 +188,109 @@ pub fn verify(
     signatures: Option<&Signatures>,
     keys: &[TrustedKey],
 ) -> Result<Verified, Refusal> {
-    let tag = signature_tag(digest);
-    let Some(sigs) = signatures.filter(|s| !s.found.is_empty()) else {
-        return Err(Refusal::Missing {
+    let judged = judge_each(digest, signatures, |_, signed, signature| {
+        keys.iter()
+            .find(|k| k.key.verify(signed, signature).is_ok())
+            .map(|k| (k.name.clone(), k.fingerprint.clone()))
+            .ok_or_else(String::new)
+    });
+    judged.map_err(|e| {
+        e.refusal(digest, signatures, || Refusal::NotTrusted {
             digest: digest.to_string(),
-            tag,
-        });
+            keys: keys
+                .iter()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    })
+}
+
+/// Decides whether `signatures` hold a keyless one, for `digest`, whose certificate `trust`
+/// accepts at `now` (Unix seconds) for a required identity, made with that certificate's key.
+pub fn verify_keyless(
+    digest: &str,
+    signatures: Option<&Signatures>,
+    trust: &KeylessTrust,
+    now: i64,
+) -> Result<Verified, Refusal> {
+    let judged = judge_each(digest, signatures, |found, signed, signature| {
+        let Some(certificate) = &found.certificate else {
+            return Err("a signature made with a key, not a certificate".into());
+        };
+        let certified = trust.check(certificate, now)?;
+        certified
+            .key
+            .verify(signed, signature)
+            .map_err(|_| "a signature does not verify with its certificate's key".to_string())?;
+        Ok((certified.who, certified.fingerprint))
+    });
+    judged.map_err(|e| {
+        e.refusal(digest, signatures, || Refusal::IdentityNotTrusted {
+            digest: digest.to_string(),
+            trust: trust.describe(),
+            why: e.untrusted.join("; "),
+        })
+    })
+}
+
+/// Why no signature was accepted: what was wrong with the malformed ones, how many were well
+/// formed, and why the judge refused those.
+struct Unaccepted {
+    problems: Vec<String>,
+    well_formed: usize,
+    untrusted: Vec<String>,
+}
+
+impl Unaccepted {
+    fn refusal(
+        &self,
+        digest: &str,
+        signatures: Option<&Signatures>,
+        not_trusted: impl FnOnce() -> Refusal,
+    ) -> Refusal {
+        if signatures.is_none_or(|s| s.found.is_empty()) {
+            return Refusal::Missing {
+                digest: digest.to_string(),
+                tag: signature_tag(digest),
+            };
+        }
+        if self.well_formed == 0 {
+            return Refusal::Invalid {
+                digest: digest.to_string(),
+                message: self.problems.join("; "),
+            };
+        }
+        not_trusted()
+    }
+}
+
+/// Checks each signature's payload names `digest` and its signature parses, then asks `judge`
+/// (with the signed bytes) who made it: the first it names is the verified signer.
+fn judge_each(
+    digest: &str,
+    signatures: Option<&Signatures>,
+    judge: impl Fn(&Found, &[u8], &Signature) -> Result<(String, String), String>,
+) -> Result<Verified, Unaccepted> {
+    let mut out = Unaccepted {
+        problems: Vec::new(),
+        well_formed: 0,
+        untrusted: Vec::new(),
     };
-    let mut problems = Vec::new();
-    let mut well_formed = 0;
+    let Some(sigs) = signatures.filter(|s| !s.found.is_empty()) else {
+        return Err(out);
+    };
     for found in &sigs.found {
         let signed = match &found.bundle {
-            None => match simple_signing(digest, &found.payload) {
-                Ok(()) => found.payload.clone(),
-                Err(p) => {
-                    problems.push(p);
-                    continue;
-                }
-            },
-            Some(b) => match in_toto(digest, b, &found.payload) {
-                Ok(message) => message,
-                Err(p) => {
-                    problems.push(p);
-                    continue;
-                }
-            },
+            None => simple_signing(digest, &found.payload).map(|()| found.payload.clone()),
+            Some(b) => in_toto(digest, b, &found.payload),
+        };
+        let signed = match signed {
+            Ok(s) => s,
+            Err(p) => {
+                out.problems.push(p);
+                continue;
+            }
         };
         let Some(signature) = found
             .signature
@@ -205,40 +298,29 @@ pub fn verify(
             .and_then(base64_decode)
             .and_then(|der| Signature::from_der(&der).ok())
         else {
-            problems.push("a layer has no readable signature annotation".into());
+            out.problems
+                .push("a layer has no readable signature annotation".into());
             continue;
         };
-        well_formed += 1;
-        if let Some(key) = keys
-            .iter()
-            .find(|k| k.key.verify(&signed, &signature).is_ok())
-        {
-            let (scheme, holder) = match &found.bundle {
-                None => ("cosign", sigs.manifest_digest.clone()),
-                Some(b) => ("sigstore-bundle", b.manifest_digest.clone()),
-            };
-            return Ok(Verified {
-                scheme: scheme.to_string(),
-                key: key.name.clone(),
-                key_fingerprint: key.fingerprint.clone(),
-                signature_digest: holder,
-            });
+        out.well_formed += 1;
+        match judge(found, &signed, &signature) {
+            Ok((key, key_fingerprint)) => {
+                let (scheme, holder) = match &found.bundle {
+                    None => ("cosign", sigs.manifest_digest.clone()),
+                    Some(b) => ("sigstore-bundle", b.manifest_digest.clone()),
+                };
+                return Ok(Verified {
+                    scheme: scheme.to_string(),
+                    key,
+                    key_fingerprint,
+                    signature_digest: holder,
+                });
+            }
+            Err(why) if !why.is_empty() && !out.untrusted.contains(&why) => out.untrusted.push(why),
+            Err(_) => {}
         }
     }
-    if well_formed == 0 {
-        return Err(Refusal::Invalid {
-            digest: digest.to_string(),
-            message: problems.join("; "),
-        });
-    }
-    Err(Refusal::NotTrusted {
-        digest: digest.to_string(),
-        keys: keys
-            .iter()
-            .map(|k| k.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-    })
+    Err(out)
 }
 
 /// Checks a simple-signing payload names `digest`.
@@ -379,6 +461,7 @@ fn unusable(holder: &str, problem: String) -> Found {
     Found {
         payload: Vec::new(),
         signature: None,
+        certificate: None,
         bundle: Some(Bundled {
             manifest_digest: holder.to_string(),
             payload_type: String::new(),
@@ -398,16 +481,13 @@ fn parse_bundle(bytes: &[u8], holder: &str) -> Vec<Found> {
             )];
         }
     };
-    if doc
-        .verification_material
-        .as_ref()
-        .is_some_and(|v| v.get("certificate").is_some() || v.get("x509CertificateChain").is_some())
-    {
-        return vec![unusable(
-            holder,
-            "a bundle carries a certificate (keyless signing), which is not verified yet".into(),
-        )];
-    }
+    // The signing certificate: v0.3 bundles hold it alone, older ones a chain, leaf first.
+    let certificate = doc.verification_material.as_ref().and_then(|v| {
+        let raw = v
+            .pointer("/certificate/rawBytes")
+            .or_else(|| v.pointer("/x509CertificateChain/certificates/0/rawBytes"))?;
+        base64_decode(raw.as_str()?)
+    });
     let Some(envelope) = doc.dsse_envelope else {
         return vec![unusable(
             holder,
@@ -427,6 +507,7 @@ fn parse_bundle(bytes: &[u8], holder: &str) -> Vec<Found> {
         .map(|s| Found {
             payload: payload.clone(),
             signature: Some(s.sig),
+            certificate: certificate.clone(),
             bundle: Some(Bundled {
                 manifest_digest: holder.to_string(),
                 payload_type: envelope.payload_type.clone(),
@@ -500,14 +581,17 @@ impl Resolver {
             let payload = self
                 .fetch_blob(&reference, layer, size, creds, None)
                 .await?;
+            let annotation = |name: &str| layer.annotations.as_ref()?.get(name).cloned();
             found.push(Found {
                 payload,
-                signature: layer
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(SIGNATURE_ANNOTATION))
-                    .cloned(),
+                signature: annotation(SIGNATURE_ANNOTATION),
                 bundle: None,
+                certificate: annotation(CERTIFICATE_ANNOTATION).and_then(|pem| {
+                    pem_rfc7468::decode_vec(pem.trim().as_bytes())
+                        .ok()
+                        .filter(|(label, _)| *label == "CERTIFICATE")
+                        .map(|(_, der)| der)
+                }),
             });
         }
         Ok(Some((digest, found)))
@@ -654,6 +738,7 @@ mod tests {
             ),
             payload,
             bundle: None,
+            certificate: None,
         }
     }
 
@@ -731,6 +816,7 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes()),
             ),
             payload,
+            certificate: None,
             bundle: Some(Bundled {
                 manifest_digest: "sha256:4444".into(),
                 payload_type: IN_TOTO.into(),
@@ -792,13 +878,17 @@ mod tests {
         altered.payload.push(b' ');
         let e = verify(DIGEST, Some(&sigs(vec![altered])), &keys).unwrap_err();
         assert_eq!(e.reason(), "SignerNotTrusted");
-        let keyless = parse_bundle(
-            br#"{"verificationMaterial": {"certificate": {"rawBytes": "AA=="}}, "dsseEnvelope": {"payload": "", "payloadType": "x", "signatures": []}}"#,
+        // A bundle's certificate is read (for keyless verification), v0.3's and older ones'.
+        let leaf = parse_bundle(
+            br#"{"verificationMaterial": {"certificate": {"rawBytes": "AQI="}}, "dsseEnvelope": {"payload": "", "payloadType": "x", "signatures": [{"sig": ""}]}}"#,
             "sha256:5555",
         );
-        let e = verify(DIGEST, Some(&sigs(keyless)), &keys).unwrap_err();
-        assert_eq!(e.reason(), "SignatureInvalid");
-        assert!(e.to_string().contains("keyless"), "{e}");
+        assert_eq!(leaf[0].certificate.as_deref(), Some(&[1u8, 2][..]));
+        let chain = parse_bundle(
+            br#"{"verificationMaterial": {"x509CertificateChain": {"certificates": [{"rawBytes": "Aw=="}, {"rawBytes": "BA=="}]}}, "dsseEnvelope": {"payload": "", "payloadType": "x", "signatures": [{"sig": ""}]}}"#,
+            "sha256:5555",
+        );
+        assert_eq!(chain[0].certificate.as_deref(), Some(&[3u8][..]));
         // Both forms side by side: either verifying is enough.
         let misdirected = signed(&a, payload(other));
         assert!(verify(DIGEST, Some(&sigs(vec![misdirected, good])), &keys).is_ok());

@@ -1,0 +1,334 @@
+//! Keyless cosign signatures: the signature is made with a short-lived key whose certificate a
+//! certificate authority (Sigstore's Fulcio, or your own) issued for an identity (an email or a
+//! URI, such as a CI workflow) vouched for by an OIDC issuer. Verified offline against a
+//! configured Sigstore trusted root (`trusted_root.json`): the certificate must chain to one of
+//! its certificate authorities, be valid now, allow code signing, and name one of the required
+//! identities with its issuer (Fulcio's extension `1.3.6.1.4.1.57264.1.8`, else `.1.1`); then
+//! the signature must verify with the certificate's key (ECDSA P-256). No transparency log is
+//! consulted, so a certificate is checked against the current time, not the time it was used:
+//! Fulcio's ten-minute certificates need a log's timestamp, which this does not read yet.
+
+use base64::Engine as _;
+use p256::ecdsa::VerifyingKey;
+use p256::pkcs8::DecodePublicKey as _;
+use serde::Deserialize;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::time::ASN1Time;
+
+use crate::cache::sha256_hex;
+
+/// Fulcio's issuer extension: DER UTF8String (v2), and the raw string (v1).
+const OID_ISSUER_V2: &str = "1.3.6.1.4.1.57264.1.8";
+const OID_ISSUER_V1: &str = "1.3.6.1.4.1.57264.1.1";
+/// Certificate authorities read from a trusted root, at most.
+const MAX_AUTHORITIES: usize = 64;
+
+/// Who must have signed: the certificate's subject (email or URI) and its OIDC issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+}
+
+/// One certificate authority of a trusted root: its chain (issuing certificate first) and when
+/// it may be used (Unix seconds).
+#[derive(Debug, Clone)]
+struct Authority {
+    name: String,
+    chain: Vec<Vec<u8>>,
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+/// The trust keyless signatures are checked against.
+#[derive(Debug, Clone)]
+pub struct KeylessTrust {
+    /// Where the trusted root came from, for messages.
+    pub name: String,
+    authorities: Vec<Authority>,
+    pub identities: Vec<Identity>,
+    /// `sha256:<hex>` of the trusted root and the identities: what makes a verdict.
+    pub fingerprint: String,
+}
+
+/// A certificate that passed every check: its key, and who it names.
+#[derive(Debug, Clone)]
+pub struct Certified {
+    pub key: VerifyingKey,
+    /// `dev@example.com (issuer https://…, CA …)`.
+    pub who: String,
+    /// `sha256:<hex>` of the certificate's DER.
+    pub fingerprint: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TrustedRoot {
+    #[serde(default)]
+    certificate_authorities: Vec<CertificateAuthority>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CertificateAuthority {
+    #[serde(default)]
+    uri: String,
+    cert_chain: CertChain,
+    #[serde(default)]
+    valid_for: Option<ValidFor>,
+}
+
+#[derive(Deserialize)]
+struct CertChain {
+    certificates: Vec<RawBytes>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawBytes {
+    raw_bytes: String,
+}
+
+#[derive(Deserialize)]
+struct ValidFor {
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    end: Option<String>,
+}
+
+fn seconds(t: &str) -> Result<i64, String> {
+    t.parse::<jiff::Timestamp>()
+        .map(|t| t.as_second())
+        .map_err(|e| format!("{t:?} is not an RFC 3339 time: {e}"))
+}
+
+impl KeylessTrust {
+    /// Reads the certificate authorities of a Sigstore trusted root (`trusted_root.json`).
+    pub fn from_trusted_root(
+        name: &str,
+        json: &str,
+        identities: Vec<Identity>,
+    ) -> Result<Self, String> {
+        let root: TrustedRoot = serde_json::from_str(json)
+            .map_err(|e| format!("{name} is not a Sigstore trusted root: {e}"))?;
+        let mut authorities = Vec::new();
+        for ca in root
+            .certificate_authorities
+            .into_iter()
+            .take(MAX_AUTHORITIES)
+        {
+            let chain = ca
+                .cert_chain
+                .certificates
+                .iter()
+                .map(|c| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(&c.raw_bytes)
+                        .map_err(|e| format!("{name}: a certificate is not base64: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let Some(first) = chain.first() else { continue };
+            let (_, cert) = x509_parser::parse_x509_certificate(first)
+                .map_err(|e| format!("{name}: a certificate authority does not parse: {e}"))?;
+            let (start, end) = match &ca.valid_for {
+                Some(v) => (
+                    v.start.as_deref().map(seconds).transpose()?,
+                    v.end.as_deref().map(seconds).transpose()?,
+                ),
+                None => (None, None),
+            };
+            authorities.push(Authority {
+                name: if ca.uri.is_empty() {
+                    cert.subject().to_string()
+                } else {
+                    ca.uri.clone()
+                },
+                chain,
+                start,
+                end,
+            });
+        }
+        if authorities.is_empty() {
+            return Err(format!("{name} names no certificate authority"));
+        }
+        let mut material = json.as_bytes().to_vec();
+        for i in &identities {
+            material.extend_from_slice(format!("\n{}\n{}", i.issuer, i.subject).as_bytes());
+        }
+        Ok(KeylessTrust {
+            name: name.to_string(),
+            authorities,
+            identities,
+            fingerprint: format!("sha256:{}", sha256_hex(&material)),
+        })
+    }
+
+    /// Checks the certificate `leaf` (DER) at `now` (Unix seconds): issued by a trusted
+    /// authority, valid, for code signing, naming a required identity.
+    pub fn check(&self, leaf: &[u8], now: i64) -> Result<Certified, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("the signing certificate does not parse: {e}"))?;
+        let authority = self.issuer_of(&cert, now).ok_or_else(|| {
+            format!(
+                "the signing certificate (issued by {}) was not issued by a certificate \
+                     authority of {} valid now",
+                cert.issuer(),
+                self.name
+            )
+        })?;
+        let at = ASN1Time::from_timestamp(now).map_err(|e| e.to_string())?;
+        if !cert.validity().is_valid_at(at) {
+            return Err(format!(
+                "the signing certificate is valid from {} to {}, not now",
+                cert.validity().not_before,
+                cert.validity().not_after
+            ));
+        }
+        let code_signing = cert
+            .extended_key_usage()
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.value.code_signing);
+        if !code_signing {
+            return Err("the signing certificate does not allow code signing".into());
+        }
+        let subjects = subjects(&cert);
+        let issuer = oidc_issuer(&cert);
+        let Some(identity) = self.identities.iter().find(|i| {
+            subjects.contains(&i.subject) && issuer.as_deref() == Some(i.issuer.as_str())
+        }) else {
+            return Err(format!(
+                "the signing certificate names {} (issuer {}), not a required identity",
+                if subjects.is_empty() {
+                    "no email or URI".to_string()
+                } else {
+                    subjects.join(", ")
+                },
+                issuer.as_deref().unwrap_or("none")
+            ));
+        };
+        let key = VerifyingKey::from_public_key_der(cert.public_key().raw)
+            .map_err(|e| format!("the signing certificate's key is not ECDSA P-256: {e}"))?;
+        Ok(Certified {
+            key,
+            who: format!(
+                "{} (issuer {}, certificate authority {})",
+                identity.subject, identity.issuer, authority
+            ),
+            fingerprint: format!("sha256:{}", sha256_hex(leaf)),
+        })
+    }
+
+    /// The name of the trusted authority whose issuing certificate signed `cert`.
+    fn issuer_of(&self, cert: &X509Certificate<'_>, now: i64) -> Option<&str> {
+        self.authorities
+            .iter()
+            .filter(|a| a.start.is_none_or(|s| s <= now) && a.end.is_none_or(|e| now <= e))
+            .find(|a| {
+                let Some(Ok((_, issuing))) = a
+                    .chain
+                    .first()
+                    .map(|d| x509_parser::parse_x509_certificate(d))
+                else {
+                    return false;
+                };
+                issuing.subject() == cert.issuer()
+                    && cert.verify_signature(Some(issuing.public_key())).is_ok()
+            })
+            .map(|a| a.name.as_str())
+    }
+
+    /// The required identities, for messages.
+    pub fn describe(&self) -> String {
+        let ids: Vec<String> = self
+            .identities
+            .iter()
+            .map(|i| format!("{} from {}", i.subject, i.issuer))
+            .collect();
+        format!("{} ({})", self.name, ids.join(", "))
+    }
+}
+
+/// The certificate's email and URI subject alternative names.
+fn subjects(cert: &X509Certificate<'_>) -> Vec<String> {
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::RFC822Name(s) | GeneralName::URI(s) => Some((*s).to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Fulcio's OIDC issuer extension: the v2 one (a DER UTF8String), else the v1 one (raw).
+fn oidc_issuer(cert: &X509Certificate<'_>) -> Option<String> {
+    let ext = |oid: &str| {
+        cert.extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == oid)
+            .map(|e| e.value)
+    };
+    if let Some(v) = ext(OID_ISSUER_V2) {
+        return utf8_string(v);
+    }
+    ext(OID_ISSUER_V1).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A DER UTF8String's text.
+fn utf8_string(der: &[u8]) -> Option<String> {
+    let (&tag, rest) = der.split_first()?;
+    if tag != 0x0c {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, body) = match first {
+        n if n < 0x80 => (usize::from(n), rest),
+        0x81 => (usize::from(*rest.first()?), &rest[1..]),
+        0x82 => (
+            usize::from(*rest.first()?) << 8 | usize::from(*rest.get(1)?),
+            rest.get(2..)?,
+        ),
+        _ => return None,
+    };
+    std::str::from_utf8(body.get(..len)?)
+        .ok()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn der_utf8_strings_read_in_short_and_long_form() {
+        assert_eq!(utf8_string(b"\x0c\x03abc").as_deref(), Some("abc"));
+        let long = "x".repeat(200);
+        let mut der = vec![0x0c, 0x81, 200];
+        der.extend_from_slice(long.as_bytes());
+        assert_eq!(utf8_string(&der), Some(long));
+        assert_eq!(
+            utf8_string(b"\x13\x03abc"),
+            None,
+            "a PrintableString is not UTF8"
+        );
+        assert_eq!(utf8_string(b"\x0c\x05ab"), None, "truncated");
+    }
+
+    #[test]
+    fn a_trusted_root_without_authorities_or_json_is_refused() {
+        assert!(KeylessTrust::from_trusted_root("r", "not json", vec![]).is_err());
+        let e = KeylessTrust::from_trusted_root(
+            "r",
+            r#"{"mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1"}"#,
+            vec![],
+        )
+        .unwrap_err();
+        assert!(e.contains("names no certificate authority"), "{e}");
+    }
+}
