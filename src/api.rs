@@ -505,8 +505,9 @@ pub struct SignatureStatus {
     /// `cosign` (cosign's `sha256-<digest>.sig` tag) or `sigstore-bundle` (a Sigstore bundle
     /// referring to the manifest).
     pub scheme: String,
-    /// The trusted key that verified it: where it came from, and the sha256 of its DER
-    /// encoding.
+    /// The trusted key that verified it (where it came from) and the sha256 of its DER
+    /// encoding; for a keyless signature, the identity, its issuer and certificate authority,
+    /// and the sha256 of the certificate.
     pub key: String,
     pub key_fingerprint: String,
     /// The digest of the manifest holding the signature (under `sha256-<digest>.sig`, or the

@@ -304,6 +304,200 @@ fn utf8_string(der: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p256::ecdsa::signature::{Signer as _, Verifier as _};
+    use p256::pkcs8::DecodePrivateKey as _;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose,
+        IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+
+    const ISSUER: &str = "https://issuer.example";
+    const NOW: i64 = 1_800_000_000; // 2027-01-15
+
+    struct Ca {
+        params: CertificateParams,
+        key: KeyPair,
+        der: Vec<u8>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        Ca { params, key, der }
+    }
+
+    fn der_utf8(s: &str) -> Vec<u8> {
+        let mut out = vec![0x0c, u8::try_from(s.len()).unwrap()];
+        out.extend_from_slice(s.as_bytes());
+        out
+    }
+
+    /// A leaf for `subject`, from `ca`; `v2`/`v1`: Fulcio's issuer extensions.
+    struct Leaf<'a> {
+        subject: &'a str,
+        v2: Option<&'a str>,
+        v1: Option<&'a str>,
+        code_signing: bool,
+        years: (i32, i32),
+    }
+
+    impl Default for Leaf<'_> {
+        fn default() -> Self {
+            Leaf {
+                subject: "dev@example.com",
+                v2: Some(ISSUER),
+                v1: None,
+                code_signing: true,
+                years: (2026, 2028),
+            }
+        }
+    }
+
+    fn issue(ca: &Ca, leaf: Leaf<'_>) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::Rfc822Name(leaf.subject.try_into().unwrap())];
+        if leaf.code_signing {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        }
+        if let Some(i) = leaf.v2 {
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+                    der_utf8(i),
+                ));
+        }
+        if let Some(i) = leaf.v1 {
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(
+                    &[1, 3, 6, 1, 4, 1, 57264, 1, 1],
+                    i.as_bytes().to_vec(),
+                ));
+        }
+        params.not_before = rcgen::date_time_ymd(leaf.years.0, 1, 1);
+        params.not_after = rcgen::date_time_ymd(leaf.years.1, 1, 1);
+        let issuer = Issuer::from_params(&ca.params, &ca.key);
+        let der = params.signed_by(&key, &issuer).unwrap().der().to_vec();
+        (der, key)
+    }
+
+    fn root(ca: &Ca, end: Option<&str>) -> String {
+        serde_json::json!({
+            "certificateAuthorities": [{
+                "uri": "https://ca.test",
+                "certChain": {"certificates": [{"rawBytes": base64::engine::general_purpose::STANDARD.encode(&ca.der)}]},
+                "validFor": {"start": "2020-01-01T00:00:00Z", "end": end},
+            }]
+        })
+        .to_string()
+    }
+
+    fn trust(ca: &Ca, end: Option<&str>, subject: &str) -> KeylessTrust {
+        let identity = Identity {
+            issuer: ISSUER.into(),
+            subject: subject.into(),
+        };
+        KeylessTrust::from_trusted_root("root", &root(ca, end), vec![identity]).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_from_a_trusted_authority_for_a_required_identity_is_accepted() {
+        let ca = ca("test ca");
+        let (leaf, key) = issue(&ca, Leaf::default());
+        let certified = trust(&ca, None, "dev@example.com")
+            .check(&leaf, NOW)
+            .unwrap();
+        assert_eq!(
+            certified.who,
+            "dev@example.com (issuer https://issuer.example, certificate authority https://ca.test)"
+        );
+        // Its key is the certificate's: what the leaf's private key signs verifies with it.
+        let signing = p256::ecdsa::SigningKey::from_pkcs8_der(&key.serialize_der()).unwrap();
+        let sig: p256::ecdsa::Signature = signing.sign(b"payload");
+        assert!(certified.key.verify(b"payload", &sig).is_ok());
+        // Fulcio's first issuer extension (raw) is read when the second is absent.
+        let (v1, _) = issue(
+            &ca,
+            Leaf {
+                v2: None,
+                v1: Some(ISSUER),
+                ..Leaf::default()
+            },
+        );
+        assert!(trust(&ca, None, "dev@example.com").check(&v1, NOW).is_ok());
+    }
+
+    #[test]
+    fn certificates_are_refused_saying_what_is_wrong() {
+        let ca = ca("test ca");
+        let t = trust(&ca, None, "dev@example.com");
+        let refused = |leaf: Leaf<'_>, trust: &KeylessTrust| {
+            let (der, _) = issue(&ca, leaf);
+            trust.check(&der, NOW).unwrap_err()
+        };
+        let e = refused(
+            Leaf {
+                subject: "ops@example.com",
+                ..Leaf::default()
+            },
+            &t,
+        );
+        assert!(
+            e.contains(
+                "names ops@example.com (issuer https://issuer.example), not a required identity"
+            ),
+            "{e}"
+        );
+        let e = refused(
+            Leaf {
+                v2: Some("https://elsewhere.example"),
+                ..Leaf::default()
+            },
+            &t,
+        );
+        assert!(e.contains("not a required identity"), "{e}");
+        let e = refused(
+            Leaf {
+                v2: None,
+                ..Leaf::default()
+            },
+            &t,
+        );
+        assert!(e.contains("(issuer none)"), "{e}");
+        let e = refused(
+            Leaf {
+                code_signing: false,
+                ..Leaf::default()
+            },
+            &t,
+        );
+        assert!(e.contains("does not allow code signing"), "{e}");
+        let e = refused(
+            Leaf {
+                years: (2024, 2025),
+                ..Leaf::default()
+            },
+            &t,
+        );
+        assert!(e.contains("not now"), "{e}");
+        // Another authority's certificate; an authority the root no longer vouches for.
+        let stranger = self::ca("stranger");
+        let (der, _) = issue(&stranger, Leaf::default());
+        let e = t.check(&der, NOW).unwrap_err();
+        assert!(
+            e.contains("was not issued by a certificate authority of root valid now"),
+            "{e}"
+        );
+        let ended = trust(&ca, Some("2025-01-01T00:00:00Z"), "dev@example.com");
+        let e = refused(Leaf::default(), &ended);
+        assert!(e.contains("valid now"), "{e}");
+    }
 
     #[test]
     fn der_utf8_strings_read_in_short_and_long_form() {
