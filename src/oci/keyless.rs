@@ -4,9 +4,11 @@
 //! configured Sigstore trusted root (`trusted_root.json`): the certificate must chain to one of
 //! its certificate authorities, be valid now, allow code signing, and name one of the required
 //! identities with its issuer (Fulcio's extension `1.3.6.1.4.1.57264.1.8`, else `.1.1`); then
-//! the signature must verify with the certificate's key (ECDSA P-256). No transparency log is
-//! consulted, so a certificate is checked against the current time, not the time it was used:
-//! Fulcio's ten-minute certificates need a log's timestamp, which this does not read yet.
+//! the signature must verify with the certificate's key (ECDSA P-256). The time all that is
+//! judged at is when the signature was made, as a transparency log of the trusted root promises
+//! it (its signed entry timestamp, read from the signature: no call to the log), for an entry
+//! that records this very signature; without one, the current time (so Fulcio's ten-minute
+//! certificates need the log's promise).
 
 use base64::Engine as _;
 use p256::ecdsa::VerifyingKey;
@@ -47,6 +49,8 @@ pub struct KeylessTrust {
     /// Where the trusted root came from, for messages.
     pub name: String,
     authorities: Vec<Authority>,
+    /// Its transparency logs (ECDSA P-256 keys; others are skipped).
+    logs: Vec<Log>,
     pub identities: Vec<Identity>,
     /// `sha256:<hex>` of the trusted root and the identities: what makes a verdict.
     pub fingerprint: String,
@@ -67,6 +71,21 @@ pub struct Certified {
 struct TrustedRoot {
     #[serde(default)]
     certificate_authorities: Vec<CertificateAuthority>,
+    #[serde(default)]
+    tlogs: Vec<TransparencyLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TransparencyLog {
+    public_key: RawBytes,
+    log_id: KeyId,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyId {
+    key_id: String,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +172,18 @@ impl KeylessTrust {
         if authorities.is_empty() {
             return Err(format!("{name} names no certificate authority"));
         }
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
+        let logs = root
+            .tlogs
+            .iter()
+            .take(MAX_AUTHORITIES)
+            .filter_map(|l| {
+                Some(Log {
+                    id: b64(&l.log_id.key_id)?,
+                    key: VerifyingKey::from_public_key_der(&b64(&l.public_key.raw_bytes)?).ok()?,
+                })
+            })
+            .collect();
         let mut material = json.as_bytes().to_vec();
         for i in &identities {
             material.extend_from_slice(format!("\n{}\n{}", i.issuer, i.subject).as_bytes());
@@ -160,6 +191,7 @@ impl KeylessTrust {
         Ok(KeylessTrust {
             name: name.to_string(),
             authorities,
+            logs,
             identities,
             fingerprint: format!("sha256:{}", sha256_hex(&material)),
         })
@@ -248,6 +280,101 @@ impl KeylessTrust {
             .map(|i| format!("{} from {}", i.subject, i.issuer))
             .collect();
         format!("{} ({})", self.name, ids.join(", "))
+    }
+}
+
+/// A transparency log's promise about one signature: the log (`log_id`, the sha256 of its
+/// key) recorded `body` (base64 canonical JSON) at `integrated_time` as entry `log_index`, and
+/// signed that (`set`, DER ECDSA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub log_id: Vec<u8>,
+    pub log_index: i64,
+    pub integrated_time: i64,
+    pub body: String,
+    pub set: Vec<u8>,
+}
+
+/// A transparency log of a trusted root: its id and key.
+#[derive(Debug, Clone)]
+struct Log {
+    id: Vec<u8>,
+    key: VerifyingKey,
+}
+
+impl KeylessTrust {
+    /// When a trusted log says the signature was made: its promise verifies with the log's key,
+    /// and the entry records this very signature (`signature`, base64) of `payload` with
+    /// `certificate` (DER).
+    pub fn logged_time(
+        &self,
+        entry: &LogEntry,
+        payload: &[u8],
+        signature: &str,
+        certificate: &[u8],
+    ) -> Result<i64, String> {
+        use p256::ecdsa::signature::Verifier as _;
+        let Some(log) = self.logs.iter().find(|l| l.id == entry.log_id) else {
+            return Err(format!(
+                "its transparency log entry is from a log {} does not trust",
+                self.name
+            ));
+        };
+        let promise = serde_json::json!({
+            "body": entry.body,
+            "integratedTime": entry.integrated_time,
+            "logID": hex::encode(&entry.log_id),
+            "logIndex": entry.log_index,
+        })
+        .to_string();
+        let set = p256::ecdsa::Signature::from_der(&entry.set)
+            .map_err(|_| "its transparency log promise is not a signature".to_string())?;
+        log.key.verify(promise.as_bytes(), &set).map_err(|_| {
+            "its transparency log promise does not verify with the log's key".to_string()
+        })?;
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(&entry.body)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .ok_or_else(|| "its transparency log entry's body is not JSON".to_string())?;
+        let payload_hash = sha256_hex(payload);
+        let same_cert = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|pem| pem_rfc7468::decode_vec(&pem).ok().map(|(_, der)| der))
+                .is_some_and(|der| der == certificate)
+        };
+        let spec = &body["spec"];
+        let records = match body["kind"].as_str() {
+            Some("dsse") => {
+                spec.pointer("/payloadHash/value").and_then(|v| v.as_str())
+                    == Some(payload_hash.as_str())
+                    && spec["signatures"].as_array().is_some_and(|sigs| {
+                        sigs.iter().any(|s| {
+                            s["signature"].as_str() == Some(signature) && same_cert(&s["verifier"])
+                        })
+                    })
+            }
+            Some("hashedrekord") => {
+                spec.pointer("/data/hash/value").and_then(|v| v.as_str())
+                    == Some(payload_hash.as_str())
+                    && spec.pointer("/signature/content").and_then(|v| v.as_str())
+                        == Some(signature)
+                    && spec
+                        .pointer("/signature/publicKey/content")
+                        .is_some_and(same_cert)
+            }
+            other => {
+                return Err(format!(
+                    "its transparency log entry is of kind {}, not dsse or hashedrekord",
+                    other.unwrap_or("none")
+                ));
+            }
+        };
+        if !records {
+            return Err("its transparency log entry records another signature".into());
+        }
+        Ok(entry.integrated_time)
     }
 }
 
@@ -524,5 +651,153 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("names no certificate authority"), "{e}");
+    }
+    #[test]
+    fn a_logged_signature_is_judged_at_the_time_the_log_promises() {
+        use base64::engine::general_purpose::STANDARD;
+        let ca = ca("test ca");
+        // A certificate that expired long ago (Fulcio's expire ten minutes after issue).
+        let (leaf, leaf_key) = issue(
+            &ca,
+            Leaf {
+                years: (2024, 2025),
+                ..Leaf::default()
+            },
+        );
+        let log_key = p256::ecdsa::SigningKey::from_slice(&[9; 32]).unwrap();
+        let log_der = {
+            use p256::pkcs8::EncodePublicKey as _;
+            log_key
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        let log_id = hex::decode(sha256_hex(&log_der)).unwrap();
+        let mut root: serde_json::Value = serde_json::from_str(&root(&ca, None)).unwrap();
+        root["tlogs"] = serde_json::json!([{
+            "baseUrl": "https://log.test",
+            "publicKey": {"rawBytes": STANDARD.encode(&log_der)},
+            "logId": {"keyId": STANDARD.encode(&log_id)},
+        }]);
+        let identity = Identity {
+            issuer: ISSUER.into(),
+            subject: "dev@example.com".into(),
+        };
+        let trust =
+            KeylessTrust::from_trusted_root("root", &root.to_string(), vec![identity]).unwrap();
+
+        let payload = b"the statement".to_vec();
+        let signing = p256::ecdsa::SigningKey::from_pkcs8_der(&leaf_key.serialize_der()).unwrap();
+        let sig: p256::ecdsa::Signature = signing.sign(&payload);
+        let signature = STANDARD.encode(sig.to_der().as_bytes());
+        let cert_pem =
+            pem_rfc7468::encode_string("CERTIFICATE", pem_rfc7468::LineEnding::LF, &leaf).unwrap();
+        let body_for = |payload: &[u8]| {
+            STANDARD.encode(
+                serde_json::json!({
+                    "apiVersion": "0.0.1",
+                    "kind": "dsse",
+                    "spec": {
+                        "payloadHash": {"algorithm": "sha256", "value": sha256_hex(payload)},
+                        "signatures": [{"signature": signature, "verifier": STANDARD.encode(&cert_pem)}],
+                    }
+                })
+                .to_string(),
+            )
+        };
+        // Mid-2024, inside the certificate's validity.
+        let logged_at = 1_719_792_000;
+        let entry = |body: String, time: i64, key: &p256::ecdsa::SigningKey| {
+            let promise = serde_json::json!({
+                "body": body, "integratedTime": time, "logID": hex::encode(&log_id), "logIndex": 7,
+            })
+            .to_string();
+            let set: p256::ecdsa::Signature = key.sign(promise.as_bytes());
+            LogEntry {
+                log_id: log_id.clone(),
+                log_index: 7,
+                integrated_time: time,
+                body,
+                set: set.to_der().as_bytes().to_vec(),
+            }
+        };
+        let good = entry(body_for(&payload), logged_at, &log_key);
+        let at = trust
+            .logged_time(&good, &payload, &signature, &leaf)
+            .unwrap();
+        assert_eq!(at, logged_at);
+        assert!(trust.check(&leaf, at).is_ok(), "valid when it was logged");
+        assert!(trust.check(&leaf, NOW).unwrap_err().contains("not now"));
+
+        // A promise altered, by another log, or about another signature: refused.
+        let mut moved = good.clone();
+        moved.integrated_time += 1;
+        let e = trust
+            .logged_time(&moved, &payload, &signature, &leaf)
+            .unwrap_err();
+        assert!(e.contains("does not verify with the log's key"), "{e}");
+        let stranger = p256::ecdsa::SigningKey::from_slice(&[8; 32]).unwrap();
+        let e = trust
+            .logged_time(
+                &entry(body_for(&payload), logged_at, &stranger),
+                &payload,
+                &signature,
+                &leaf,
+            )
+            .unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let mut unknown = good.clone();
+        unknown.log_id = vec![0; 32];
+        let e = trust
+            .logged_time(&unknown, &payload, &signature, &leaf)
+            .unwrap_err();
+        assert!(e.contains("from a log root does not trust"), "{e}");
+        let other = entry(body_for(b"another statement"), logged_at, &log_key);
+        let e = trust
+            .logged_time(&other, &payload, &signature, &leaf)
+            .unwrap_err();
+        assert!(e.contains("records another signature"), "{e}");
+
+        // Through verification: a cosign tag-scheme signature with its log promise
+        // (`hashedrekord`) verifies years after its certificate expired; without the promise,
+        // or with one that does not verify, it is judged now and refused.
+        use crate::oci::signature::{Found, Signatures, verify_keyless};
+        let digest = format!("sha256:{}", "1".repeat(64));
+        let simple = crate::oci::sign::payload("registry.example/f", &digest);
+        let sig: p256::ecdsa::Signature = signing.sign(&simple);
+        let signature = STANDARD.encode(sig.to_der().as_bytes());
+        let rekord = STANDARD.encode(
+            serde_json::json!({
+                "apiVersion": "0.0.1",
+                "kind": "hashedrekord",
+                "spec": {
+                    "data": {"hash": {"algorithm": "sha256", "value": sha256_hex(&simple)}},
+                    "signature": {"content": signature, "publicKey": {"content": STANDARD.encode(&cert_pem)}},
+                }
+            })
+            .to_string(),
+        );
+        let found = |log: Option<LogEntry>| Signatures {
+            tag: String::new(),
+            manifest_digest: "sha256:2".into(),
+            found: vec![Found {
+                payload: simple.clone(),
+                signature: Some(signature.clone()),
+                bundle: None,
+                certificate: Some(leaf.clone()),
+                log,
+            }],
+        };
+        let logged = entry(rekord, logged_at, &log_key);
+        let v = verify_keyless(&digest, Some(&found(Some(logged.clone()))), &trust, NOW).unwrap();
+        assert!(v.key.starts_with("dev@example.com"), "{}", v.key);
+        let e = verify_keyless(&digest, Some(&found(None)), &trust, NOW).unwrap_err();
+        assert!(e.to_string().contains("not now"), "{e}");
+        let mut tampered = logged;
+        tampered.integrated_time += 1;
+        let e = verify_keyless(&digest, Some(&found(Some(tampered))), &trust, NOW).unwrap_err();
+        assert!(e.to_string().contains("so it was judged now"), "{e}");
     }
 }

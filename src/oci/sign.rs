@@ -309,6 +309,7 @@ mod tests {
             payload,
             bundle: None,
             certificate: None,
+            log: None,
         };
         let trusted =
             super::super::signature::TrustedKey::from_pem("k", &signer.public_key_pem().unwrap())

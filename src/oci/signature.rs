@@ -22,7 +22,7 @@ use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::{DecodePublicKey as _, EncodePublicKey as _};
 use serde::Deserialize;
 
-use super::keyless::KeylessTrust;
+use super::keyless::{KeylessTrust, LogEntry};
 use super::{Credentials, Error as OciError, Resolver};
 use crate::cache::sha256_hex;
 
@@ -32,6 +32,8 @@ pub const SIMPLE_SIGNING: &str = "application/vnd.dev.cosign.simplesigning.v1+js
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 /// The annotation holding a keyless signature's PEM certificate.
 pub const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
+/// The annotation holding a transparency log's promise (cosign's "bundle" of the tag scheme).
+pub const LOG_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
 /// The largest payload read (cosign's are a few hundred bytes).
 const MAX_PAYLOAD_BYTES: u64 = 64 << 10;
 /// Signatures looked at, at most (of each form).
@@ -61,6 +63,8 @@ pub struct Found {
     pub bundle: Option<Bundled>,
     /// The signing certificate (DER) of a keyless signature.
     pub certificate: Option<Vec<u8>>,
+    /// A transparency log's promise that it recorded the signature, and when.
+    pub log: Option<LogEntry>,
 }
 
 /// Where a signature from a Sigstore bundle came from, and what it is.
@@ -218,7 +222,24 @@ pub fn verify_keyless(
         let Some(certificate) = &found.certificate else {
             return Err("a signature made with a key, not a certificate".into());
         };
-        let certified = trust.check(certificate, now)?;
+        // Judged when a trusted log promises it was signed; else (no promise, or one that does
+        // not verify) now, which is never more lenient.
+        let logged = found.log.as_ref().map(|entry| {
+            trust.logged_time(
+                entry,
+                &found.payload,
+                found.signature.as_deref().unwrap_or_default(),
+                certificate,
+            )
+        });
+        let at = match &logged {
+            Some(Ok(t)) => *t,
+            _ => now,
+        };
+        let certified = trust.check(certificate, at).map_err(|why| match &logged {
+            Some(Err(log)) => format!("{why} ({log}, so it was judged now)"),
+            _ => why,
+        })?;
         certified
             .key
             .verify(signed, signature)
@@ -462,12 +483,47 @@ fn unusable(holder: &str, problem: String) -> Found {
         payload: Vec::new(),
         signature: None,
         certificate: None,
+        log: None,
         bundle: Some(Bundled {
             manifest_digest: holder.to_string(),
             payload_type: String::new(),
             problem: Some(problem),
         }),
     }
+}
+
+/// A number protobuf's JSON may write as a string.
+fn int(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_str()?.parse().ok())
+}
+
+/// A bundle's transparency log entry, when it carries the log's promise.
+fn bundle_log(entry: &serde_json::Value) -> Option<LogEntry> {
+    Some(LogEntry {
+        log_id: base64_decode(entry.pointer("/logId/keyId")?.as_str()?)?,
+        log_index: int(&entry["logIndex"])?,
+        integrated_time: int(&entry["integratedTime"])?,
+        body: entry["canonicalizedBody"].as_str()?.to_string(),
+        set: base64_decode(
+            entry
+                .pointer("/inclusionPromise/signedEntryTimestamp")?
+                .as_str()?,
+        )?,
+    })
+}
+
+/// The tag scheme's log annotation: `{"SignedEntryTimestamp", "Payload": {"body",
+/// "integratedTime", "logIndex", "logID" (hex)}}`.
+fn tag_scheme_log(annotation: &str) -> Option<LogEntry> {
+    let v: serde_json::Value = serde_json::from_str(annotation).ok()?;
+    let p = &v["Payload"];
+    Some(LogEntry {
+        log_id: hex::decode(p["logID"].as_str()?).ok()?,
+        log_index: int(&p["logIndex"])?,
+        integrated_time: int(&p["integratedTime"])?,
+        body: p["body"].as_str()?.to_string(),
+        set: base64_decode(v["SignedEntryTimestamp"].as_str()?)?,
+    })
 }
 
 /// The signatures in one Sigstore bundle (the manifest `holder` holds it).
@@ -481,6 +537,11 @@ fn parse_bundle(bytes: &[u8], holder: &str) -> Vec<Found> {
             )];
         }
     };
+    let log = doc
+        .verification_material
+        .as_ref()
+        .and_then(|v| v.pointer("/tlogEntries/0"))
+        .and_then(bundle_log);
     // The signing certificate: v0.3 bundles hold it alone, older ones a chain, leaf first.
     let certificate = doc.verification_material.as_ref().and_then(|v| {
         let raw = v
@@ -508,6 +569,7 @@ fn parse_bundle(bytes: &[u8], holder: &str) -> Vec<Found> {
             payload: payload.clone(),
             signature: Some(s.sig),
             certificate: certificate.clone(),
+            log: log.clone(),
             bundle: Some(Bundled {
                 manifest_digest: holder.to_string(),
                 payload_type: envelope.payload_type.clone(),
@@ -592,6 +654,7 @@ impl Resolver {
                         .filter(|(label, _)| *label == "CERTIFICATE")
                         .map(|(_, der)| der)
                 }),
+                log: annotation(LOG_ANNOTATION).and_then(|b| tag_scheme_log(&b)),
             });
         }
         Ok(Some((digest, found)))
@@ -739,6 +802,7 @@ mod tests {
             payload,
             bundle: None,
             certificate: None,
+            log: None,
         }
     }
 
@@ -817,6 +881,7 @@ mod tests {
             ),
             payload,
             certificate: None,
+            log: None,
             bundle: Some(Bundled {
                 manifest_digest: "sha256:4444".into(),
                 payload_type: IN_TOTO.into(),
@@ -892,6 +957,35 @@ mod tests {
         // Both forms side by side: either verifying is enough.
         let misdirected = signed(&a, payload(other));
         assert!(verify(DIGEST, Some(&sigs(vec![misdirected, good])), &keys).is_ok());
+    }
+
+    #[test]
+    fn log_promises_are_read_from_both_forms() {
+        let bundle = serde_json::json!({
+            "logIndex": "42", "logId": {"keyId": "AQI="}, "integratedTime": "1700000000",
+            "inclusionPromise": {"signedEntryTimestamp": "AwQ="}, "canonicalizedBody": "Ym9keQ==",
+        });
+        let entry = bundle_log(&bundle).unwrap();
+        assert_eq!(
+            (
+                entry.log_id,
+                entry.log_index,
+                entry.integrated_time,
+                entry.body.as_str(),
+                entry.set
+            ),
+            (vec![1, 2], 42, 1_700_000_000, "Ym9keQ==", vec![3, 4])
+        );
+        let mut no_promise = bundle.clone();
+        no_promise
+            .as_object_mut()
+            .unwrap()
+            .remove("inclusionPromise");
+        assert!(bundle_log(&no_promise).is_none());
+        let tag = r#"{"SignedEntryTimestamp": "AwQ=", "Payload": {"body": "Ym9keQ==", "integratedTime": 1700000000, "logIndex": 42, "logID": "0102"}}"#;
+        let entry = tag_scheme_log(tag).unwrap();
+        assert_eq!((entry.log_id, entry.log_index), (vec![1, 2], 42));
+        assert!(tag_scheme_log("not json").is_none());
     }
 
     #[test]
