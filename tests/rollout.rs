@@ -113,31 +113,46 @@ fn setup_pods(n: &str) {
     }
 }
 
+/// Pods [`PODS`] with their Envoys, an operator, and the filter `hdr` (greeting `hello`, with
+/// `rollout`) serving module v1 to every one of them (the first module goes everywhere at once,
+/// and becomes the stable one). Returns the operator, its ECDS port, the Envoys and the
+/// WasmFilter once it says so.
+async fn v1_everywhere(
+    client: &kube::Client,
+    n: &str,
+    rollout: &Rollout,
+) -> (Operator, u16, Fleet, WasmFilter) {
+    let env = env();
+    setup_pods(n);
+    let (op, xds) = operator(n).await;
+    let v1 = format!("{}/rollout/{n}:v1", env.registry);
+    push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
+    ecds_filter(n, "hdr", &v1, "hello")
+        .rollout(rollout.clone())
+        .apply();
+    let fleet = Fleet::start(n, xds);
+    for e in &fleet.envoys {
+        e.wait_header("x-wasmfilter", Some("on"), 200).await;
+    }
+    let wf = wait_status(client, n, "hdr", "v1 everywhere", |wf| {
+        cond_is(wf, "Ready", "True", "Ready") && rollout_of(wf).stable.is_some()
+    })
+    .await;
+    (op, xds, fleet, wf)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_module_reaches_the_pods_step_by_step_then_becomes_stable() {
     let env = env();
     let client = client().await;
     let ns = TestNamespace::new("rollout-good");
     let n = &ns.name;
-    setup_pods(n);
-    let (op, xds) = operator(n).await;
-    let v1 = format!("{}/rollout/{n}:v1", env.registry);
-    push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
     let rollout = Rollout {
         steps: vec![step(None, Some(1), 4), step(Some(50), None, 4)],
         max_failures: 0,
     };
     let filter = |image: &str| ecds_filter(n, "hdr", image, "hello").rollout(rollout.clone());
-    filter(&v1).apply();
-    let fleet = Fleet::start(n, xds);
-    // The first module a filter has goes to every pod at once, and becomes the stable one.
-    for e in &fleet.envoys {
-        e.wait_header("x-wasmfilter", Some("on"), 200).await;
-    }
-    let wf = wait_status(&client, n, "hdr", "v1 everywhere", |wf| {
-        cond_is(wf, "Ready", "True", "Ready") && rollout_of(wf).stable.is_some()
-    })
-    .await;
+    let (op, _xds, fleet, wf) = v1_everywhere(&client, n, &rollout).await;
     let v1_sha = wf
         .status
         .as_ref()
@@ -268,10 +283,6 @@ async fn a_module_half_the_envoys_refuse_is_rolled_back_before_it_reaches_the_re
     let client = client().await;
     let ns = TestNamespace::new("rollout-back");
     let n = &ns.name;
-    setup_pods(n);
-    let (op, xds) = operator(n).await;
-    let v1 = format!("{}/rollout/{n}:v1", env.registry);
-    push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
     let rollout = Rollout {
         steps: vec![step(None, Some(2), 0)],
         max_failures: 0,
@@ -279,15 +290,7 @@ async fn a_module_half_the_envoys_refuse_is_rolled_back_before_it_reaches_the_re
     let filter = |image: &str, greeting: &str| {
         ecds_filter(n, "hdr", image, greeting).rollout(rollout.clone())
     };
-    filter(&v1, "hello").apply();
-    let fleet = Fleet::start(n, xds);
-    for e in &fleet.envoys {
-        e.wait_header("x-wasmfilter", Some("on"), 200).await;
-    }
-    wait_status(&client, n, "hdr", "v1 everywhere", |wf| {
-        cond_is(wf, "Ready", "True", "Ready")
-    })
-    .await;
+    let (op, xds, fleet, _) = v1_everywhere(&client, n, &rollout).await;
     // Envoy counts a config it applies that differs from the one it runs (a re-sent identical
     // one, as after an operator restart, does not count).
     let reloads = fleet.stats(n, "config_reload").await;
@@ -405,24 +408,12 @@ async fn an_operator_restart_mid_rollout_resumes_it() {
     let client = client().await;
     let ns = TestNamespace::new("rollout-restart");
     let n = &ns.name;
-    setup_pods(n);
-    let (op, xds) = operator(n).await;
-    let v1 = format!("{}/rollout/{n}:v1", env.registry);
-    push_module(&v1, wasm(&variant("on", &format!("one-{n}")))).await;
     let rollout = Rollout {
         steps: vec![step(None, Some(1), 8)],
         max_failures: 0,
     };
     let filter = |image: &str| ecds_filter(n, "hdr", image, "hello").rollout(rollout.clone());
-    filter(&v1).apply();
-    let fleet = Fleet::start(n, xds);
-    for e in &fleet.envoys {
-        e.wait_header("x-wasmfilter", Some("on"), 200).await;
-    }
-    wait_status(&client, n, "hdr", "v1 everywhere", |wf| {
-        cond_is(wf, "Ready", "True", "Ready")
-    })
-    .await;
+    let (op, xds, fleet, _) = v1_everywhere(&client, n, &rollout).await;
     let reloads = fleet.stats(n, "config_reload").await;
 
     let v2 = format!("{}/rollout/{n}:v2", env.registry);

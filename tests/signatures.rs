@@ -37,9 +37,15 @@ fn key_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
 
 /// `cosign sign --key` on `image@digest` (no transparency log: nothing leaves the machine).
 fn cosign_sign(key: &Path, image_at_digest: &str) {
+    cosign_sign_with(key, image_at_digest, &[]);
+}
+
+/// `cosign sign --key` with more arguments (a certificate, the bundle format).
+fn cosign_sign_with(key: &Path, image_at_digest: &str, extra: &[&std::ffi::OsStr]) {
     let out = Command::new(cosign())
         .args(["sign", "--key"])
         .arg(key)
+        .args(extra)
         .args([
             "--tlog-upload=false",
             "--allow-http-registry",
@@ -473,20 +479,7 @@ async fn push_sign_writes_signatures_cosign_verifies_and_keeps_the_others() {
 /// manifest that refers to the module's (this registry has no referrers API, so cosign writes
 /// the OCI 1.1 fallback tag `sha256-<hex>`).
 fn cosign_sign_bundle(key: &Path, image_at_digest: &str) {
-    let out = Command::new(cosign())
-        .args(["sign", "--key"])
-        .arg(key)
-        .args([
-            "--tlog-upload=false",
-            "--new-bundle-format",
-            "--allow-http-registry",
-            "-y",
-            image_at_digest,
-        ])
-        .env("COSIGN_PASSWORD", "")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cosign sign: {}", stderr(&out));
+    cosign_sign_with(key, image_at_digest, &["--new-bundle-format".as_ref()]);
 }
 
 /// Whether `cosign verify --new-bundle-format --key` accepts `image` (with a trusted root that
@@ -543,20 +536,13 @@ async fn sigstore_bundles_verify_as_cosign_verifies_them_in_the_cli_and_the_oper
     let unsigned = format!("{}/{repo}:unsigned", env.registry);
     let unsigned_digest = push_module(&unsigned, module("bundle-unsigned")).await;
     let fallback = |d: &str| d.replacen(':', "-", 1);
-    let index = reqwest::Client::new()
-        .get(format!(
-            "http://{}/v2/{repo}/manifests/{}",
-            env.registry,
-            fallback(&digest)
-        ))
-        .header("Accept", "application/vnd.oci.image.index.v1+json")
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let index = get_manifest_as(
+        &env.registry,
+        &repo,
+        &fallback(&digest),
+        "application/vnd.oci.image.index.v1+json",
+    )
+    .await;
     put_manifest(
         &env.registry,
         &repo,
@@ -738,23 +724,16 @@ fn cosign_sign_certified(
     image_at_digest: &str,
     bundle: bool,
 ) {
-    let mut cmd = Command::new(cosign());
-    cmd.args(["sign", "--key"])
-        .arg(key)
-        .arg("--certificate")
-        .arg(cert)
-        .arg("--certificate-chain")
-        .arg(chain)
-        .args(["--tlog-upload=false", "--allow-http-registry", "-y"]);
+    let mut extra = vec![
+        "--certificate".as_ref(),
+        cert.as_os_str(),
+        "--certificate-chain".as_ref(),
+        chain.as_os_str(),
+    ];
     if bundle {
-        cmd.arg("--new-bundle-format");
+        extra.push("--new-bundle-format".as_ref());
     }
-    let out = cmd
-        .arg(image_at_digest)
-        .env("COSIGN_PASSWORD", "")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "cosign sign: {}", stderr(&out));
+    cosign_sign_with(key, image_at_digest, &extra);
 }
 
 /// Whether `cosign verify --certificate-identity --certificate-oidc-issuer --trusted-root`

@@ -246,12 +246,28 @@ pub async fn put_manifest(
 
 /// The raw bytes of a manifest.
 pub async fn get_manifest_bytes(registry: &str, repository: &str, reference: &str) -> Vec<u8> {
+    get_manifest_as(
+        registry,
+        repository,
+        reference,
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    .await
+}
+
+/// The raw bytes of a manifest (or index) of media type `accept`.
+pub async fn get_manifest_as(
+    registry: &str,
+    repository: &str,
+    reference: &str,
+    accept: &str,
+) -> Vec<u8> {
     tls_provider();
     reqwest::Client::new()
         .get(format!(
             "http://{registry}/v2/{repository}/manifests/{reference}"
         ))
-        .header("Accept", "application/vnd.oci.image.manifest.v1+json")
+        .header("Accept", accept)
         .send()
         .await
         .unwrap()
