@@ -159,6 +159,45 @@ fn pull_of_a_missing_tag_fails_with_one_line() {
     assert!(!file.exists());
 }
 
+/// `pull` fetches what it writes, the manifest and the module layer (as `oras pull` does);
+/// the config blob, which only declares ABI versions and root ids, is read by `inspect`.
+#[test]
+fn pull_reads_the_manifest_and_module_only_inspect_reads_the_config() {
+    let env = env();
+    let reference = format!(
+        "{}/cli/odd-config-{:08x}:1",
+        env.registry,
+        fastrand::u32(..)
+    );
+    let module = module("odd-config");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(push_raw_with_config(
+            &reference,
+            b"\x7fELF this is not JSON",
+            "application/vnd.module.wasm.config.v1+json",
+            &[(&module, "application/vnd.module.wasm.content.layer.v1+wasm")],
+        ));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("m.wasm");
+    let out = wasmfilter(&[
+        "pull",
+        &reference,
+        "--plain-http",
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&file).unwrap(), module);
+    let out = wasmfilter(&["inspect", &reference, "--plain-http"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("config blob is not JSON"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn push_refuses_what_is_not_wasm() {
     let env = env();

@@ -826,9 +826,7 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
     // only once every check passed.
     let tmp = args.output.with_extension("wasm.partial");
     let file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    let pulled = resolver
-        .pull_into(&args.reference, None, None, &creds, Some(file))
-        .await;
+    let pulled = resolver.pull_into(&args.reference, &creds, file).await;
     let (artifact, module, written) = match pulled {
         Ok(p) => p,
         Err(e) => {

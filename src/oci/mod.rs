@@ -143,6 +143,15 @@ struct Summary {
 /// cache held it already), bytes downloaded, whether the spool file holds the module.
 type Pulled = (Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64, bool);
 
+/// Where a pull puts the module, and whether it reads the artifact's config too.
+struct Sink<'a> {
+    cache: Option<&'a ModuleCache>,
+    /// Receives the module as it downloads (raw-layer formats only).
+    spool: Option<std::fs::File>,
+    /// Read the config blob (declared ABI versions and root ids)?
+    config: bool,
+}
+
 /// A module fetched into the cache.
 #[derive(Debug, Clone)]
 pub struct Fetched {
@@ -215,9 +224,12 @@ impl Resolver {
                 image,
                 pinned_digest,
                 expected_module_sha256,
-                Some(cache),
                 creds,
-                None,
+                Sink {
+                    cache: Some(cache),
+                    spool: None,
+                    config: true,
+                },
             )
             .await?;
         let info = match module {
@@ -247,33 +259,47 @@ impl Resolver {
         expected_module_sha256: Option<&str>,
         creds: &Credentials,
     ) -> Result<(Artifact, Vec<u8>), Error> {
+        let sink = Sink {
+            cache: None,
+            spool: None,
+            config: true,
+        };
         let (artifact, module, _) = self
-            .pull_into(image, pinned_digest, expected_module_sha256, creds, None)
+            .pull_module(image, pinned_digest, expected_module_sha256, creds, sink)
             .await?;
         Ok((artifact, module))
     }
 
-    /// [`Resolver::pull`], writing the module into `out` while it downloads when the
+    /// What `wasmfilter pull` does: [`Resolver::pull`] of the manifest and the module layer
+    /// only (the config blob, which only declares ABI versions and root ids, is not read, and
+    /// the artifact says none), writing the module into `out` while it downloads when the
     /// artifact's layer is the module itself (so the write overlaps the download instead of
     /// following it); says whether `out` now holds the module. Whatever `out` holds, the
     /// caller uses it only once this returned `Ok` (every check passed).
     pub async fn pull_into(
         &self,
         image: &str,
+        creds: &Credentials,
+        out: std::fs::File,
+    ) -> Result<(Artifact, Vec<u8>, bool), Error> {
+        let sink = Sink {
+            cache: None,
+            spool: Some(out),
+            config: false,
+        };
+        self.pull_module(image, None, None, creds, sink).await
+    }
+
+    async fn pull_module(
+        &self,
+        image: &str,
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
         creds: &Credentials,
-        out: Option<std::fs::File>,
+        sink: Sink<'_>,
     ) -> Result<(Artifact, Vec<u8>, bool), Error> {
         let (artifact, module, _, written) = self
-            .pull_counted(
-                image,
-                pinned_digest,
-                expected_module_sha256,
-                None,
-                creds,
-                out,
-            )
+            .pull_counted(image, pinned_digest, expected_module_sha256, creds, sink)
             .await?;
         match module {
             Some((m, _)) => Ok((artifact, m, written)),
@@ -284,28 +310,20 @@ impl Resolver {
         }
     }
 
-    /// [`Resolver::pull`], also saying how many bytes were downloaded and whether `spool`
-    /// received the module.
+    /// [`Resolver::pull`], also saying how many bytes were downloaded and whether the sink's
+    /// spool received the module.
     async fn pull_counted(
         &self,
         image: &str,
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
-        cache: Option<&ModuleCache>,
         creds: &Credentials,
-        spool: Option<std::fs::File>,
+        sink: Sink<'_>,
     ) -> Result<Pulled, Error> {
         let whole = parse_reference(image)?.whole();
         tokio::time::timeout(
             self.config.pull_timeout,
-            self.pull_inner(
-                image,
-                pinned_digest,
-                expected_module_sha256,
-                cache,
-                creds,
-                spool,
-            ),
+            self.pull_inner(image, pinned_digest, expected_module_sha256, creds, sink),
         )
         .await
         .map_err(|_| Error::RegistryUnavailable {
@@ -322,10 +340,14 @@ impl Resolver {
         image: &str,
         pinned_digest: Option<&str>,
         expected_module_sha256: Option<&str>,
-        cache: Option<&ModuleCache>,
         creds: &Credentials,
-        spool: Option<std::fs::File>,
+        sink: Sink<'_>,
     ) -> Result<Pulled, Error> {
+        let Sink {
+            cache,
+            spool,
+            config: read_config,
+        } = sink;
         let reference = parse_reference(image)?;
         let reference = match pinned_digest {
             Some(d) => Reference::with_digest(
@@ -364,7 +386,9 @@ impl Resolver {
         let image = image.strip_prefix("oci://").unwrap_or(image).to_string();
         let declared = || async {
             match format {
-                Format::SoloOci => self.solo_config(&reference, &manifest, creds).await,
+                Format::SoloOci if read_config => {
+                    self.solo_config(&reference, &manifest, creds).await
+                }
                 _ => Ok(format::DeclaredConfig::default()),
             }
         };
@@ -426,7 +450,8 @@ impl Resolver {
                 }
             }
         };
-        let (declared, (bytes, downloaded)) = tokio::try_join!(declared(), module_bytes)?;
+        // The module first: it takes the connection the manifest left idle.
+        let ((bytes, downloaded), declared) = tokio::try_join!(module_bytes, declared())?;
         // Unpacking and validating are CPU work: off the async threads.
         let limit = self.config.max_module_bytes;
         let (module, info) = tokio::task::spawn_blocking(move || {
@@ -629,30 +654,31 @@ impl Resolver {
                 other => other,
             })?;
         let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 26));
-        // Hash (and write) on another thread while the download goes on: for large modules
-        // they overlap instead of adding up.
+        // Hash, and write, each on a thread of its own while the download goes on: for large
+        // modules the three overlap instead of adding up.
         let (chunks, mut for_hasher) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
         let hasher = tokio::task::spawn_blocking(move || {
-            use std::io::Write as _;
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut spool = spool.map(std::io::BufWriter::new);
-            let mut written = Ok(());
             while let Some(chunk) = for_hasher.blocking_recv() {
                 ctx.update(&chunk);
-                if let Some(out) = spool.as_mut()
-                    && let Err(e) = out.write_all(&chunk)
-                {
-                    written = Err(e);
-                    spool = None;
-                }
             }
-            if let Some(mut out) = spool
-                && let Err(e) = out.flush()
-            {
-                written = Err(e);
-            }
-            (hex::encode(ctx.finish()), written)
+            hex::encode(ctx.finish())
         });
+        let (to_writer, written) = match spool {
+            Some(out) => {
+                let (tx, mut for_writer) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+                let written = tokio::task::spawn_blocking(move || {
+                    use std::io::Write as _;
+                    let mut out = std::io::BufWriter::new(out);
+                    while let Some(chunk) = for_writer.blocking_recv() {
+                        out.write_all(&chunk)?;
+                    }
+                    out.flush()
+                });
+                (Some(tx), Some(written))
+            }
+            None => (None, None),
+        };
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
@@ -662,6 +688,10 @@ impl Resolver {
                         )));
                     }
                     bytes.extend_from_slice(&chunk);
+                    // A writer that stopped reports its error once the download is over.
+                    if let Some(tx) = &to_writer {
+                        let _ = tx.send(chunk.clone()).await;
+                    }
                     if chunks.send(chunk).await.is_err() {
                         return Err(fetch_err("the hashing thread stopped".into()));
                     }
@@ -677,16 +707,22 @@ impl Resolver {
             }
         }
         drop(chunks);
+        drop(to_writer);
         if (bytes.len() as u64) < size {
             return Err(fetch_err(format!(
                 "truncated: got {} of {size} bytes",
                 bytes.len()
             )));
         }
-        let (actual, written) = hasher
+        let actual = hasher
             .await
             .map_err(|e| fetch_err(format!("hashing: {e}")))?;
-        written.map_err(crate::cache::Error::Write)?;
+        if let Some(written) = written {
+            written
+                .await
+                .map_err(|e| fetch_err(format!("writing: {e}")))?
+                .map_err(crate::cache::Error::Write)?;
+        }
         if layer.digest != format!("sha256:{actual}") {
             return Err(Error::BlobDigestMismatch {
                 expected: layer.digest.clone(),

@@ -592,6 +592,7 @@ pub fn module_of_size(size: usize) -> Vec<u8> {
 }
 
 pub fn registry_client() -> Client {
+    tls_provider();
     Client::new(ClientConfig {
         protocol: ClientProtocol::Http,
         ..Default::default()
