@@ -1,8 +1,9 @@
 //! Prometheus metrics and the admin endpoints: `/metrics`, `/healthz`, `/readyz`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -51,7 +52,59 @@ pub struct Metrics {
     pub rollouts: Family<ResultLabels, Counter>,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    /// The WasmFilters waiting for a reconcile; `queue_depth` is read from it when scraped.
+    pub queue: ReconcileQueue,
+    queue_depth: Gauge,
     ready: AtomicBool,
+}
+
+/// The WasmFilters waiting for a reconcile, by `namespace/name`. kube-runtime's scheduler keeps
+/// its queue to itself, so the controller tells this what it asks of the scheduler (reconcile
+/// a filter now, or again after a delay) and when a reconcile starts: a filter waits from the
+/// moment it is due until its reconcile starts. A filter asked for twice waits once, from the
+/// earlier time, as in the scheduler. Bounded by the filters that exist: starting a reconcile,
+/// a deletion and every full list take entries out.
+#[derive(Default)]
+pub struct ReconcileQueue {
+    due: Mutex<HashMap<String, Instant>>,
+}
+
+impl ReconcileQueue {
+    /// `key` is to be reconciled now.
+    pub fn request(&self, key: String) {
+        self.due_at(key, Instant::now());
+    }
+
+    /// `key` is to be reconciled after `delay`, unless something asks for it sooner.
+    pub fn requeue(&self, key: String, delay: Duration) {
+        self.due_at(key, Instant::now() + delay);
+    }
+
+    fn due_at(&self, key: String, at: Instant) {
+        self.lock()
+            .entry(key)
+            .and_modify(|due| *due = (*due).min(at))
+            .or_insert(at);
+    }
+
+    /// A reconcile of `key` started (or the controller found the filter gone).
+    pub fn started(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    /// Keeps only the filters `exists` says are still there.
+    pub fn retain(&self, exists: impl Fn(&str) -> bool) {
+        self.lock().retain(|key, _| exists(key));
+    }
+
+    /// How many filters are due at `now` and not yet started.
+    pub fn depth(&self, now: Instant) -> usize {
+        self.lock().values().filter(|due| **due <= now).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.due.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Default for Metrics {
@@ -141,7 +194,15 @@ impl Default for Metrics {
             "1 while this replica leads (holds the Lease, or runs without leader election): only the leader reconciles and writes",
             leader.clone(),
         );
+        let queue_depth = Gauge::default();
+        registry.register(
+            "reconcile_queue_depth",
+            "WasmFilters due for a reconcile that has not started yet (changed, or a retry or resync whose time came)",
+            queue_depth.clone(),
+        );
         Metrics {
+            queue: ReconcileQueue::default(),
+            queue_depth,
             preflight_runs,
             rollouts,
             leader,
@@ -277,6 +338,9 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
+        let depth = self.queue.depth(Instant::now());
+        self.queue_depth
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
@@ -359,5 +423,46 @@ mod verb_tests {
             let line = format!("wasmfilter_api_requests_total{{verb=\"{verb}\"}} {n}");
             assert!(text.contains(&line), "{line} in:\n{text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_waits_from_when_it_is_due_until_its_reconcile_starts() {
+        let q = ReconcileQueue::default();
+        let now = Instant::now();
+        q.request("a/one".into());
+        q.request("a/one".into()); // asked for twice: waits once
+        q.requeue("a/two".into(), Duration::from_secs(60));
+        assert_eq!(q.depth(Instant::now()), 1);
+        // A retry waits once its time came.
+        assert_eq!(q.depth(now + Duration::from_secs(61)), 2);
+        // Asked for sooner than its retry: due now.
+        q.request("a/two".into());
+        assert_eq!(q.depth(Instant::now()), 2);
+        // A later retry does not push back what is already due.
+        q.requeue("a/one".into(), Duration::from_secs(60));
+        assert_eq!(q.depth(Instant::now()), 2);
+        q.started("a/one");
+        assert_eq!(q.depth(Instant::now()), 1);
+        q.retain(|key| key != "a/two");
+        assert_eq!(q.depth(now + Duration::from_secs(3600)), 0);
+    }
+
+    #[test]
+    fn the_depth_is_exported_as_it_is_when_scraped() {
+        let m = Metrics::default();
+        m.queue.request("a/one".into());
+        m.queue.request("b/two".into());
+        assert!(
+            m.encode().contains("wasmfilter_reconcile_queue_depth 2\n"),
+            "{}",
+            m.encode()
+        );
+        m.queue.started("a/one");
+        assert!(m.encode().contains("wasmfilter_reconcile_queue_depth 1\n"));
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kube::Api;
 use kube::api::{DeleteParams, DynamicObject};
+use support::registries::{Fault, FaultProxy};
 use support::*;
 use wasmfilter::api::WasmFilter;
 use wasmfilter::cache::sha256_hex;
@@ -869,4 +870,55 @@ async fn an_image_index_is_followed_to_its_wasm_entry() {
     let wf = wait_condition(&client, n, "no-wasm", "Ready", "False").await;
     let ready = condition(&wf, "Ready").unwrap();
     assert_eq!(ready.reason, "NotAWasmArtifact", "{}", ready.message);
+}
+
+/// `wasmfilter_reconcile_queue_depth` counts the filters waiting for their turn: with one
+/// reconcile at a time and that one stuck on a registry that does not answer, the other two
+/// wait; once the registry answers, every filter is reconciled and none waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_depth_counts_the_filters_waiting_for_their_turn() {
+    let env = env();
+    let client = client().await;
+    let proxy = FaultProxy::start(&env.registry).await;
+    let ns = TestNamespace::new("queue");
+    let n = &ns.name;
+    let op = Operator::start(
+        n,
+        &[
+            "--insecure-registry",
+            &proxy.addr,
+            "--max-concurrent-reconciles",
+            "1",
+            "--registry-timeout-seconds",
+            "10",
+        ],
+    )
+    .await;
+    let depth = || op.metric("wasmfilter_reconcile_queue_depth");
+    assert_eq!(depth().await, 0.0);
+    push_module(
+        &format!("{}/queue/{n}:v1", env.registry),
+        module(&format!("queue-{n}")),
+    )
+    .await;
+    proxy.set(Fault::Stall);
+    let names = ["a", "b", "c"];
+    for f in names {
+        Filter::new(n, f, &format!("{}/queue/{n}:v1", proxy.addr)).apply();
+    }
+    wait_for(
+        "two filters to wait behind the stuck one",
+        Duration::from_secs(30),
+        || async { (depth().await == 2.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(proxy.manifest_requests.lock().unwrap().len(), 1);
+    proxy.set(Fault::None);
+    for f in names {
+        wait_condition(&client, n, f, "Ready", "True").await;
+    }
+    wait_for("no filter to wait", Duration::from_secs(30), || async {
+        (depth().await == 0.0).then_some(())
+    })
+    .await;
 }

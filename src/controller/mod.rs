@@ -394,6 +394,8 @@ enum Outcome {
 #[tracing::instrument(skip_all, fields(filter = %wf.name_any(), namespace = wf.namespace().unwrap_or_default()))]
 async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Error> {
     let start = Instant::now();
+    let key = queue_key(&ObjectRef::from_obj(&*wf));
+    ctx.metrics.queue.started(&key);
     let _counted = InFlight::enter(&ctx.reconciling);
     if ctx.stopping.load(Ordering::SeqCst) {
         return Ok(Action::await_change());
@@ -409,33 +411,42 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
         },
         start.elapsed(),
     );
-    match result {
+    let again = match result {
         Ok(Outcome::Deployed(soon)) => {
             ctx.clear_failures(&wf);
             let resync = match wf.spec.module.pull_policy {
                 PullPolicy::Always => ctx.settings.resync,
                 PullPolicy::IfNotPresent => PINNED_RESYNC,
             };
-            Ok(Action::requeue(soon.map_or(resync, |s| s.min(resync))))
+            soon.map_or(resync, |s| s.min(resync))
         }
         // The stable module is served; the candidate waits for a spec change (or a new digest).
-        Ok(Outcome::RolledBack) => Ok(Action::requeue(
-            ctx.within_resync(&wf, ctx.settings.backoff.invalid),
-        )),
+        Ok(Outcome::RolledBack) => ctx.within_resync(&wf, ctx.settings.backoff.invalid),
         // Nothing changes until the spec or the pods do (a pod change triggers a reconcile).
         Ok(Outcome::Blocked) => {
             deploy::kept_previous(&wf, &ctx);
-            Ok(Action::requeue(
-                ctx.within_resync(&wf, ctx.settings.backoff.invalid),
-            ))
+            ctx.within_resync(&wf, ctx.settings.backoff.invalid)
         }
         Err(err) => {
             tracing::warn!(reason = err.reason(), error = %err, "reconcile failed");
             deploy::kept_previous(&wf, &ctx);
             report::failed(&ctx, &wf, &err).await;
-            Err(err)
+            return Err(err);
         }
-    }
+    };
+    ctx.metrics.queue.requeue(key, again);
+    Ok(Action::requeue(again))
+}
+
+/// A filter's key in the reconcile queue metric: `namespace/name`.
+pub(crate) fn queue_key<K: kube::runtime::reflector::Lookup + ?Sized>(
+    filter: &ObjectRef<K>,
+) -> String {
+    format!(
+        "{}/{}",
+        filter.namespace.as_deref().unwrap_or_default(),
+        filter.name
+    )
 }
 
 fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -447,6 +458,9 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.within_resync(&wf, delay);
     let delay = err.retry_after().map_or(delay, |least| delay.max(least));
     tracing::info!(reason = err.reason(), failures, ?delay, "retrying later");
+    ctx.metrics
+        .queue
+        .requeue(queue_key(&ObjectRef::from_obj(&*wf)), delay);
     Action::requeue(delay)
 }
 

@@ -1,7 +1,7 @@
 //! The watches that trigger reconciles: WasmFilters (decoded one by one), their children (not
 //! the operator's own writes), pods (only what can change a verdict), and ECDS answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 
 use super::deploy::ecds_name;
-use super::{Context, decode, error_policy, reconcile};
+use super::{Context, decode, error_policy, queue_key, reconcile};
 use crate::api::{Target, WasmFilter};
 use crate::names;
 use crate::render;
@@ -80,6 +80,7 @@ pub async fn run(
     // operator's own apply echoing back.
     let child_trigger = |ar: ApiResource| {
         let ctx = ctx.clone();
+        let queue = ctx.clone();
         let kind = ar.kind.clone();
         let mut listed = false;
         watcher(children(&ar), owned.clone())
@@ -103,6 +104,16 @@ pub async fn run(
                 let own = matches!(child, Ok(c) if ctx.is_own_apply(&kind, c));
                 futures::future::ready(!own)
             })
+            // The controller reconciles the filter owning the child (counted as waiting).
+            .inspect(move |child| {
+                let Ok(child) = child else { return };
+                let ns = child.namespace().unwrap_or_default();
+                for owner in child.owner_references() {
+                    if owner.kind == "WasmFilter" {
+                        queue.metrics.queue.request(format!("{ns}/{}", owner.name));
+                    }
+                }
+            })
     };
     let wp = render::wasm_plugin_resource();
     let ef = render::envoy_filter_resource();
@@ -111,31 +122,51 @@ pub async fn run(
     let (reader, writer) = reflector::store();
     let xds = ctx.xds.clone();
     let listed = reader.clone();
+    let queue = ctx.clone();
     let trigger = decoded_filters(&ctx, bad_tx)
         .reflect(writer)
-        // The ECDS server learns of deletions here (no reconcile runs for a deleted object),
-        // and after every full list which filters exist at all.
-        .inspect(move |event| {
-            let Some(xds) = &xds else { return };
-            match event {
-                Ok(watcher::Event::Delete(wf)) => {
-                    if let Some(name) = ecds_name(wf) {
-                        xds.withdraw(&name);
-                    }
+        // The ECDS server and the reconcile queue learn of deletions here (no reconcile runs
+        // for a deleted object), and after every full list which filters exist at all.
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(wf)) => {
+                queue
+                    .metrics
+                    .queue
+                    .started(&queue_key(&ObjectRef::from_obj(wf)));
+                if let (Some(xds), Some(name)) = (&xds, ecds_name(wf)) {
+                    xds.withdraw(&name);
                 }
-                Ok(watcher::Event::InitDone) => xds.sync(
-                    listed
-                        .state()
-                        .iter()
-                        .filter(|wf| wf.spec.target == Target::Ecds)
-                        .filter_map(|wf| ecds_name(wf))
-                        .collect(),
-                ),
-                _ => {}
             }
+            Ok(watcher::Event::InitDone) => {
+                let state = listed.state();
+                let exists: HashSet<String> = state
+                    .iter()
+                    .map(|wf| queue_key(&ObjectRef::from_obj(&**wf)))
+                    .collect();
+                queue.metrics.queue.retain(|key| exists.contains(key));
+                if let Some(xds) = &xds {
+                    xds.sync(
+                        state
+                            .iter()
+                            .filter(|wf| wf.spec.target == Target::Ecds)
+                            .filter_map(|wf| ecds_name(wf))
+                            .collect(),
+                    );
+                }
+            }
+            _ => {}
         })
         .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+        .predicate_filter(predicates::generation, Default::default())
+        .inspect({
+            let queue = ctx.clone();
+            move |wf| {
+                if let Ok(wf) = wf {
+                    let key = queue_key(&ObjectRef::from_obj(wf));
+                    queue.metrics.queue.request(key);
+                }
+            }
+        });
     // Pods come and go: a new one matching a selector is checked in the next reconcile of
     // the filters that select it. Only what decides the verdict (labels, the version
     // annotation, images) triggers one, not every status change of a pod.
@@ -167,28 +198,40 @@ pub async fn run(
         )
         .owns_stream_with(child_trigger(wp.clone()), wp)
         .owns_stream_with(child_trigger(ef.clone()), ef)
-        .watches_stream(pod_trigger, move |pod: Pod| {
-            let ns = pod.namespace();
-            let labels = pod.labels().clone();
-            filters_store
-                .state()
-                .into_iter()
-                .filter(|wf| {
-                    wf.namespace() == ns
-                        && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
-                })
-                .map(|wf| ObjectRef::from_obj(&*wf))
-                .collect::<Vec<_>>()
+        .watches_stream(pod_trigger, {
+            let queue = ctx.clone();
+            move |pod: Pod| {
+                let ns = pod.namespace();
+                let labels = pod.labels().clone();
+                let selecting = filters_store
+                    .state()
+                    .into_iter()
+                    .filter(|wf| {
+                        wf.namespace() == ns
+                            && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
+                    })
+                    .map(|wf| ObjectRef::from_obj(&*wf))
+                    .collect::<Vec<_>>();
+                for filter in &selecting {
+                    queue.metrics.queue.request(queue_key(filter));
+                }
+                selecting
+            }
         });
     // No `shutdown_on_signal`: on a signal its graceful shutdown drops reconciles in flight and
     // waits for stores that may never fill; the binary handles signals (`Context::stop`).
     if let Some(events) = xds_events {
-        let answered = tokio_stream::wrappers::UnboundedReceiverStream::new(events).filter_map(
-            |name| async move {
-                let (ns, name) = name.split_once('/')?;
-                Some(ObjectRef::<WasmFilter>::new(name).within(ns))
-            },
-        );
+        let queue = ctx.clone();
+        let answered =
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).filter_map(move |name| {
+                let filter = name
+                    .split_once('/')
+                    .map(|(ns, name)| ObjectRef::<WasmFilter>::new(name).within(ns));
+                if let Some(filter) = &filter {
+                    queue.metrics.queue.request(queue_key(filter));
+                }
+                futures::future::ready(filter)
+            });
         controller = controller.reconcile_on(answered);
     }
     if let Some(xds) = ctx.xds.clone() {
@@ -230,12 +273,17 @@ pub async fn run(
         }
     });
     controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|res| {
             match res {
                 Ok((obj, _)) => tracing::debug!(object = %obj, "reconciled"),
+                // Asked for, but gone before its turn: nothing waits for it any more.
+                Err(kube::runtime::controller::Error::ObjectNotFound(obj)) => {
+                    ctx.metrics.queue.started(&queue_key(&obj));
+                }
                 Err(e) => tracing::debug!(error = %e, "reconcile failed"),
             }
+            futures::future::ready(())
         })
         .await;
 }
