@@ -17,6 +17,8 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
 
+use crate::names::ANNOTATION_XDS_ADDRESS;
+
 /// Where the Lease is and who this replica is.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -25,6 +27,9 @@ pub struct Config {
     pub identity: String,
     /// How long a Lease is valid after its last renewal.
     pub duration: Duration,
+    /// Where this replica serves ECDS for the others to relay to, written on the Lease while
+    /// it leads.
+    pub xds_address: Option<String>,
 }
 
 impl Config {
@@ -95,6 +100,8 @@ pub struct Elector {
     observed: Mutex<Option<Observed>>,
     /// Set once the Lease was given up: never take it again.
     released: AtomicBool,
+    /// Where the replica that holds the Lease (another one) serves ECDS, as last read.
+    leader_xds: Mutex<Option<String>>,
 }
 
 impl Elector {
@@ -105,7 +112,17 @@ impl Elector {
             leading: watch::channel(false).0,
             observed: Mutex::new(None),
             released: AtomicBool::new(false),
+            leader_xds: Mutex::new(None),
         }
+    }
+
+    /// Where the leader serves ECDS, when another replica leads and said so on the Lease (as
+    /// of this replica's last look, at most a retry period ago).
+    pub fn leader_xds(&self) -> Option<String> {
+        self.leader_xds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn config(&self) -> &Config {
@@ -202,6 +219,14 @@ impl Elector {
             }
         };
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        let other = spec
+            .and_then(|s| s.holder_identity.as_deref())
+            .is_some_and(|h| !h.is_empty() && h != me.as_str());
+        *self.leader_xds.lock().unwrap_or_else(|p| p.into_inner()) = current
+            .as_ref()
+            .filter(|_| other)
+            .and_then(|l| l.metadata.annotations.as_ref())
+            .and_then(|a| a.get(ANNOTATION_XDS_ADDRESS).cloned());
         match decide(spec, me, unchanged_for, self.config.duration) {
             Step::Wait => Ok(false),
             Step::Create => {
@@ -209,6 +234,11 @@ impl Elector {
                     metadata: ObjectMeta {
                         name: Some(name.clone()),
                         namespace: Some(self.config.namespace.clone()),
+                        annotations: self
+                            .config
+                            .xds_address
+                            .as_ref()
+                            .map(|a| [(ANNOTATION_XDS_ADDRESS.to_string(), a.clone())].into()),
                         ..ObjectMeta::default()
                     },
                     spec: Some(LeaseSpec {
@@ -241,6 +271,7 @@ impl Elector {
                 spec.renew_time = Some(now);
                 spec.lease_duration_seconds = Some(self.config.duration_seconds());
                 lease.spec = Some(spec);
+                set_xds_address(&mut lease, self.config.xds_address.as_deref());
                 match self.api.replace(name, &PostParams::default(), &lease).await {
                     Ok(_) => Ok(true),
                     // Someone else wrote it since this replica read it.
@@ -270,6 +301,7 @@ impl Elector {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
             spec.renew_time = Some(MicroTime(jiff::Timestamp::now()));
+            set_xds_address(&mut lease, None);
             self.api
                 .replace(&self.config.name, &PostParams::default(), &lease)
                 .await
@@ -279,6 +311,19 @@ impl Elector {
             Ok(Ok(())) => tracing::info!("released the leader Lease"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not release the leader Lease"),
             Err(_) => tracing::warn!("releasing the leader Lease timed out"),
+        }
+    }
+}
+
+/// Says on the Lease where its holder serves ECDS (or, with `None`, that nobody does).
+fn set_xds_address(lease: &mut Lease, address: Option<&str>) {
+    let annotations = lease.metadata.annotations.get_or_insert_default();
+    match address {
+        Some(a) => {
+            annotations.insert(ANNOTATION_XDS_ADDRESS.to_string(), a.to_string());
+        }
+        None => {
+            annotations.remove(ANNOTATION_XDS_ADDRESS);
         }
     }
 }
@@ -345,6 +390,7 @@ mod tests {
             name: "l".into(),
             identity: "a".into(),
             duration: Duration::from_secs(15),
+            xds_address: None,
         };
         assert!(c.renew_deadline() + c.retry_period() < c.duration);
         assert_eq!(c.duration_seconds(), 15);

@@ -18,6 +18,10 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Annotation on children recording the module sha256 they point at.
 pub const ANNOTATION_MODULE_SHA256: &str = "wasmfilter.dev/module-sha256";
 
+/// On the leader Lease: the address where the leader serves ECDS, which the other replicas
+/// relay the ECDS streams they receive to.
+pub const ANNOTATION_XDS_ADDRESS: &str = "wasmfilter.dev/xds-address";
+
 /// Condition types (kstatus-compatible: `Ready` plus `observedGeneration`, and kstatus's
 /// abnormal-true `Reconciling` and `Stalled`).
 pub mod condition {

@@ -180,3 +180,86 @@ async fn a_stopping_leader_hands_over_at_once_and_one_that_loses_its_lease_exits
     assert!(!status.success());
     assert!(b.logs().contains("lost the leader Lease"), "{}", b.logs());
 }
+
+/// With several replicas an Envoy may reach any of them: a follower relays its ECDS stream to
+/// the leader (at the address the leader wrote on the Lease), which sends the filter and hears
+/// the Envoy's ACK; the follower reconciles nothing. Once the leader is killed, the Envoy's
+/// stream ends, it reconnects, and the new leader serves it and its changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_connected_to_a_follower_is_served_by_the_leader() {
+    use support::ecds::*;
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("ha-ecds");
+    let n = &ns.name;
+    apply_ok(&envoy_pod_yaml(n, "web-1", "web", "v1.40.0"));
+    let leases: Api<Lease> = Api::namespaced(client.clone(), n);
+    let (xa, xb) = (free_port(), free_port());
+    let (la, lb) = (format!("127.0.0.1:{xa}"), format!("127.0.0.1:{xb}"));
+    let mut a = replica(
+        n,
+        "a",
+        &["--xds-listen", &la, "--xds-advertise-address", &la],
+    )
+    .await;
+    wait_holder(&leases, "a").await;
+    let b = replica(
+        n,
+        "b",
+        &["--xds-listen", &lb, "--xds-advertise-address", &lb],
+    )
+    .await;
+    let lease = leases.get(LEASE).await.unwrap();
+    assert_eq!(
+        lease.metadata.annotations.unwrap()["wasmfilter.dev/xds-address"],
+        la
+    );
+    let v1 = format!("{}/ha-ecds/{n}:v1", env.registry);
+    push_module(&v1, wasm(&variant("on", &format!("ha-{n}")))).await;
+    ecds_filter(n, "hdr", &v1, "hello").apply();
+    let filters = [format!("{n}/hdr")];
+    let envoy = Envoy::start_ecds("1.40.0", &node(n, "web-1", &filters, true, xb));
+    envoy
+        .wait_header("x-wasmfilter-config", Some(r#"{"greeting":"hello"}"#), 200)
+        .await;
+    // The leader heard the Envoy's ACK through b.
+    wait_status(
+        &client,
+        n,
+        "hdr",
+        "the Envoy behind b to have loaded it",
+        |wf| {
+            cond_is(wf, "Loaded", "True", "Loaded")
+                && workload(wf, "web-1").is_some_and(|w| w.loaded == Some(true))
+        },
+    )
+    .await;
+    assert!(
+        b.logs()
+            .contains("relaying an ECDS delta stream to the leader")
+    );
+    assert_eq!(b.metric("wasmfilter_reconciles_total").await, 0.0);
+
+    a.kill();
+    wait_holder(&leases, "b").await;
+    ecds_filter(n, "hdr", &v1, "again").apply();
+    envoy
+        .wait_header("x-wasmfilter-config", Some(r#"{"greeting":"again"}"#), 200)
+        .await;
+    wait_status(
+        &client,
+        n,
+        "hdr",
+        "b to hear the Envoy's ACK itself",
+        |wf| {
+            wf.status.as_ref().unwrap().observed_generation == Some(2)
+                && cond_is(wf, "Loaded", "True", "Loaded")
+        },
+    )
+    .await;
+    let lease = leases.get(LEASE).await.unwrap();
+    assert_eq!(
+        lease.metadata.annotations.unwrap()["wasmfilter.dev/xds-address"],
+        lb
+    );
+}

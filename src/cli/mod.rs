@@ -418,6 +418,16 @@ pub struct OperatorArgs {
     /// `target: Ecds` filters need it.
     #[arg(long, value_name = "ADDR", env = "WASMFILTER_XDS_LISTEN")]
     pub xds_listen: Option<SocketAddr>,
+    /// With --leader-elect: where the other replicas reach this one's ECDS port (e.g.
+    /// `$(POD_IP):18000`). The leader writes it on the Lease; a follower relays each ECDS stream
+    /// it receives there, so an Envoy may connect to any replica. Plain gRPC between replicas.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        requires_all = ["xds_listen", "leader_elect"],
+        conflicts_with = "xds_tls_cert"
+    )]
+    pub xds_advertise_address: Option<String>,
     /// PEM certificate (chain) for TLS on the ECDS port.
     #[arg(long, value_name = "FILE", requires_all = ["xds_listen", "xds_tls_key"])]
     pub xds_tls_cert: Option<PathBuf>,
@@ -670,6 +680,7 @@ async fn run_operator(
                 .clone()
                 .unwrap_or_else(|| format!("wasmfilter-{:016x}", fastrand::u64(..))),
             duration: Duration::from_secs(args.lease_duration_seconds),
+            xds_address: args.xds_advertise_address.clone(),
         }),
         _ => None,
     };
@@ -708,10 +719,15 @@ async fn run_operator(
             tracing::info!(%addr, tls = tls.is_some(), "serving ECDS");
             let serving = xds.clone();
             let client = client.clone();
+            let route = xds_route(
+                election.is_some(),
+                late_elector.clone(),
+                args.xds_advertise_address.clone(),
+            );
             tokio::spawn(async move {
                 let budget = args.xds_send_budget_bytes;
                 if let Err(e) =
-                    xds::server::serve(listener, serving, Some(client), tls, budget).await
+                    xds::server::serve(listener, serving, Some(client), tls, budget, route).await
                 {
                     tracing::error!(error = %e, "the ECDS server stopped");
                 }
@@ -759,6 +775,29 @@ async fn run_operator(
     tracing::info!(namespace = ?ctx.settings.namespace, "controller starting");
     controller::run(ctx, xds_events).await;
     Ok(())
+}
+
+/// Where this replica's ECDS server sends a new stream: alone or leading, it serves it; a
+/// follower relays it to the leader's address on the Lease (never to itself).
+fn xds_route(
+    elected: bool,
+    elector: Arc<OnceLock<Arc<Elector>>>,
+    own: Option<String>,
+) -> xds::relay::Route {
+    use xds::relay::Upstream;
+    Arc::new(move || {
+        if !elected {
+            return Upstream::Here;
+        }
+        match elector.get() {
+            Some(e) if e.is_leading() => Upstream::Here,
+            Some(e) => match e.leader_xds() {
+                Some(leader) if Some(&leader) != own.as_ref() => Upstream::Leader(leader),
+                _ => Upstream::Nobody,
+            },
+            None => Upstream::Nobody,
+        }
+    })
 }
 
 async fn push(args: PushArgs) -> anyhow::Result<()> {

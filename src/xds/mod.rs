@@ -11,6 +11,7 @@
 //! bounded wait passed), and never tells an Envoy to drop a filter it has not decided about.
 
 pub mod node;
+pub mod relay;
 pub mod server;
 
 use std::collections::{BTreeSet, HashMap, HashSet};

@@ -22,13 +22,14 @@ use prost::Message;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::relay::{self, Route, Upstream};
 use super::{Decision, NodeInfo, Report, Xds};
 use crate::render::ecds::TYPED_EXTENSION_CONFIG_URL;
 
 /// Unanswered responses remembered per stream.
 const MAX_PENDING: usize = 64;
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Bytes of responses that may exist at once across all streams, by default: modules travel
 /// inline, and without a bound one large module pushed to many Envoys at once would hold a copy
@@ -37,18 +38,21 @@ pub const DEFAULT_SEND_BUDGET: u64 = 256 << 20;
 
 /// Serves ECDS on `listener` until the process ends. `send_budget` bounds the bytes of
 /// responses in flight across all streams (a single response larger than it still goes, alone).
+/// `route` says, per new stream, whether this replica serves it or relays it to the leader.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     xds: Arc<Xds>,
     client: Option<kube::Client>,
     tls: Option<(Vec<u8>, Vec<u8>)>,
     send_budget: u64,
+    route: Route,
 ) -> Result<(), tonic::transport::Error> {
     let budget = Budget::new(send_budget);
     let service = ExtensionConfigDiscoveryServiceServer::new(Service {
         xds,
         client,
         budget,
+        route,
     })
     // Modules travel inline; requests from Envoy are small.
     .max_encoding_message_size(usize::MAX);
@@ -69,7 +73,12 @@ struct Service {
     xds: Arc<Xds>,
     client: Option<kube::Client>,
     budget: Budget,
+    route: Route,
 }
+
+/// Why a stream that arrives while no replica can serve it is refused.
+const NOBODY_LEADS: &str =
+    "no replica leads yet, or the leader does not say where it serves ECDS; try again";
 
 /// The shared bound on response bytes in flight, counted in KiB.
 #[derive(Clone)]
@@ -400,6 +409,11 @@ impl ExtensionConfigDiscoveryService for Service {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamExtensionConfigsStream>, Status> {
+        match (self.route)() {
+            Upstream::Here => {}
+            Upstream::Leader(address) => return relay::sotw(&address, request).await,
+            Upstream::Nobody => return Err(Status::unavailable(NOBODY_LEADS)),
+        }
         let peer: Option<SocketAddr> = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
@@ -407,6 +421,7 @@ impl ExtensionConfigDiscoveryService for Service {
             xds: self.xds.clone(),
             client: self.client.clone(),
             budget: self.budget.clone(),
+            route: self.route.clone(),
         };
         tokio::spawn(async move {
             let xds = service.xds.clone();
@@ -451,6 +466,11 @@ impl ExtensionConfigDiscoveryService for Service {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaExtensionConfigsStream>, Status> {
+        match (self.route)() {
+            Upstream::Here => {}
+            Upstream::Leader(address) => return relay::delta(&address, request).await,
+            Upstream::Nobody => return Err(Status::unavailable(NOBODY_LEADS)),
+        }
         let peer: Option<SocketAddr> = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1);
@@ -458,6 +478,7 @@ impl ExtensionConfigDiscoveryService for Service {
             xds: self.xds.clone(),
             client: self.client.clone(),
             budget: self.budget.clone(),
+            route: self.route.clone(),
         };
         tokio::spawn(async move {
             let xds = service.xds.clone();
