@@ -572,6 +572,27 @@ async fn changing_the_target_replaces_the_child() {
     wait_condition(&client, &ns.name, "f", "Ready", "True").await;
     let wps = child_api(&client, &ns.name, "WasmPlugin");
     assert!(wps.get_opt("f").await.unwrap().is_some());
+    // A new filter: its child applied and its status written once, plus a `Reconciling` status
+    // first only if its first reconcile took a second or more (tests/gitops.rs sees that one
+    // on a filter whose registry never answers). Each further reconcile: child and status.
+    let reconciles = op.metric("wasmfilter_reconciles_total").await;
+    let took = op.metric("wasmfilter_reconcile_duration_seconds_sum").await;
+    let patches = op
+        .metric("wasmfilter_api_requests_total{verb=\"patch\"}")
+        .await;
+    let taken_up = if reconciles == 1.0 && took < 0.95 {
+        0.0
+    } else if reconciles == 1.0 && took > 1.05 {
+        1.0
+    } else {
+        patches - 2.0 * reconciles // more than one reconcile, or too close to call
+    };
+    assert_eq!(
+        patches,
+        2.0 * reconciles + taken_up,
+        "{reconciles} reconciles, {took} s in all"
+    );
+    assert!(taken_up == 0.0 || taken_up == 1.0, "{patches} patches");
     // Its watches listed once each at start; a reconcile LISTs nothing (pods come from the
     // operator's own index).
     let lists = || op.metric("wasmfilter_api_requests_total{verb=\"list\"}");

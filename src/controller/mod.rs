@@ -464,12 +464,31 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
     Action::requeue(delay)
 }
 
-/// The pipeline: resolve the module, assess the workloads, deploy, report.
+/// How long the first reconcile of a new filter runs before its status says it is being taken
+/// up (`Reconciling=True`); most finish sooner and write their outcome straight away, one
+/// status write instead of two.
+const TAKEN_UP_AFTER: Duration = Duration::from_secs(1);
+
+/// [`pipeline`]; a new filter (no status yet) whose first reconcile is still running after
+/// [`TAKEN_UP_AFTER`] gets `Reconciling=True` meanwhile, so kstatus readers see it in progress.
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> {
-    let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
-    if wf.status.is_none() {
-        report::write_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
+    let run = pipeline(wf, ctx);
+    if wf.status.is_some() {
+        return run.await;
     }
+    tokio::pin!(run);
+    match tokio::time::timeout(TAKEN_UP_AFTER, &mut run).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            report::write_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
+            run.await
+        }
+    }
+}
+
+/// The pipeline: resolve the module, assess the workloads, deploy, report.
+async fn pipeline(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> {
+    let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
     render::check_supported(wf.spec.target, ctx.xds.is_some())?;
     // Before any registry round trip: a reconcile that cannot assess its pods would only
     // resolve the tag again on its retry.
