@@ -187,16 +187,6 @@ impl Context {
         }
     }
 
-    /// Whether this process wrote a status for `wf` that the store has not caught up with.
-    fn wrote_status(&self, wf: &WasmFilter) -> bool {
-        wf.uid().is_some_and(|uid| {
-            self.written
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(&uid)
-        })
-    }
-
     /// Remembers `status` as the API server stores it (condition times in whole seconds), so
     /// that the store's copy compares equal once it catches up.
     fn remember_status(&self, wf: &WasmFilter, status: &WasmFilterStatus) {
@@ -479,11 +469,18 @@ fn error_policy(wf: Arc<WasmFilter>, err: &Error, ctx: Arc<Context>) -> Action {
 /// status write instead of two.
 const TAKEN_UP_AFTER: Duration = Duration::from_secs(1);
 
+tokio::task_local! {
+    /// Set once the reconcile running in this task began to write a status.
+    static STATUS_SENT: Arc<AtomicBool>;
+}
+
 /// [`pipeline`]; a new filter (no status yet) whose first reconcile is still running after
-/// [`TAKEN_UP_AFTER`], and has not written a status yet (it may be past its outcome, publishing
-/// Events), gets `Reconciling=True` meanwhile, so kstatus readers see it in progress.
+/// [`TAKEN_UP_AFTER`], and has not begun to write its outcome (it may be past it, publishing
+/// Events, or have it in flight), gets `Reconciling=True` meanwhile, so kstatus readers see it
+/// in progress.
 async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> {
-    let run = pipeline(wf, ctx);
+    let sent = Arc::new(AtomicBool::new(false));
+    let run = STATUS_SENT.scope(sent.clone(), pipeline(wf, ctx));
     if wf.status.is_some() {
         return run.await;
     }
@@ -491,8 +488,9 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
     match tokio::time::timeout(TAKEN_UP_AFTER, &mut run).await {
         Ok(outcome) => outcome,
         Err(_) => {
-            // The pipeline is paused here: it cannot write between this look and the write.
-            if !ctx.wrote_status(wf) {
+            // The pipeline is paused here: it cannot begin a write between this look and
+            // ours, and one it began is newer than ours.
+            if !sent.load(Ordering::SeqCst) {
                 report::write_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
             }
             run.await

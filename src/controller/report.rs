@@ -30,6 +30,8 @@ pub(super) async fn write_status(
         "kind": WasmFilter::kind(&()),
         "status": status,
     });
+    let _ =
+        super::STATUS_SENT.try_with(|sent| sent.store(true, std::sync::atomic::Ordering::SeqCst));
     api.patch_status(
         &wf.name_any(),
         &PatchParams::apply(names::FIELD_MANAGER).force(),
