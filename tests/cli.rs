@@ -14,6 +14,17 @@ fn wasmfilter(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `wasmfilter pull REFERENCE --plain-http --output FILE`.
+fn pull(reference: &str, file: &std::path::Path) -> std::process::Output {
+    wasmfilter(&[
+        "pull",
+        reference,
+        "--plain-http",
+        "--output",
+        file.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn push_then_pull_round_trips_the_module_bytes() {
     let env = env();
@@ -39,13 +50,7 @@ fn push_then_pull_round_trips_the_module_bytes() {
     assert!(stdout(&out).contains("solo-oci"), "{}", stdout(&out));
 
     let file = dir.path().join("m.wasm");
-    let out = wasmfilter(&[
-        "pull",
-        &reference,
-        "--plain-http",
-        "--output",
-        file.to_str().unwrap(),
-    ]);
+    let out = pull(&reference, &file);
     assert!(out.status.success(), "{}", stderr(&out));
     let pulled = std::fs::read(&file).unwrap();
     let expected = wat::parse_file(wat).unwrap();
@@ -145,13 +150,7 @@ fn pull_of_a_missing_tag_fails_with_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.wasm");
     let reference = format!("{}/cli/missing:nope", env.registry);
-    let out = wasmfilter(&[
-        "pull",
-        &reference,
-        "--plain-http",
-        "--output",
-        file.to_str().unwrap(),
-    ]);
+    let out = pull(&reference, &file);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -180,13 +179,7 @@ fn pull_reads_the_manifest_and_module_only_inspect_reads_the_config() {
         ));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("m.wasm");
-    let out = wasmfilter(&[
-        "pull",
-        &reference,
-        "--plain-http",
-        "--output",
-        file.to_str().unwrap(),
-    ]);
+    let out = pull(&reference, &file);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(&file).unwrap(), module);
     let out = wasmfilter(&["inspect", &reference, "--plain-http"]);

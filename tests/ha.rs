@@ -41,6 +41,13 @@ async fn holder(leases: &Api<Lease>) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// Where the Lease says the leader serves ECDS.
+async fn advertised(leases: &Api<Lease>) -> String {
+    let lease = leases.get(LEASE).await.unwrap();
+    lease.metadata.annotations.unwrap_or_default()[wasmfilter::names::ANNOTATION_XDS_ADDRESS]
+        .clone()
+}
+
 async fn wait_holder(leases: &Api<Lease>, who: &str) {
     wait_for(
         &format!("{who} to hold the Lease"),
@@ -209,11 +216,7 @@ async fn an_envoy_connected_to_a_follower_is_served_by_the_leader() {
         &["--xds-listen", &lb, "--xds-advertise-address", &lb],
     )
     .await;
-    let lease = leases.get(LEASE).await.unwrap();
-    assert_eq!(
-        lease.metadata.annotations.unwrap()["wasmfilter.dev/xds-address"],
-        la
-    );
+    assert_eq!(advertised(&leases).await, la);
     let v1 = format!("{}/ha-ecds/{n}:v1", env.registry);
     push_module(&v1, wasm(&variant("on", &format!("ha-{n}")))).await;
     ecds_filter(n, "hdr", &v1, "hello").apply();
@@ -257,9 +260,5 @@ async fn an_envoy_connected_to_a_follower_is_served_by_the_leader() {
         },
     )
     .await;
-    let lease = leases.get(LEASE).await.unwrap();
-    assert_eq!(
-        lease.metadata.annotations.unwrap()["wasmfilter.dev/xds-address"],
-        lb
-    );
+    assert_eq!(advertised(&leases).await, lb);
 }

@@ -490,8 +490,13 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
         Err(_) => {
             // The pipeline is paused here: it cannot begin a write between this look and
             // ours, and one it began is newer than ours.
-            if !sent.load(Ordering::SeqCst) {
-                report::write_status(ctx, wf, &status::reconciling(wf.metadata.generation)).await?;
+            // A failure to say so is no reason to abandon the reconcile itself.
+            if !sent.load(Ordering::SeqCst)
+                && let Err(e) =
+                    report::write_status(ctx, wf, &status::reconciling(wf.metadata.generation))
+                        .await
+            {
+                tracing::warn!(error = %e, "could not write the Reconciling status");
             }
             run.await
         }
