@@ -257,3 +257,45 @@ fn check_says_which_envoys_load_a_module_with_exit_codes_0_1_2() {
         assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
     }
 }
+
+/// `--xds-advertise-address` is checked when the operator starts: a HOST:PORT, with ECDS and
+/// leader election, and not with TLS on the ECDS port (replicas relay plain gRPC).
+#[test]
+fn the_advertised_ecds_address_is_checked_at_start() {
+    let base = [
+        "operator",
+        "--xds-listen",
+        "127.0.0.1:0",
+        "--leader-elect",
+        "--leader-election-namespace",
+        "ns",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        wasmfilter(&args)
+    };
+    for (value, says) in [
+        ("nope", "expected HOST:PORT"),
+        ("10.0.0.7:99999", "is not a port"),
+        ("10.0.0.7:0", "is not a port"),
+        (":18000", "is not a host"),
+    ] {
+        let out = run(&["--xds-advertise-address", value]);
+        assert_eq!(out.status.code(), Some(2), "{value}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{value}: {}", stderr(&out));
+    }
+    let out = run(&[
+        "--xds-advertise-address",
+        "10.0.0.7:18000",
+        "--xds-tls-cert",
+        "c.pem",
+        "--xds-tls-key",
+        "k.pem",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+}

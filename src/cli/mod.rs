@@ -424,6 +424,7 @@ pub struct OperatorArgs {
     #[arg(
         long,
         value_name = "HOST:PORT",
+        value_parser = host_and_port,
         requires_all = ["xds_listen", "leader_elect"],
         conflicts_with = "xds_tls_cert"
     )]
@@ -775,6 +776,26 @@ async fn run_operator(
     tracing::info!(namespace = ?ctx.settings.namespace, "controller starting");
     controller::run(ctx, xds_events).await;
     Ok(())
+}
+
+/// `HOST:PORT` (an IPv6 host bare or in brackets), as `--xds-advertise-address` takes it.
+fn host_and_port(value: &str) -> Result<String, String> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or("expected HOST:PORT, e.g. 10.0.0.7:18000")?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(format!("{port:?} is not a port (1-65535)"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || host
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c == '@')
+    {
+        return Err(format!("{host:?} is not a host name or address"));
+    }
+    Ok(value.to_string())
 }
 
 /// Where this replica's ECDS server sends a new stream: alone or leading, it serves it; a
