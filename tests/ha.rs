@@ -262,3 +262,49 @@ async fn an_envoy_connected_to_a_follower_is_served_by_the_leader() {
     .await;
     assert_eq!(advertised(&leases).await, lb);
 }
+
+/// While the replica holding the Lease has not said where it serves ECDS (here: a holder that
+/// is no replica at all), a follower refuses a new ECDS stream with `UNAVAILABLE`, saying why,
+/// rather than holding it or serving it from its own empty state; Envoy retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_ecds_streams_while_no_leader_serves_them() {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient;
+    let client = client().await;
+    let ns = TestNamespace::new("ha-nobody");
+    let n = &ns.name;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), n);
+    let ghost = serde_json::json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": LEASE, "namespace": n},
+        "spec": {
+            "holderIdentity": "ghost",
+            "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S.%6fZ").to_string(),
+            "leaseDurationSeconds": 3600,
+        }
+    });
+    leases
+        .create(&Default::default(), &serde_json::from_value(ghost).unwrap())
+        .await
+        .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let b = replica(
+        n,
+        "b",
+        &["--xds-listen", &listen, "--xds-advertise-address", &listen],
+    )
+    .await;
+    assert_eq!(b.metric("wasmfilter_leader").await, 0.0);
+    let mut ecds = ExtensionConfigDiscoveryServiceClient::connect(format!("http://{listen}"))
+        .await
+        .unwrap();
+    let refused = ecds
+        .stream_extension_configs(futures::stream::iter([DiscoveryRequest::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("no replica leads yet"),
+        "{refused:?}"
+    );
+}
