@@ -109,8 +109,9 @@ pub async fn run(
                 let Ok(child) = child else { return };
                 let ns = child.namespace().unwrap_or_default();
                 for owner in child.owner_references() {
-                    if owner.kind == "WasmFilter" {
-                        queue.metrics.queue.request(format!("{ns}/{}", owner.name));
+                    if owner.kind == <WasmFilter as kube::Resource>::kind(&()) {
+                        let filter = ObjectRef::<WasmFilter>::new(&owner.name).within(&ns);
+                        queue.metrics.queue.request(queue_key(&filter));
                     }
                 }
             })
