@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local test environment: etcd, kube-apiserver and kube-controller-manager (garbage collector,
-# namespaces, service accounts) with Istio's and our CRDs, plus a real OCI registry, all on
-# 127.0.0.1. No kubelet: tests create pods as API objects.
+# namespaces, service accounts) with Istio's and our CRDs, a real OCI registry and a real istiod
+# (pilot-discovery; WASMFILTER_ISTIOD=0 leaves it out), all on 127.0.0.1. No kubelet: tests
+# create pods as API objects, and run Istio gateway proxies with e2e/istio-proxy.sh.
 #
 #   e2e/env.sh up     start it (or reuse a healthy one) and print the env file to source
 #   e2e/env.sh down   stop it and delete its state
@@ -35,7 +36,8 @@ healthy() {
   [ -s "$ENV_DIR/env" ] || return 1
   # shellcheck disable=SC1091
   ( source "$ENV_DIR/env" && kubectl get --raw /readyz >/dev/null 2>&1 \
-      && curl -fsS "http://$WASMFILTER_REGISTRY/v2/" >/dev/null 2>&1 )
+      && curl -fsS "http://$WASMFILTER_REGISTRY/v2/" >/dev/null 2>&1 \
+      && { [ -z "${WASMFILTER_ISTIOD_HTTP:-}" ] || curl -fsS "http://$WASMFILTER_ISTIOD_HTTP/ready" >/dev/null 2>&1; } )
 }
 
 start() { # start NAME CMD...: runs CMD in the background, logging to $ENV_DIR/logs/NAME.log
@@ -150,6 +152,42 @@ RC
   "${kc[@]}" apply --server-side -f "$ROOT/crds/wasmfilter.dev_wasmfilters.yaml" >/dev/null
   "${kc[@]}" wait --for condition=Established --timeout 60s crd --all >/dev/null
 
+  local istio_env=""
+  if [ "${WASMFILTER_ISTIOD:-1}" != 0 ]; then
+    local xds_port http_port mon_port
+    xds_port=$(free_port); http_port=$(free_port); mon_port=$(free_port)
+    log "starting istiod (pilot-discovery) with plaintext xDS on 127.0.0.1:$xds_port"
+    "${kc[@]}" create namespace istio-system >/dev/null
+    cat >"$ENV_DIR/mesh.yaml" <<MESH
+# No mTLS between proxies: there is no CA here, and the tests' backends are plain HTTP.
+enableAutoMtls: false
+MESH
+    # What is switched off, and why:
+    # - ENABLE_CA_SERVER=false: no Istio CA (proxies run with FILE_MOUNTED_CERTS, see
+    #   e2e/istio-proxy.sh); --secureGRPCAddr/--httpsAddr "": no TLS ports, so no certificates;
+    # - INJECTION_/VALIDATION_WEBHOOK_CONFIG_NAME empty: no webhook configurations to patch;
+    # - PILOT_ENABLE_GATEWAY_API=false: the Gateway API CRDs are not installed;
+    # - PILOT_ENABLE_METADATA_EXCHANGE=false, PILOT_ENABLE_ALPN_FILTER=false: istio.metadata_exchange
+    #   and istio.alpn exist only in Istio's Envoy build; upstream Envoy refuses listeners and
+    #   clusters naming them;
+    # - PILOT_SCOPE_GATEWAY_TO_NAMESPACE=true: a Gateway selects proxies in its own namespace only,
+    #   so tests in parallel namespaces never share one;
+    # - --ctrlz_port 0: ControlZ on a free loopback port instead of 9876.
+    ENABLE_CA_SERVER=false INJECTION_WEBHOOK_CONFIG_NAME= VALIDATION_WEBHOOK_CONFIG_NAME= \
+    PILOT_ENABLE_GATEWAY_API=false PILOT_ENABLE_METADATA_EXCHANGE=false PILOT_ENABLE_ALPN_FILTER=false \
+    PILOT_SCOPE_GATEWAY_TO_NAMESPACE=true POD_NAMESPACE=istio-system \
+      start istiod "$ISTIO_BIN/pilot-discovery" discovery --kubeconfig "$ENV_DIR/kubeconfig" \
+        --meshConfig "$ENV_DIR/mesh.yaml" --networksConfig /dev/null --domain cluster.local \
+        --grpcAddr "127.0.0.1:$xds_port" --httpAddr "127.0.0.1:$http_port" \
+        --monitoringAddr "127.0.0.1:$mon_port" --secureGRPCAddr "" --httpsAddr "" --ctrlz_port 0
+    wait_for istiod 60 curl -fsS "http://127.0.0.1:$http_port/ready"
+    istio_env="export WASMFILTER_ISTIOD_XDS=127.0.0.1:$xds_port
+export WASMFILTER_ISTIOD_HTTP=127.0.0.1:$http_port
+export WASMFILTER_ISTIO_BIN=$ISTIO_BIN
+export WASMFILTER_ISTIO_ENVOY=$WASMFILTER_CACHE/envoy/$ISTIO_ENVOY_VERSION/envoy
+export WASMFILTER_ISTIO_PROXY=$ROOT/e2e/istio-proxy.sh"
+  fi
+
   cat >"$ENV_DIR/env" <<ENV
 export KUBECONFIG=$ENV_DIR/kubeconfig
 export WASMFILTER_REGISTRY=127.0.0.1:$reg_port
@@ -162,6 +200,7 @@ export WASMFILTER_HELM=$HELM_BIN/helm
 export WASMFILTER_KSTATUS=$KSTATUS_BIN/kstatus
 export WASMFILTER_FIXTURE_MODULES=$FIXTURE_MODULES
 export PATH=$K8S_BIN:\$PATH
+$istio_env
 ENV
   log "test environment up: source $ENV_DIR/env"
   echo "$ENV_DIR/env"

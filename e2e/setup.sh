@@ -4,7 +4,7 @@
 # and real Envoy binaries. Each step is skipped when its cached result is already there.
 source "$(dirname "$0")/lib/common.sh"
 
-apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld lua5.1)
+apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld lua5.1 socat iproute2)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -51,6 +51,24 @@ if [ ! -x "$COSIGN_BIN/cosign" ]; then
   (cd "$ROOT/e2e/tools/cosign" && run_with_heartbeat "go build (cosign $COSIGN_VERSION)" \
     go build -ldflags='-s -w' -o "$COSIGN_BIN.tmp/" github.com/sigstore/cosign/v2/cmd/cosign)
   rm -rf "$COSIGN_BIN" && mv "$COSIGN_BIN.tmp" "$COSIGN_BIN"
+fi
+if [ ! -x "$ISTIO_BIN/pilot-agent" ]; then
+  log "building Istio's pilot-discovery (istiod) and pilot-agent from e2e/tools/istio (cold: ~8 min on 2 cores; cached in $ISTIO_BIN)"
+  mkdir -p "$ISTIO_BIN.tmp"
+  (cd "$ROOT/e2e/tools/istio" && run_with_heartbeat "go mod download (istio.io/istio)" go mod download)
+  istio_dir=$(cd "$ROOT/e2e/tools/istio" && go list -m -f '{{.Dir}}' istio.io/istio)
+  istio_version=$(cat "$istio_dir/VERSION")-dev+$(cd "$ROOT/e2e/tools/istio" && go list -m -f '{{.Version}}' istio.io/istio | grep -o '[0-9a-f]*$')
+  # The version is stamped as Istio's own builds do: the agent reports it to istiod, which gates
+  # features on the proxy's Istio version.
+  (cd "$ROOT/e2e/tools/istio" && run_with_heartbeat "go build (pilot-discovery, pilot-agent)" \
+    go build -ldflags="-s -w -X istio.io/istio/pkg/version.buildVersion=$istio_version" \
+      -o "$ISTIO_BIN.tmp/" istio.io/istio/pilot/cmd/pilot-discovery istio.io/istio/pilot/cmd/pilot-agent)
+  # Istio's own Envoy bootstrap template, with every wildcard listener (Prometheus stats, health)
+  # bound to loopback instead: the tests' proxies listen on 127.0.0.1 only.
+  sed -e 's/{{ \.wildcard }}/{{ .localhost }}/g' -e 's/{{ \.additional_wildcard }}/{{ .additional_localhost }}/g' \
+    "$istio_dir/tools/packaging/common/envoy_bootstrap.json" >"$ISTIO_BIN.tmp/envoy_bootstrap.json"
+  ! grep -q wildcard "$ISTIO_BIN.tmp/envoy_bootstrap.json" || die "Istio's bootstrap template still has a wildcard address"
+  rm -rf "$ISTIO_BIN" && mv "$ISTIO_BIN.tmp" "$ISTIO_BIN"
 fi
 if [ ! -x "$KSTATUS_BIN/kstatus" ]; then
   log "building kstatus (sigs.k8s.io/cli-utils) from e2e/tools/kstatus (cached in $KSTATUS_BIN)"
@@ -100,7 +118,7 @@ if [ ! -s "$GITOPS_CRDS" ]; then
   log "fetched Argo CD's and Flux's CRDs into $GITOPS_CRDS"
 fi
 
-for v in $ENVOY_VERSIONS; do
+for v in $ENVOY_VERSIONS $ISTIO_ENVOY_VERSION; do
   dest="$WASMFILTER_CACHE/envoy/$v"
   [ -x "$dest/envoy" ] && continue
   tmp=$(mktemp -d)

@@ -33,6 +33,11 @@ HELM_BIN="$WASMFILTER_CACHE/bin/helm-$HELM_VERSION-$(sha256sum "$ROOT/e2e/tools/
 # The cosign CLI (signature tests: it signs, the operator verifies), built from its Go module.
 COSIGN_VERSION=v2.6.5
 COSIGN_BIN="$WASMFILTER_CACHE/bin/cosign-$COSIGN_VERSION-$(sha256sum "$ROOT/e2e/tools/cosign/go.sum" | cut -c1-12)"
+# Istio's pilot-discovery (istiod) and pilot-agent, built from the istio.io/istio module pinned in
+# e2e/tools/istio (a 1.31 pre-release: the only Istio whose whole dependency graph the Go module
+# proxy serves here), and the Envoy release that Istio minor is built on.
+ISTIO_BIN="$WASMFILTER_CACHE/bin/istio-$(sha256sum "$ROOT/e2e/tools/istio/go.sum" | cut -c1-12)"
+ISTIO_ENVOY_VERSION=1.39.3
 # kstatus (sigs.k8s.io/cli-utils), as Flux reads status, built from e2e/tools/kstatus.
 KSTATUS_BIN="$WASMFILTER_CACHE/bin/kstatus-$(cat "$ROOT"/e2e/tools/kstatus/{go.sum,main.go} | sha256sum | cut -c1-12)"
 

@@ -4,6 +4,7 @@
 
 pub mod ecds;
 pub mod gitops;
+pub mod istio;
 pub mod registries;
 
 // What building and applying a `Filter` needs, for every test file.
@@ -331,10 +332,29 @@ impl Operator {
     pub async fn start_with_cache(
         namespace: &str,
         extra: &[&str],
+        cache_dir: tempfile::TempDir,
+    ) -> Self {
+        Self::start_with(namespace, extra, cache_dir, &|_| CACHE_URL.to_string()).await
+    }
+
+    /// Like [`Operator::start`], advertising the cache at `cache_url(cache port)`: proxies that
+    /// really fetch modules from it (Istio's) need a URL that reaches it.
+    pub async fn start_advertising(
+        namespace: &str,
+        extra: &[&str],
+        cache_url: &dyn Fn(u16) -> String,
+    ) -> Self {
+        Self::start_with(namespace, extra, tempfile::tempdir().unwrap(), cache_url).await
+    }
+
+    async fn start_with(
+        namespace: &str,
+        extra: &[&str],
         mut cache_dir: tempfile::TempDir,
+        cache_url: &dyn Fn(u16) -> String,
     ) -> Self {
         for _ in 0..5 {
-            let mut op = Self::spawn(namespace, extra, cache_dir);
+            let mut op = Self::spawn_with(namespace, extra, cache_dir, None, cache_url);
             if op.ready_or_exited().await {
                 return op;
             }
@@ -370,11 +390,8 @@ impl Operator {
             extra,
             tempfile::tempdir().unwrap(),
             Some(kubeconfig),
+            &|_| CACHE_URL.to_string(),
         )
-    }
-
-    fn spawn(namespace: &str, extra: &[&str], cache_dir: tempfile::TempDir) -> Self {
-        Self::spawn_with(namespace, extra, cache_dir, None)
     }
 
     fn spawn_with(
@@ -382,6 +399,7 @@ impl Operator {
         extra: &[&str],
         cache_dir: tempfile::TempDir,
         kubeconfig: Option<&std::path::Path>,
+        cache_url: &dyn Fn(u16) -> String,
     ) -> Self {
         // Its readiness and metrics are read over HTTP with reqwest.
         tls_provider();
@@ -395,7 +413,7 @@ impl Operator {
             &["--namespace", namespace]
         };
         let child = operator_command()
-            .args(["operator", "--cache-url", CACHE_URL])
+            .args(["operator", "--cache-url", &cache_url(cache_port)])
             .args(scope)
             .args(["--cache-listen", &format!("127.0.0.1:{cache_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])

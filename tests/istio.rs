@@ -1,0 +1,226 @@
+//! Istio for real: the operator's WasmPlugins and EnvoyFilters consumed by the test
+//! environment's istiod (pilot-discovery), served to a gateway proxy run by the real istio-agent
+//! (pilot-agent) and its Envoy, which fetch the module from the operator's cache. Every
+//! assertion is what a user sees: an answer through the gateway, or Envoy's own config and
+//! counters.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use support::ecds::{variant, wasm};
+use support::istio::*;
+use support::*;
+use wasmfilter::api::{FailurePolicy, FilterType, Phase};
+
+/// An operator whose cache URL is its own loopback port, as the agent fetches it.
+async fn operator(ns: &str) -> Operator {
+    Operator::start_advertising(ns, &[], &|port| format!("http://127.0.0.1:{port}")).await
+}
+
+/// The x-wasmfilter values of an answer, waiting until they are `expected`.
+async fn wait_headers(gw: &IstioProxy, what: &str, expected: &[&str]) {
+    gw.wait_for_answer(what, |status, headers, _| {
+        status == 200 && filter_headers(headers) == expected
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_wasm_plugin_reaches_a_gateway_through_istiod_and_follows_config_and_image_changes() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-wp");
+    let n = &ns.name;
+    let op = operator(n).await;
+    let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
+
+    let v1 = format!("{}/istio/{n}:v1", env.registry);
+    push_module(&v1, wasm(&variant("v1", &format!("v1-{n}")))).await;
+    Filter::new(n, "hdr", &v1)
+        .app("gw")
+        .config(json!({"greeting": "hello"}))
+        .apply();
+    let (_, headers, body) = gw
+        .wait_for_answer("the filter's header", |status, headers, _| {
+            status == 200 && filter_headers(headers) == ["v1"]
+        })
+        .await;
+    assert_eq!(body, "hello", "the backend still answers");
+    assert_eq!(
+        headers["x-wasmfilter-config"], r#"{"greeting":"hello"}"#,
+        "the plugin got the WasmFilter's config"
+    );
+    // The agent fetched it from the operator's cache and gave Envoy a local file: the module
+    // Envoy runs is the one the operator verified.
+    let wp = child_api(&client, n, "WasmPlugin")
+        .get("hdr")
+        .await
+        .unwrap();
+    let sha = wp.data["spec"]["sha256"].as_str().unwrap().to_string();
+    let ecds = gw.config_dump("ecds_filters").await.to_string();
+    assert!(ecds.contains(&format!("{sha}.wasm")), "{ecds}");
+
+    // A config change is live without a new fetch.
+    Filter::new(n, "hdr", &v1)
+        .app("gw")
+        .config(json!({"greeting": "bonjour"}))
+        .apply();
+    gw.wait_for_answer("the new config", |status, headers, _| {
+        status == 200
+            && headers
+                .get("x-wasmfilter-config")
+                .is_some_and(|v| v == r#"{"greeting":"bonjour"}"#)
+    })
+    .await;
+
+    // An image change is live: the gateway runs the new module.
+    let v2 = format!("{}/istio/{n}:v2", env.registry);
+    push_module(&v2, wasm(&variant("v2", &format!("v2-{n}")))).await;
+    Filter::new(n, "hdr", &v2)
+        .app("gw")
+        .config(json!({"greeting": "bonjour"}))
+        .apply();
+    wait_headers(&gw, "the new module", &["v2"]).await;
+}
+
+#[tokio::test]
+async fn phase_and_priority_order_two_filters_in_the_gateway() {
+    let env = env();
+    let ns = TestNamespace::new("istio-order");
+    let n = &ns.name;
+    let op = operator(n).await;
+    let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
+    let (first, second, authn) = (
+        format!("{}/istio/{n}:aa", env.registry),
+        format!("{}/istio/{n}:bb", env.registry),
+        format!("{}/istio/{n}:cc", env.registry),
+    );
+    push_module(&first, wasm(&variant("aa", &format!("aa-{n}")))).await;
+    push_module(&second, wasm(&variant("bb", &format!("bb-{n}")))).await;
+    push_module(&authn, wasm(&variant("cc", &format!("cc-{n}")))).await;
+
+    // Same phase: the higher priority runs first on the request, so last on the response
+    // (Envoy runs response filters in reverse): its header is added last.
+    Filter::new(n, "high", &first)
+        .app("gw")
+        .edit(|s| s.priority = Some(10))
+        .apply();
+    Filter::new(n, "low", &second)
+        .app("gw")
+        .edit(|s| s.priority = Some(1))
+        .apply();
+    wait_headers(&gw, "both filters, high before low", &["bb", "aa"]).await;
+
+    // Swapping the priorities swaps them in the chain.
+    Filter::new(n, "high", &first)
+        .app("gw")
+        .edit(|s| s.priority = Some(1))
+        .apply();
+    Filter::new(n, "low", &second)
+        .app("gw")
+        .edit(|s| s.priority = Some(10))
+        .apply();
+    wait_headers(&gw, "the priorities swapped", &["aa", "bb"]).await;
+
+    // A phase comes before priority: an AUTHN filter with the lowest priority runs before both.
+    Filter::new(n, "authn", &authn)
+        .app("gw")
+        .edit(|s| {
+            s.phase = Phase::Authn;
+            s.priority = Some(-100);
+        })
+        .apply();
+    wait_headers(&gw, "the AUTHN filter first", &["aa", "bb", "cc"]).await;
+}
+
+#[tokio::test]
+async fn failure_policy_decides_what_the_gateway_does_when_the_module_cannot_be_fetched() {
+    let env = env();
+    let ns = TestNamespace::new("istio-fail");
+    let n = &ns.name;
+    let _op = operator(n).await;
+    // The gateway cannot reach the operator's cache: every fetch of the module fails.
+    let (gw, _backend) = gateway(n, "gw", &[]).await;
+    let image = format!("{}/istio/{n}:v1", env.registry);
+    push_module(&image, wasm(&variant("on", &format!("fail-{n}")))).await;
+
+    Filter::new(n, "f", &image)
+        .app("gw")
+        .edit(|s| s.failure_policy = FailurePolicy::FailOpen)
+        .apply();
+    let client = client().await;
+    wait_condition(&client, n, "f", "Ready", "True").await;
+    // Fail open: traffic passes without the filter.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let (status, headers, body) = gw.get("/").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "hello"));
+        assert!(filter_headers(&headers).is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(
+        gw.logs().contains("cannot fetch Wasm module"),
+        "the agent tried and failed:\n{}",
+        gw.logs()
+    );
+
+    // Fail closed: the agent puts a deny-all filter in its place.
+    Filter::new(n, "f", &image)
+        .app("gw")
+        .edit(|s| s.failure_policy = FailurePolicy::FailClosed)
+        .apply();
+    gw.wait_for_answer("requests refused", |status, _, _| status == 403)
+        .await;
+}
+
+#[tokio::test]
+async fn a_network_filter_loads_in_the_gateways_listener() {
+    let env = env();
+    let ns = TestNamespace::new("istio-l4");
+    let n = &ns.name;
+    let op = operator(n).await;
+    let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
+    let image = format!("{}/istio/{n}:v1", env.registry);
+    push_module(&image, wasm(&variant("on", &format!("l4-{n}")))).await;
+    Filter::new(n, "tcp", &image)
+        .app("gw")
+        .edit(|s| s.filter_type = FilterType::Network)
+        .apply();
+    // Envoy took it as a network filter, from the file the agent fetched.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let dump = loop {
+        let dump = gw.config_dump("ecds_filters").await;
+        let network = dump["configs"].as_array().into_iter().flatten().find(|c| {
+            c["ecds_filter"]["typed_config"]["@type"]
+                == "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
+        });
+        if let Some(c) = network {
+            break c.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no network Wasm filter in 30 s: {dump}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let config = &dump["ecds_filter"]["typed_config"]["config"];
+    assert!(
+        config["vm_config"]["code"]["local"]["filename"]
+            .as_str()
+            .is_some_and(|f| f.ends_with(".wasm")),
+        "{dump}"
+    );
+    let name = dump["ecds_filter"]["name"].as_str().unwrap();
+    assert!(
+        gw.stat(&format!(
+            "extension_config_discovery.network_filter.{name}.config_reload"
+        ))
+        .await
+            >= 1,
+        "Envoy counted it as a network filter"
+    );
+    // Traffic flows through the listener whose chain holds it.
+    let (status, _, body) = gw.get("/").await.unwrap();
+    assert_eq!((status, body.as_str()), (200, "hello"));
+}

@@ -1,0 +1,276 @@
+//! What the Istio tests share: a gateway proxy run by the real istio-agent against the test
+//! environment's real istiod (`e2e/istio-proxy.sh`), a backend behind it, and the Istio
+//! objects that route the gateway to the backend.
+
+use super::*;
+use std::os::unix::process::CommandExt;
+
+/// Where the test environment's Istio lives (`e2e/env.sh up` exports it).
+pub struct IstioEnv {
+    pub proxy_script: PathBuf,
+    pub istiod_xds: String,
+}
+
+pub fn istio_env() -> IstioEnv {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("{name} is not set: run `source $(e2e/env.sh up | tail -n1)` (with istiod)")
+        })
+    };
+    IstioEnv {
+        proxy_script: var("WASMFILTER_ISTIO_PROXY").into(),
+        istiod_xds: var("WASMFILTER_ISTIOD_XDS"),
+    }
+}
+
+/// A plain HTTP backend on loopback answering every request with 200 `hello`.
+pub struct Backend {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                let app = axum::Router::new().fallback(|| async { "hello" });
+                let task = tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                });
+                return Backend { port, task };
+            }
+        }
+        panic!("backend could not bind a port in 5 attempts");
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// An Istio gateway proxy: the real pilot-agent running a real Envoy, configured by istiod,
+/// labelled `app: <name>` in its namespace.
+pub struct IstioProxy {
+    child: Child,
+    pub name: String,
+    /// Envoy's admin port.
+    pub admin: u16,
+    /// The port the gateway's listener uses (see [`route_to_backend`]).
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl IstioProxy {
+    /// Starts the proxy `name` in `ns`; `reaches` are the loopback ports it may connect to
+    /// besides istiod's (the operator's cache, backends). Waits until Envoy is live.
+    pub async fn start(ns: &str, name: &str, reaches: &[u16]) -> Self {
+        let env = istio_env();
+        let (admin, port) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("proxy.log");
+        let reaches: Vec<String> = reaches.iter().map(u16::to_string).collect();
+        let child = Command::new(&env.proxy_script)
+            .arg(dir.path().join("run"))
+            .args([name, ns, &json!({"app": name}).to_string()])
+            .args([admin.to_string(), reaches.join(" "), port.to_string()])
+            // Its own process group: stopping the proxy stops the agent, Envoy and the bridges.
+            .process_group(0)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start e2e/istio-proxy.sh");
+        let mut proxy = IstioProxy {
+            child,
+            name: name.to_string(),
+            admin,
+            port,
+            dir,
+        };
+        proxy.wait_live().await;
+        proxy
+    }
+
+    async fn wait_live(&mut self) {
+        let url = format!("http://127.0.0.1:{}/ready", self.admin);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("istio proxy exited ({status}):\n{}", self.logs());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "istio proxy not live in 60 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// A request through the gateway: status, headers and body.
+    pub async fn get(&self, path: &str) -> Option<(u16, reqwest::header::HeaderMap, String)> {
+        let r = reqwest::get(format!("http://127.0.0.1:{}{path}", self.port))
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Some((status, headers, r.text().await.ok()?))
+    }
+
+    /// Waits until a request through the gateway passes `check` (30 s at most) and returns
+    /// that answer.
+    pub async fn wait_for_answer(
+        &self,
+        what: &str,
+        check: impl Fn(u16, &reqwest::header::HeaderMap, &str) -> bool,
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            if let Some((status, headers, body)) = self.get("/").await {
+                if check(status, &headers, &body) {
+                    return (status, headers, body);
+                }
+                last = Some((status, headers, body));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen through the gateway in 30 s; last answer {last:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Envoy's config dump for one resource type (`dynamic_listeners`, `ecds_filters`, ...);
+    /// `Null` while Envoy has none of that type (it answers with a line of text then).
+    pub async fn config_dump(&self, resource: &str) -> Value {
+        let text = reqwest::get(format!(
+            "http://127.0.0.1:{}/config_dump?resource={resource}",
+            self.admin
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// One of Envoy's counters, 0 when it does not exist.
+    pub async fn stat(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!(
+            "http://127.0.0.1:{}/stats?filter=^{}$",
+            self.admin,
+            regex::escape(name)
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+}
+
+impl Drop for IstioProxy {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- istio proxy log ---\n{}", self.logs());
+        }
+    }
+}
+
+/// A `ServiceEntry` giving `host:port` one endpoint on loopback, as a Service would for an
+/// in-cluster backend: Istio names its cluster `outbound|port||host`.
+pub fn loopback_service(ns: &str, name: &str, host: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  hosts: [{host}]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1}}]
+"
+    )
+}
+
+/// A `Gateway` on the proxy's port (bound to loopback) and a `VirtualService` sending all its
+/// traffic to the backend.
+pub fn route_to_backend(ns: &str, proxy: &IstioProxy, backend: &Backend) -> String {
+    let (name, port, backend_port) = (&proxy.name, proxy.port, backend.port);
+    let backend_host = format!("backend.{ns}.test");
+    format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  selector: {{app: {name}}}
+  servers:
+  - port: {{number: {port}, name: http, protocol: HTTP}}
+    bind: 127.0.0.1
+    hosts: [\"*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  hosts: [\"*\"]
+  gateways: [{name}]
+  http: [{{route: [{{destination: {{host: {backend_host}, port: {{number: {backend_port}}}}}}}]}}]
+",
+        loopback_service(ns, "backend", &backend_host, backend_port)
+    )
+}
+
+/// A gateway proxy named `name` routing to a new backend, serving (200 `hello`) before it
+/// returns; `reaches` as in [`IstioProxy::start`].
+pub async fn gateway(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Backend) {
+    let backend = Backend::start().await;
+    let reaches: Vec<u16> = reaches.iter().copied().chain([backend.port]).collect();
+    let proxy = IstioProxy::start(ns, name, &reaches).await;
+    apply_ok(&route_to_backend(ns, &proxy, &backend));
+    proxy
+        .wait_for_answer("the backend's answer", |status, _, body| {
+            status == 200 && body == "hello"
+        })
+        .await;
+    (proxy, backend)
+}
+
+/// The values of the filters' `x-wasmfilter` response header, in the order they were added.
+pub fn filter_headers(headers: &reqwest::header::HeaderMap) -> Vec<String> {
+    headers
+        .get_all("x-wasmfilter")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
