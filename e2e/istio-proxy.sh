@@ -20,7 +20,9 @@
 # and nothing is changed on it. Ends when the agent ends; stop it by signalling its process group.
 #
 # Environment: WASMFILTER_ISTIO_BIN (pilot-agent, envoy_bootstrap.json), WASMFILTER_ISTIOD_XDS
-# (istiod's plaintext xDS address, 127.0.0.1:PORT) and WASMFILTER_ISTIO_ENVOY (the Envoy binary).
+# (istiod's plaintext xDS address, 127.0.0.1:PORT) and WASMFILTER_ISTIO_ENVOY (the Envoy binary);
+# ISTIO_PROXY_HOSTS, if set, names hosts the proxy resolves to 127.0.0.1 (its own /etc/hosts, as
+# a pod has; say a Service's name, `wasmfilter-cache.wasmfilter-system.svc`).
 set -euo pipefail
 (($# == 7)) || { sed -n '5,13p' "$0" >&2; exit 2; }
 dir=$1 pod=$2 namespace=$3 labels=$4 admin=$5 reaches=$6 serves=$7
@@ -66,6 +68,10 @@ unshare "${unshare_flags[@]}" bash -c '
   ip link set lo up
   mkdir -p "$dir/var-lib/istio/data"
   mount --bind "$dir/var-lib" /var/lib
+  if [ -n "${ISTIO_PROXY_HOSTS:-}" ]; then
+    { cat /etc/hosts; echo "127.0.0.1 $ISTIO_PROXY_HOSTS"; } >"$dir/hosts"
+    mount --bind "$dir/hosts" /etc/hosts
+  fi
   trap "kill \$(jobs -p) 2>/dev/null || true" EXIT
   for p in $reaches; do
     socat "TCP-LISTEN:$p,bind=127.0.0.1,reuseaddr,fork" "UNIX-CONNECT:$dir/out-$p.sock" &

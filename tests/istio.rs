@@ -224,3 +224,143 @@ async fn a_network_filter_loads_in_the_gateways_listener() {
     let (status, _, body) = gw.get("/").await.unwrap();
     assert_eq!((status, body.as_str()), (200, "hello"));
 }
+
+#[tokio::test]
+async fn an_envoy_filter_target_runs_through_istiod_from_the_cache_service() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-ef");
+    let n = &ns.name;
+    // The cache as users name it, a Service's `<name>.<namespace>.svc` host; the operator derives
+    // Istio's cluster for it, `outbound|PORT||<name>.<namespace>.svc.cluster.local`. (A
+    // ServiceEntry stands in for the Service: endpoints on loopback are refused in a Service.)
+    let service = format!("wasmfilter-cache.{n}.svc");
+    let op = Operator::start_advertising(n, &[], &|port| format!("http://{service}:{port}")).await;
+    let cluster = format!("outbound|{}||{service}.cluster.local", op.cache_port);
+    apply_ok(&loopback_service(
+        n,
+        "wasmfilter-cache",
+        &format!("{service}.cluster.local"),
+        op.cache_port,
+    ));
+    let (gw, _backend) = gateway_resolving(n, "gw", &[op.cache_port], &[&service]).await;
+
+    // First a WasmPlugin: the agent fetches the module from the Service's URL.
+    let wp_image = format!("{}/istio/{n}:wp", env.registry);
+    push_module(&wp_image, wasm(&variant("wp", &format!("wp-{n}")))).await;
+    Filter::new(n, "hdr", &wp_image).app("gw").apply();
+    wait_headers(&gw, "the WasmPlugin's filter", &["wp"]).await;
+
+    // Then the same filter as an EnvoyFilter: Envoy fetches the module itself, through the
+    // cluster istiod made for the Service, and the WasmPlugin's filter is gone.
+    let ef_image = format!("{}/istio/{n}:ef", env.registry);
+    push_module(&ef_image, wasm(&variant("ef", &format!("ef-{n}")))).await;
+    Filter::new(n, "hdr", &ef_image)
+        .app("gw")
+        .target(Target::EnvoyFilter)
+        .apply();
+    wait_headers(&gw, "the EnvoyFilter's filter alone", &["ef"]).await;
+    let ef = child_api(&client, n, "EnvoyFilter")
+        .get("hdr")
+        .await
+        .unwrap();
+    assert!(
+        serde_json::to_string(&ef.data).unwrap().contains(&cluster),
+        "{:?}",
+        ef.data
+    );
+    let listeners = gw.config_dump("dynamic_listeners").await.to_string();
+    assert!(listeners.contains(&cluster), "{listeners}");
+    assert!(
+        child_api(&client, n, "WasmPlugin")
+            .get_opt("hdr")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_private_module_reaches_the_gateway_and_its_credential_stays_in_the_operator() {
+    use support::registries::{Auth, TestRegistry};
+    let client = client().await;
+    let ns = TestNamespace::new("istio-private");
+    let n = &ns.name;
+    let password = format!("pw-{:016x}", fastrand::u64(..));
+    let reg = TestRegistry::start(
+        None,
+        Auth::Basic {
+            user: "alice".into(),
+            password: password.clone(),
+        },
+    )
+    .await;
+    let image = format!("{}/private/{n}:v1", reg.addr);
+    wasmfilter::oci::push_module(
+        &registry_client(),
+        &oci_client::secrets::RegistryAuth::Basic("alice".into(), password.clone()),
+        &image.parse().unwrap(),
+        wasm(&variant("pv", &format!("pv-{n}"))),
+        wasmfilter::oci::Format::SoloOci,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let out = kubectl(&[
+        "-n",
+        n,
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server={}", reg.addr),
+        "--docker-username=alice",
+        &format!("--docker-password={password}"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let op = Operator::start_advertising(n, &["--insecure-registry", &reg.addr], &|port| {
+        format!("http://127.0.0.1:{port}")
+    })
+    .await;
+    let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
+
+    Filter::new(n, "private", &image)
+        .app("gw")
+        .pull_secret("regcred")
+        .apply();
+    wait_headers(&gw, "the private module's filter", &["pv"]).await;
+
+    // Istio got the cache's URL, pinned by sha256, and no pull secret.
+    let wp = child_api(&client, n, "WasmPlugin")
+        .get("private")
+        .await
+        .unwrap();
+    let spec = &wp.data["spec"];
+    assert!(spec.get("imagePullSecret").is_none(), "{spec}");
+    let url = spec["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!(
+            "http://127.0.0.1:{}/modules/sha256/",
+            op.cache_port
+        )),
+        "{url}"
+    );
+    // Nothing the agent or its Envoy holds or logged names the registry or the credential.
+    let dump = reqwest::get(format!(
+        "http://127.0.0.1:{}/config_dump?include_eds",
+        gw.admin
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("alice:{password}"),
+    );
+    for secret in [password.as_str(), reg.addr.as_str(), basic.as_str()] {
+        assert!(!dump.contains(secret), "Envoy's config holds {secret}");
+        assert!(!gw.logs().contains(secret), "the agent logged {secret}");
+    }
+}

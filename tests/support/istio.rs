@@ -65,8 +65,9 @@ pub struct IstioProxy {
 
 impl IstioProxy {
     /// Starts the proxy `name` in `ns`; `reaches` are the loopback ports it may connect to
-    /// besides istiod's (the operator's cache, backends). Waits until Envoy is live.
-    pub async fn start(ns: &str, name: &str, reaches: &[u16]) -> Self {
+    /// besides istiod's (the operator's cache, backends), `hosts` names it resolves to
+    /// 127.0.0.1. Waits until Envoy is live.
+    pub async fn start(ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
         let env = istio_env();
         let (admin, port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
@@ -78,6 +79,7 @@ impl IstioProxy {
             .args([admin.to_string(), reaches.join(" "), port.to_string()])
             // Its own process group: stopping the proxy stops the agent, Envoy and the bridges.
             .process_group(0)
+            .env("ISTIO_PROXY_HOSTS", hosts.join(" "))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
@@ -254,9 +256,19 @@ spec:
 /// A gateway proxy named `name` routing to a new backend, serving (200 `hello`) before it
 /// returns; `reaches` as in [`IstioProxy::start`].
 pub async fn gateway(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Backend) {
+    gateway_resolving(ns, name, reaches, &[]).await
+}
+
+/// Like [`gateway`], the proxy resolving `hosts` to 127.0.0.1.
+pub async fn gateway_resolving(
+    ns: &str,
+    name: &str,
+    reaches: &[u16],
+    hosts: &[&str],
+) -> (IstioProxy, Backend) {
     let backend = Backend::start().await;
     let reaches: Vec<u16> = reaches.iter().copied().chain([backend.port]).collect();
-    let proxy = IstioProxy::start(ns, name, &reaches).await;
+    let proxy = IstioProxy::start(ns, name, &reaches, hosts).await;
     apply_ok(&route_to_backend(ns, &proxy, &backend));
     proxy
         .wait_for_answer("the backend's answer", |status, _, body| {
