@@ -53,7 +53,7 @@ if [ ! -x "$COSIGN_BIN/cosign" ]; then
   rm -rf "$COSIGN_BIN" && mv "$COSIGN_BIN.tmp" "$COSIGN_BIN"
 fi
 if [ ! -x "$ISTIO_BIN/pilot-agent" ]; then
-  log "building Istio's pilot-discovery (istiod) and pilot-agent from e2e/tools/istio (cold: ~8 min on 2 cores; cached in $ISTIO_BIN)"
+  log "building Istio's pilot-discovery (istiod) and pilot-agent from e2e/tools/istio (cold: ~4 min on 2 cores; cached in $ISTIO_BIN)"
   mkdir -p "$ISTIO_BIN.tmp"
   (cd "$ROOT/e2e/tools/istio" && run_with_heartbeat "go mod download (istio.io/istio)" go mod download)
   istio_dir=$(cd "$ROOT/e2e/tools/istio" && go list -m -f '{{.Dir}}' istio.io/istio)

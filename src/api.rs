@@ -45,8 +45,10 @@ pub struct WasmFilterSpec {
     /// Selects the pods whose proxies get the filter, by label. At least one label is required:
     /// an empty selector would put the filter on every workload in the namespace.
     pub selector: WorkloadSelector,
-    /// What the operator writes: an Istio `WasmPlugin` (default), an Istio `EnvoyFilter`, or
-    /// `Ecds` (served to plain Envoys over the extension config discovery service).
+    /// What the operator writes: an Istio `WasmPlugin` (default), an Istio `EnvoyFilter`, an
+    /// Istio `TrafficExtension` (Istio 1.30+), `Auto` (TrafficExtension when its CRD was
+    /// installed when the operator started, else WasmPlugin), or `Ecds` (served to plain Envoys
+    /// over the extension config discovery service).
     #[serde(default)]
     pub target: Target,
     /// The plugin's root id, handed to the module as `root_id` (Istio calls it `pluginName`).
@@ -261,12 +263,17 @@ pub struct TrafficSelector {
     pub ports: Vec<i32>,
 }
 
-/// The kind of object the operator writes for a `WasmFilter`.
+/// The kind of object the operator writes for a `WasmFilter`: an Istio `WasmPlugin`, an Istio
+/// `EnvoyFilter`, an Istio `TrafficExtension` (Istio 1.30 and later), `Auto` (a
+/// TrafficExtension when its CRD was installed when the operator started, else a WasmPlugin),
+/// or nothing: `Ecds` serves the module to Envoys over ECDS.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Target {
     #[default]
     WasmPlugin,
     EnvoyFilter,
+    TrafficExtension,
+    Auto,
     Ecds,
 }
 

@@ -73,4 +73,10 @@ pub mod istio {
     pub const WASM_PLUGIN_PLURAL: &str = "wasmplugins";
     pub const ENVOY_FILTER: &str = "EnvoyFilter";
     pub const ENVOY_FILTER_PLURAL: &str = "envoyfilters";
+    /// Istio 1.30's successor of `WasmPlugin` (Wasm or Lua).
+    pub const TRAFFIC_EXTENSION_VERSION: &str = "v1alpha1";
+    pub const TRAFFIC_EXTENSION: &str = "TrafficExtension";
+    pub const TRAFFIC_EXTENSION_PLURAL: &str = "trafficextensions";
+    /// Its CRD, whose presence `target: Auto` looks for.
+    pub const TRAFFIC_EXTENSION_CRD: &str = "trafficextensions.extensions.istio.io";
 }

@@ -627,6 +627,16 @@ fn kustomize_installs_the_rendered_chart_and_the_samples_are_valid() {
         "--as=system:serviceaccount:wasmfilter-system:wasmfilter-operator",
     ]);
     assert_eq!(stdout(&out).trim(), "yes");
+    let out = kubectl(&[
+        "auth",
+        "can-i",
+        "patch",
+        "trafficextensions.extensions.istio.io",
+        "-n",
+        "default",
+        "--as=system:serviceaccount:wasmfilter-system:wasmfilter-operator",
+    ]);
+    assert_eq!(stdout(&out).trim(), "yes");
 
     let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/config/samples");
     ok(kubectl(&["apply", "--dry-run=server", "-k", samples]));

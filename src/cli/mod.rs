@@ -656,6 +656,13 @@ async fn run_operator(
     controller::wait_for_crds(&client, Duration::from_secs(args.crd_wait_seconds))
         .await
         .map_err(anyhow::Error::msg)?;
+    let installed = controller::installed(&client)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        traffic_extension = installed.traffic_extension,
+        "optional Istio CRDs"
+    );
 
     let mut module_server = ModuleServer::new(&args.cache_url);
     if let Some(cluster) = args.cache_cluster {
@@ -686,6 +693,7 @@ async fn run_operator(
         _ => None,
     };
     let settings = Settings {
+        installed,
         namespace: args.namespace,
         module_server,
         resync: Duration::from_secs(args.resync_seconds),

@@ -21,17 +21,7 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Str
     loop {
         let mut missing = Vec::new();
         for name in REQUIRED_CRDS {
-            let established = match api.get_opt(name).await {
-                Ok(Some(crd)) => crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True"),
-                Ok(None) => false,
-                Err(e) => return Err(format!("cannot read CRD {name}: {e}")),
-            };
-            if !established {
+            if !established(&api, name).await? {
                 missing.push(*name);
             }
         }
@@ -52,4 +42,27 @@ pub async fn wait_for_crds(client: &Client, timeout: Duration) -> Result<(), Str
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Whether the CRD `name` exists and is established.
+async fn established(api: &Api<CustomResourceDefinition>, name: &str) -> Result<bool, String> {
+    match api.get_opt(name).await {
+        Ok(Some(crd)) => Ok(crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")),
+        Ok(None) => Ok(false),
+        Err(e) => Err(format!("cannot read CRD {name}: {e}")),
+    }
+}
+
+/// The optional CRDs installed now, read once at start: what `target: Auto` means and which
+/// children are watched depend on it.
+pub async fn installed(client: &Client) -> Result<crate::render::Installed, String> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    Ok(crate::render::Installed {
+        traffic_extension: established(&api, crate::names::istio::TRAFFIC_EXTENSION_CRD).await?,
+    })
 }

@@ -53,7 +53,8 @@ pub(super) async fn deploy(
             let module = Module {
                 sha256: artifact.module_sha256.clone(),
             };
-            let child = render::child(wf, &module, &ctx.settings.module_server)?;
+            let target = render::resolve_target(wf.spec.target, ctx.settings.installed);
+            let child = render::child(wf, target, &module, &ctx.settings.module_server)?;
             let api: Api<DynamicObject> =
                 Api::namespaced_with(ctx.client.clone(), ns, &child.resource);
             let pp = PatchParams::apply(names::FIELD_MANAGER).force();
@@ -70,10 +71,10 @@ pub(super) async fn deploy(
                 xds.withdraw(&name);
             }
             Deployed {
-                kind: if child.resource.kind == render::envoy_filter_resource().kind {
-                    "EnvoyFilter"
-                } else {
-                    "WasmPlugin"
+                kind: match target {
+                    Target::EnvoyFilter => "EnvoyFilter",
+                    Target::TrafficExtension => "TrafficExtension",
+                    _ => "WasmPlugin",
                 },
                 notes: child.notes,
                 loaded: None,
@@ -105,27 +106,33 @@ pub(super) fn may_have_stale_children(wf: &WasmFilter) -> bool {
         && s.observed_generation == wf.metadata.generation)
 }
 
-/// Kinds of child the filter must not have, given its target.
-pub(super) fn other_kinds(target: Target) -> Vec<ApiResource> {
-    let current = match target {
+/// Kinds of child the filter must not have, given its target (a TrafficExtension only where
+/// its CRD is installed: there is none to look up otherwise).
+pub(super) fn other_kinds(target: Target, installed: render::Installed) -> Vec<ApiResource> {
+    let current = match render::resolve_target(target, installed) {
         Target::WasmPlugin => Some(render::wasm_plugin_resource().kind),
         Target::EnvoyFilter => Some(render::envoy_filter_resource().kind),
-        Target::Ecds => None,
+        Target::TrafficExtension => Some(render::traffic_extension_resource().kind),
+        Target::Auto | Target::Ecds => None,
     };
-    [
+    let mut kinds = vec![
         render::wasm_plugin_resource(),
         render::envoy_filter_resource(),
-    ]
-    .into_iter()
-    .filter(|ar| current.as_ref() != Some(&ar.kind))
-    .collect()
+    ];
+    if installed.traffic_extension {
+        kinds.push(render::traffic_extension_resource());
+    }
+    kinds
+        .into_iter()
+        .filter(|ar| current.as_ref() != Some(&ar.kind))
+        .collect()
 }
 
 /// Deletes a child of a kind the filter no longer targets (after `target` changed), but only
 /// one this filter owns.
 async fn remove_other_children(wf: &WasmFilter, ctx: &Context, ns: &str) -> Result<(), Error> {
     let uid = wf.uid();
-    for ar in other_kinds(wf.spec.target) {
+    for ar in other_kinds(wf.spec.target, ctx.settings.installed) {
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
         let err = |source| Error::DeleteChild {
             kind: ar.kind.clone(),
@@ -462,14 +469,28 @@ mod tests {
 
     #[test]
     fn a_target_switch_removes_every_other_kind() {
-        let kinds = |t| {
-            other_kinds(t)
+        let kinds = |t, traffic_extension| {
+            other_kinds(t, render::Installed { traffic_extension })
                 .into_iter()
                 .map(|a| a.kind)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(kinds(Target::WasmPlugin), ["EnvoyFilter"]);
-        assert_eq!(kinds(Target::EnvoyFilter), ["WasmPlugin"]);
-        assert_eq!(kinds(Target::Ecds), ["WasmPlugin", "EnvoyFilter"]);
+        assert_eq!(kinds(Target::WasmPlugin, false), ["EnvoyFilter"]);
+        assert_eq!(kinds(Target::EnvoyFilter, false), ["WasmPlugin"]);
+        assert_eq!(kinds(Target::Ecds, false), ["WasmPlugin", "EnvoyFilter"]);
+        assert_eq!(kinds(Target::Auto, false), ["EnvoyFilter"]);
+        assert_eq!(
+            kinds(Target::WasmPlugin, true),
+            ["EnvoyFilter", "TrafficExtension"]
+        );
+        assert_eq!(
+            kinds(Target::TrafficExtension, true),
+            ["WasmPlugin", "EnvoyFilter"]
+        );
+        assert_eq!(kinds(Target::Auto, true), ["WasmPlugin", "EnvoyFilter"]);
+        assert_eq!(
+            kinds(Target::Ecds, true),
+            ["WasmPlugin", "EnvoyFilter", "TrafficExtension"]
+        );
     }
 }

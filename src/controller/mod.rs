@@ -30,7 +30,7 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
-pub use crds::{REQUIRED_CRDS, wait_for_crds};
+pub use crds::{REQUIRED_CRDS, installed, wait_for_crds};
 pub use error::Error;
 pub use watch::{follow_filters, run};
 
@@ -64,6 +64,8 @@ pub struct Settings {
     pub concurrency: u16,
     /// Keys every module must be signed by (`--require-signature-keys`).
     pub required_signature_keys: Option<verify::KeysAt>,
+    /// Optional CRDs found at start (Istio's `TrafficExtension`).
+    pub installed: render::Installed,
 }
 
 /// How long a reconcile waits for the pod index's first full list (10,000 pods take seconds).
@@ -506,7 +508,11 @@ async fn apply_filter(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> 
 /// The pipeline: resolve the module, assess the workloads, deploy, report.
 async fn pipeline(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> {
     let ns = wf.namespace().ok_or(Error::MissingNamespace)?;
-    render::check_supported(wf.spec.target, ctx.xds.is_some())?;
+    render::check_supported(
+        render::resolve_target(wf.spec.target, ctx.settings.installed),
+        ctx.xds.is_some(),
+        ctx.settings.installed,
+    )?;
     // Before any registry round trip: a reconcile that cannot assess its pods would only
     // resolve the tag again on its retry.
     if !ctx.pods.wait_synced(POD_SYNC_WAIT).await {

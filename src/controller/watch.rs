@@ -198,27 +198,31 @@ pub async fn run(
             kube::runtime::controller::Config::default().concurrency(ctx.settings.concurrency),
         )
         .owns_stream_with(child_trigger(wp.clone()), wp)
-        .owns_stream_with(child_trigger(ef.clone()), ef)
-        .watches_stream(pod_trigger, {
-            let queue = ctx.clone();
-            move |pod: Pod| {
-                let ns = pod.namespace();
-                let labels = pod.labels().clone();
-                let selecting = filters_store
-                    .state()
-                    .into_iter()
-                    .filter(|wf| {
-                        wf.namespace() == ns
-                            && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
-                    })
-                    .map(|wf| ObjectRef::from_obj(&*wf))
-                    .collect::<Vec<_>>();
-                for filter in &selecting {
-                    queue.metrics.queue.request(queue_key(filter));
-                }
-                selecting
+        .owns_stream_with(child_trigger(ef.clone()), ef);
+    if ctx.settings.installed.traffic_extension {
+        let te = render::traffic_extension_resource();
+        controller = controller.owns_stream_with(child_trigger(te.clone()), te);
+    }
+    let mut controller = controller.watches_stream(pod_trigger, {
+        let queue = ctx.clone();
+        move |pod: Pod| {
+            let ns = pod.namespace();
+            let labels = pod.labels().clone();
+            let selecting = filters_store
+                .state()
+                .into_iter()
+                .filter(|wf| {
+                    wf.namespace() == ns
+                        && crate::workloads::selects(&wf.spec.selector.match_labels, &labels)
+                })
+                .map(|wf| ObjectRef::from_obj(&*wf))
+                .collect::<Vec<_>>();
+            for filter in &selecting {
+                queue.metrics.queue.request(queue_key(filter));
             }
-        });
+            selecting
+        }
+    });
     // No `shutdown_on_signal`: on a signal its graceful shutdown drops reconciles in flight and
     // waits for stores that may never fill; the binary handles signals (`Context::stop`).
     if let Some(events) = xds_events {

@@ -33,14 +33,45 @@ impl Error {
     }
 }
 
+/// What the operator found installed when it started, which decides what some targets mean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Installed {
+    /// Istio's `TrafficExtension` CRD (Istio 1.30+).
+    pub traffic_extension: bool,
+}
+
+/// The kind of child `target` means here: `Auto` is a TrafficExtension where its CRD is
+/// installed, else a WasmPlugin; every other target is itself.
+pub fn resolve_target(target: Target, installed: Installed) -> Target {
+    match target {
+        Target::Auto if installed.traffic_extension => Target::TrafficExtension,
+        Target::Auto => Target::WasmPlugin,
+        t => t,
+    }
+}
+
 /// Refuses, before any network work, a target this operator cannot serve as started.
-pub fn check_supported(target: Target, serves_ecds: bool) -> Result<(), Error> {
+pub fn check_supported(
+    target: Target,
+    serves_ecds: bool,
+    installed: Installed,
+) -> Result<(), Error> {
     if target == Target::Ecds && !serves_ecds {
         return Err(Error::Unsupported {
             field: "spec.target: Ecds",
             detail: "this operator serves no ECDS: start it with --xds-listen ADDR, or use \
                      WasmPlugin or EnvoyFilter"
                 .into(),
+        });
+    }
+    if target == Target::TrafficExtension && !installed.traffic_extension {
+        return Err(Error::Unsupported {
+            field: "spec.target: TrafficExtension",
+            detail: format!(
+                "the {} CRD (Istio 1.30 or later) was not installed when the operator \
+                 started: use WasmPlugin or Auto, or restart the operator after installing it",
+                istio::TRAFFIC_EXTENSION_CRD
+            ),
         });
     }
     Ok(())
@@ -121,6 +152,17 @@ pub fn wasm_plugin_resource() -> ApiResource {
     )
 }
 
+pub fn traffic_extension_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(
+            istio::EXTENSIONS_GROUP,
+            istio::TRAFFIC_EXTENSION_VERSION,
+            istio::TRAFFIC_EXTENSION,
+        ),
+        istio::TRAFFIC_EXTENSION_PLURAL,
+    )
+}
+
 pub fn envoy_filter_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(
@@ -134,10 +176,21 @@ pub fn envoy_filter_resource() -> ApiResource {
 
 /// Renders the Istio child for the filter's target (`Ecds` has none: it is served by the
 /// operator itself, see [`ecds`]).
-pub fn child(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Result<Child, Error> {
-    match wf.spec.target {
+/// The child for `target`, the filter's target as [`resolve_target`] resolved it.
+pub fn child(
+    wf: &WasmFilter,
+    target: Target,
+    module: &Module,
+    server: &ModuleServer,
+) -> Result<Child, Error> {
+    match target {
         Target::EnvoyFilter => Ok(envoy_filter(wf, module, server)),
         Target::WasmPlugin => Ok(wasm_plugin(wf, module, server)),
+        Target::TrafficExtension => Ok(traffic_extension(wf, module, server)),
+        Target::Auto => Err(Error::Unsupported {
+            field: "spec.target: Auto",
+            detail: "Auto is resolved to WasmPlugin or TrafficExtension before rendering".into(),
+        }),
         Target::Ecds => Err(Error::Unsupported {
             field: "spec.target: Ecds",
             detail: "an ECDS filter has no Istio child".into(),
@@ -180,26 +233,37 @@ fn dynamic(resource: &ApiResource, metadata: ObjectMeta, spec: Value) -> Dynamic
 /// An Istio `WasmPlugin` whose module is the cache URL pinned by the module's sha256
 /// (for `http(s)://` URLs Istio compares `sha256` to the file's hash).
 pub fn wasm_plugin(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Child {
+    let mut spec = placement(wf);
+    if let (Value::Object(spec), Value::Object(wasm)) = (&mut spec, wasm_config(wf, module, server))
+    {
+        spec.extend(wasm);
+    }
+    let resource = wasm_plugin_resource();
+    Child {
+        object: dynamic(&resource, metadata(wf, module), spec),
+        resource,
+        notes: Vec::new(),
+    }
+}
+
+/// An Istio `TrafficExtension` (Istio 1.30+): the WasmPlugin's placement, and its module
+/// fields under `wasm`.
+pub fn traffic_extension(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Child {
+    let mut spec = placement(wf);
+    spec["wasm"] = wasm_config(wf, module, server);
+    let resource = traffic_extension_resource();
+    Child {
+        object: dynamic(&resource, metadata(wf, module), spec),
+        resource,
+        notes: Vec::new(),
+    }
+}
+
+/// Which proxies run the plugin, and where in their chain: the fields `WasmPlugin` and
+/// `TrafficExtension` share at the top of their spec.
+fn placement(wf: &WasmFilter) -> Value {
     let s = &wf.spec;
-    let mut spec = json!({
-        "selector": {"matchLabels": s.selector.match_labels},
-        "url": server.module_url(&module.sha256),
-        "sha256": module.sha256,
-        // The URL names immutable content; the proxy never needs to fetch it twice.
-        "imagePullPolicy": "IfNotPresent",
-        "failStrategy": match s.failure_policy {
-            FailurePolicy::FailClosed => "FAIL_CLOSE",
-            FailurePolicy::FailOpen => "FAIL_OPEN",
-            FailurePolicy::FailReload => "FAIL_RELOAD",
-        },
-        "type": filter_type(s.filter_type),
-    });
-    if let Some(root_id) = &s.root_id {
-        spec["pluginName"] = json!(root_id);
-    }
-    if let Some(config) = &s.config {
-        spec["pluginConfig"] = Value::Object(config.clone());
-    }
+    let mut spec = json!({"selector": {"matchLabels": s.selector.match_labels}});
     if let Some(phase) = phase(s.phase) {
         spec["phase"] = json!(phase);
     }
@@ -219,12 +283,31 @@ pub fn wasm_plugin(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> C
             })
             .collect();
     }
-    let resource = wasm_plugin_resource();
-    Child {
-        object: dynamic(&resource, metadata(wf, module), spec),
-        resource,
-        notes: Vec::new(),
+    spec
+}
+
+/// The module and how it runs: `WasmPlugin`'s own fields, `TrafficExtension`'s `wasm`.
+fn wasm_config(wf: &WasmFilter, module: &Module, server: &ModuleServer) -> Value {
+    let s = &wf.spec;
+    let mut spec = json!({
+        "url": server.module_url(&module.sha256),
+        "sha256": module.sha256,
+        // The URL names immutable content; the proxy never needs to fetch it twice.
+        "imagePullPolicy": "IfNotPresent",
+        "failStrategy": match s.failure_policy {
+            FailurePolicy::FailClosed => "FAIL_CLOSE",
+            FailurePolicy::FailOpen => "FAIL_OPEN",
+            FailurePolicy::FailReload => "FAIL_RELOAD",
+        },
+        "type": filter_type(s.filter_type),
+    });
+    if let Some(root_id) = &s.root_id {
+        spec["pluginName"] = json!(root_id);
     }
+    if let Some(config) = &s.config {
+        spec["pluginConfig"] = Value::Object(config.clone());
+    }
+    spec
 }
 
 /// An Istio `EnvoyFilter` inserting the Wasm filter before the router (HTTP) or first in the
@@ -432,7 +515,7 @@ spec:
 
     #[test]
     fn wasm_plugin_from_fixture() {
-        let c = child(&filter(FULL), &module(), &server()).unwrap();
+        let c = child(&filter(FULL), Target::WasmPlugin, &module(), &server()).unwrap();
         assert!(c.notes.is_empty());
         assert_fixture(
             "wasmplugin-full.yaml",
@@ -443,7 +526,7 @@ spec:
     #[test]
     fn envoy_filter_from_fixture() {
         let yaml = FULL.replace("target: WasmPlugin", "target: EnvoyFilter");
-        let c = child(&filter(&yaml), &module(), &server()).unwrap();
+        let c = child(&filter(&yaml), Target::EnvoyFilter, &module(), &server()).unwrap();
         assert_eq!(
             c.notes.len(),
             1,
@@ -467,7 +550,7 @@ spec:
   target: EnvoyFilter
   type: NETWORK
 "#;
-        let c = child(&filter(yaml), &module(), &server()).unwrap();
+        let c = child(&filter(yaml), Target::EnvoyFilter, &module(), &server()).unwrap();
         assert_fixture(
             "envoyfilter-network.yaml",
             &serde_json::to_value(&c.object).unwrap(),
@@ -477,8 +560,58 @@ spec:
     #[test]
     fn ecds_is_reported_not_ignored() {
         let yaml = FULL.replace("target: WasmPlugin", "target: Ecds");
-        let err = child(&filter(&yaml), &module(), &server()).unwrap_err();
+        let err = child(&filter(&yaml), Target::Ecds, &module(), &server()).unwrap_err();
         assert_eq!(err.reason(), "Unsupported");
+    }
+
+    #[test]
+    fn traffic_extension_from_fixture() {
+        let yaml = FULL.replace("target: WasmPlugin", "target: TrafficExtension");
+        let c = child(
+            &filter(&yaml),
+            Target::TrafficExtension,
+            &module(),
+            &server(),
+        )
+        .unwrap();
+        assert!(c.notes.is_empty());
+        let object = serde_json::to_value(&c.object).unwrap();
+        assert_fixture("trafficextension-full.yaml", &object);
+        // The same placement and module as the WasmPlugin, the module's fields under `wasm`.
+        let wp = serde_json::to_value(
+            &child(&filter(FULL), Target::WasmPlugin, &module(), &server())
+                .unwrap()
+                .object,
+        )
+        .unwrap();
+        let mut flattened = object["spec"].as_object().unwrap().clone();
+        let wasm = flattened.remove("wasm").unwrap();
+        flattened.extend(wasm.as_object().unwrap().clone());
+        assert_eq!(Value::Object(flattened), wp["spec"]);
+    }
+
+    #[test]
+    fn auto_is_a_traffic_extension_only_where_istio_installed_its_crd() {
+        let with = Installed {
+            traffic_extension: true,
+        };
+        let without = Installed::default();
+        assert_eq!(resolve_target(Target::Auto, with), Target::TrafficExtension);
+        assert_eq!(resolve_target(Target::Auto, without), Target::WasmPlugin);
+        for t in [
+            Target::WasmPlugin,
+            Target::EnvoyFilter,
+            Target::TrafficExtension,
+            Target::Ecds,
+        ] {
+            assert_eq!(resolve_target(t, with), t);
+            assert_eq!(resolve_target(t, without), t);
+        }
+        // Asked for by name without the CRD: refused, saying what to do.
+        let err = check_supported(Target::TrafficExtension, false, without).unwrap_err();
+        assert_eq!(err.reason(), "Unsupported");
+        assert!(err.to_string().contains("Auto"), "{err}");
+        assert!(check_supported(Target::TrafficExtension, false, with).is_ok());
     }
 
     #[test]

@@ -861,6 +861,7 @@ pub async fn wait_condition(
 pub fn child_api(client: &kube::Client, ns: &str, kind: &str) -> Api<DynamicObject> {
     let ar = match kind {
         "WasmPlugin" => wasmfilter::render::wasm_plugin_resource(),
+        "TrafficExtension" => wasmfilter::render::traffic_extension_resource(),
         _ => wasmfilter::render::envoy_filter_resource(),
     };
     Api::namespaced_with(client.clone(), ns, &ar)

@@ -40,7 +40,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # The children it writes (server-side apply: patch, and create for a new one; measured, the
 # apply fails without it), watches, and deletes when `target` changes.
 - apiGroups: [extensions.istio.io]
-  resources: [wasmplugins]
+  resources: [wasmplugins, trafficextensions]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [networking.istio.io]
   resources: [envoyfilters]
