@@ -6,8 +6,9 @@
 #   2. prints a response through each Envoy (the x-wasmfilter headers are the filter at work),
 #      changes the filter's config and shows the change live, then the per-workload status
 #      (each Envoy's reported version and whether it loaded the module);
-#   3. the Istio output: a WasmFilter with target: EnvoyFilter, and a request through an Envoy
-#      configured from the generated EnvoyFilter.
+#   3. the Istio path: the environment's real istiod, a gateway proxy run by the real
+#      istio-agent (e2e/istio-proxy.sh), a WasmFilter with target: WasmPlugin, and a request
+#      through the gateway.
 # Stops everything it started at the end (WASMFILTER_KEEP_ENV=1 keeps the control plane up).
 source "$(dirname "$0")/lib/common.sh"
 cd "$ROOT"
@@ -25,8 +26,11 @@ source "$env_file"
 work=$ROOT/target/e2e-env/demo
 rm -rf "$work" && mkdir -p "$work"
 pids=()
+gateway_pid=
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # The gateway proxy runs in its own process group (the agent, Envoy, the port bridges).
+  [ -z "$gateway_pid" ] || kill -TERM -- "-$gateway_pid" 2>/dev/null || true
   if [ "${WASMFILTER_KEEP_ENV:-0}" = 1 ]; then
     log "the control plane is still up: source $env_file; kubectl get wf -A. Stop it with e2e/env.sh down"
   else
@@ -37,7 +41,7 @@ trap cleanup EXIT
 
 log "4/7 operator (module cache, ECDS server)"
 cache_port=$(free_port); admin_port=$(free_port); xds_port=$(free_port)
-"$bin" operator --cache-url http://wasmfilter-cache.wasmfilter-system.svc:8080 \
+"$bin" operator --cache-url "http://wasmfilter-cache.wasmfilter-system.svc:$cache_port" \
   --cache-listen "127.0.0.1:$cache_port" --admin-listen "127.0.0.1:$admin_port" \
   --xds-listen "127.0.0.1:$xds_port" \
   --cache-dir "$work/cache" --insecure-registry "$WASMFILTER_REGISTRY" >"$work/operator.log" 2>&1 &
@@ -111,28 +115,62 @@ log "per workload: the Envoy version each proxy reported over xDS, and whether i
 kubectl get wf add-header -n shop -o jsonpath='{range .status.workloads[*]}{.name}{"\t"}Envoy {.envoyVersion} ({.versionSource}){"\t"}compatible={.compatible}{"\t"}loaded={.loaded}{"\n"}{end}'
 kubectl get wf add-header -n shop -o jsonpath='{.status.conditions[?(@.type=="Loaded")].message}{"\n"}'
 
-log "7/7 the Istio output: the same module as an EnvoyFilter, in a real Envoy ($new_envoy)"
+log "7/7 the Istio path: istiod, a gateway proxy run by the real istio-agent, a WasmFilter with target: WasmPlugin"
+# The operator's cache, as a Service name the gateway's pod resolves (here: its own /etc/hosts).
+backend_port=$(free_port); gateway_port=$(free_port); gateway_admin=$(free_port)
+mkdir -p "$work/www" && echo "hello from the backend" >"$work/www/index.html"
+python3 -m http.server "$backend_port" --bind 127.0.0.1 --directory "$work/www" >"$work/backend.log" 2>&1 &
+pids+=($!)
+setsid env ISTIO_PROXY_HOSTS=wasmfilter-cache.wasmfilter-system.svc "$WASMFILTER_ISTIO_PROXY" \
+  "$work/gateway" gateway shop '{"app":"gateway"}' "$gateway_admin" "$cache_port $backend_port" "$gateway_port" \
+  >"$work/gateway.log" 2>&1 &
+gateway_pid=$!
+wait_for "the gateway's Envoy (through pilot-agent)" 60 curl -fsS "http://127.0.0.1:$gateway_admin/ready"
 cat <<YAML | kubectl apply -f - >/dev/null
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: backend, namespace: shop}
+spec:
+  hosts: [backend.shop.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: $backend_port, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.0.1}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gateway, namespace: shop}
+spec:
+  selector: {app: gateway}
+  servers: [{port: {number: $gateway_port, name: http, protocol: HTTP}, bind: 127.0.0.1, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend, namespace: shop}
+spec:
+  hosts: ["*"]
+  gateways: [gateway]
+  http: [{route: [{destination: {host: backend.shop.test, port: {number: $backend_port}}}]}]
+YAML
+cat <<YAML | tee "$work/wasmfilter-istio.yaml" | kubectl apply -f -
 apiVersion: wasmfilter.dev/v1alpha1
 kind: WasmFilter
 metadata: {name: add-header-istio, namespace: shop}
 spec:
   module: {image: "$image"}
-  selector: {matchLabels: {app: checkout}}
-  target: EnvoyFilter
+  selector: {matchLabels: {app: gateway}}
+  target: WasmPlugin
   rootId: add_header
-  config: {greeting: hello from the EnvoyFilter}
+  config: {greeting: hello through Istio}
 YAML
 kubectl wait --for=condition=Ready wf/add-header-istio -n shop --timeout=60s \
   || { tail -n 20 "$work/operator.log"; die "WasmFilter did not become Ready"; }
-kubectl get envoyfilter add-header-istio -n shop -o json >"$work/envoyfilter.json"
-listen_port=$(free_port); envoy_admin=$(free_port)
-python3 "$ROOT/e2e/envoy/bootstrap.py" "$work/envoyfilter.json" "$listen_port" "$envoy_admin" "$cache_port" >"$work/envoy-istio.json"
-"$WASMFILTER_ENVOY_DIR/$new_envoy/envoy" -c "$work/envoy-istio.json" \
-  --base-id "$RANDOM" --concurrency 1 --log-path "$work/envoy-istio.log" >/dev/null 2>&1 &
-pids+=($!)
-wait_for "envoy" 30 curl -fsS "http://127.0.0.1:$envoy_admin/ready"
-echo "\$ curl -si http://127.0.0.1:$listen_port/    # Envoy $new_envoy, from the generated EnvoyFilter"
-curl -sS -i "http://127.0.0.1:$listen_port/"
+wait_for "the filter in the gateway" 30 \
+  sh -c "curl -sS -i http://127.0.0.1:$gateway_port/ | grep -qi '^x-wasmfilter-config'"
+echo "\$ kubectl get wasmplugin add-header-istio -n shop -o jsonpath='{.spec.url}'"
+kubectl get wasmplugin add-header-istio -n shop -o jsonpath='{.spec.url}{"\n"}'
+echo "\$ curl -si http://127.0.0.1:$gateway_port/    # the Istio gateway: istiod -> pilot-agent -> Envoy $(basename "$(dirname "$WASMFILTER_ISTIO_ENVOY")")"
+curl -sS -i "http://127.0.0.1:$gateway_port/"
 echo
-log "done: the x-wasmfilter headers above were added by the Wasm filter; over ECDS it came inline, sha256-verified by the operator; through the EnvoyFilter Envoy fetched it from the operator's cache"
+kubectl get wf -n shop -o wide
+log "done: the x-wasmfilter headers above were added by the Wasm filter; over ECDS it came inline, sha256-verified by the operator; through Istio the agent fetched it from the operator's cache, pinned by its sha256"

@@ -898,7 +898,7 @@ pub fn events(ns: &str, name: &str, type_: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Replaces every string value equal to a placeholder (as `e2e/envoy/bootstrap.py` does).
+/// Replaces every string value equal to a placeholder.
 fn fill(node: Value, values: &[(&str, Value)]) -> Value {
     match node {
         Value::String(s) => values
