@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One Istio gateway proxy as a pod runs it: the real istio-agent (pilot-agent) starting a real
-# Envoy, configured by the test environment's istiod. Used by the tests and the demo.
+# One Istio proxy (a gateway, or a sidecar) as a pod runs it: the real istio-agent (pilot-agent)
+# starting a real Envoy, configured by the test environment's istiod. Used by the tests and the
+# demo.
 #
 #   e2e/istio-proxy.sh DIR POD NAMESPACE LABELS_JSON ADMIN_PORT "REACHES" "SERVES"
 #
@@ -9,8 +10,8 @@
 # LABELS_JSON the proxy's labels, e.g. '{"istio":"gw"}' (Gateways and WasmPlugins select on them)
 # ADMIN_PORT Envoy's admin port, reachable from the host at 127.0.0.1:ADMIN_PORT
 # REACHES    loopback ports of the host the proxy connects to (istiod, the module cache, backends)
-# SERVES     ports the proxy listens on (gateway listeners), reachable from the host at the same
-#            number on 127.0.0.1
+# SERVES     ports the proxy listens on (gateway listeners, a sidecar's inbound ports),
+#            reachable from the host at the same number on 127.0.0.1
 #
 # The agent binds its status server (a port it refuses to leave unset) on every interface, and
 # keeps downloaded Wasm modules in the fixed /var/lib/istio/data. So the agent and its Envoy run
@@ -23,8 +24,11 @@
 # (istiod's plaintext xDS address, 127.0.0.1:PORT) and WASMFILTER_ISTIO_ENVOY (the Envoy binary);
 # ISTIO_PROXY_HOSTS, if set, names hosts the proxy resolves to 127.0.0.1 (its own /etc/hosts, as
 # a pod has; say a Service's name, `wasmfilter-cache.wasmfilter-system.svc`).
+# ISTIO_PROXY_TYPE=sidecar runs a sidecar instead of a gateway (`pilot-agent proxy sidecar`),
+# with interception mode NONE: no iptables, so its inbound listeners are the ones a `Sidecar`
+# resource's `ingress` declares, bound where it says (Istio's mode for VMs without iptables).
 set -euo pipefail
-(($# == 7)) || { sed -n '5,13p' "$0" >&2; exit 2; }
+(($# == 7)) || { sed -n '6,14p' "$0" >&2; exit 2; }
 dir=$1 pod=$2 namespace=$3 labels=$4 admin=$5 reaches=$6 serves=$7
 : "${WASMFILTER_ISTIO_BIN:?}" "${WASMFILTER_ISTIOD_XDS:?}" "${WASMFILTER_ISTIO_ENVOY:?}"
 mkdir -p "$dir"
@@ -58,6 +62,12 @@ export PROXY_CONFIG="{\"binaryPath\": \"$WASMFILTER_ISTIO_ENVOY\", \"configPath\
   \"proxyStatsMatcher\": {\"inclusionPrefixes\": [\"extension_config_discovery\", \"wasm\"]}}"
 export FILE_MOUNTED_CERTS=true POD_NAME=$pod POD_NAMESPACE=$namespace INSTANCE_IP=127.0.0.1 \
   ISTIO_METAJSON_LABELS=$labels
+proxy_type=${ISTIO_PROXY_TYPE:-router}
+case "$proxy_type" in
+  router) ;;
+  sidecar) export ISTIO_META_INTERCEPTION_MODE=NONE ;;
+  *) echo "ISTIO_PROXY_TYPE must be router or sidecar, not $proxy_type" >&2; exit 2 ;;
+esac
 
 unshare_flags=(--net --mount)
 [ "$(id -u)" = 0 ] || unshare_flags+=(--map-root-user)
@@ -81,4 +91,4 @@ unshare "${unshare_flags[@]}" bash -c '
   done
   "$@"
 ' istio-proxy "$dir" "$istiod_port $reaches" "$admin $serves" \
-  "$WASMFILTER_ISTIO_BIN/pilot-agent" proxy router --proxyLogLevel warning
+  "$WASMFILTER_ISTIO_BIN/pilot-agent" proxy "$proxy_type" --proxyLogLevel warning

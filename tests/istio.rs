@@ -10,7 +10,7 @@ mod support;
 use support::ecds::{variant, wasm};
 use support::istio::*;
 use support::*;
-use wasmfilter::api::{FailurePolicy, FilterType, Phase};
+use wasmfilter::api::{FailurePolicy, FilterType, Phase, TrafficMode};
 
 /// An operator whose cache URL is its own loopback port, as the agent fetches it.
 async fn operator(ns: &str) -> Operator {
@@ -452,4 +452,47 @@ async fn traffic_extension_and_auto_targets_reach_the_gateway_through_istiod() {
             .unwrap()
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_sidecar_runs_server_mode_filters_on_inbound_traffic_and_not_client_mode_ones() {
+    let env = env();
+    let ns = TestNamespace::new("istio-sidecar");
+    let n = &ns.name;
+    let op = operator(n).await;
+    let (app, _backend) = sidecar(n, "app", &[op.cache_port]).await;
+    let (inbound, outbound) = (
+        format!("{}/istio/{n}:in", env.registry),
+        format!("{}/istio/{n}:out", env.registry),
+    );
+    push_module(&inbound, wasm(&variant("in", &format!("in-{n}")))).await;
+    push_module(&outbound, wasm(&variant("ou", &format!("ou-{n}")))).await;
+    let traffic = |mode: TrafficMode| {
+        move |s: &mut wasmfilter::api::WasmFilterSpec| {
+            s.traffic = vec![wasmfilter::api::TrafficSelector {
+                mode,
+                ports: Vec::new(),
+            }];
+        }
+    };
+    // Both select the workload; only the SERVER one applies to what comes in.
+    Filter::new(n, "outbound", &outbound)
+        .app("app")
+        .edit(traffic(TrafficMode::Client))
+        .apply();
+    Filter::new(n, "inbound", &inbound)
+        .app("app")
+        .edit(traffic(TrafficMode::Server))
+        .apply();
+    wait_headers(&app, "the SERVER filter on inbound traffic", &["in"]).await;
+    let client = client().await;
+    wait_condition(&client, n, "outbound", "Ready", "True").await;
+    // The CLIENT one was deployed too, and stays off the inbound listener.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let (status, headers, _) = app.get("/").await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(filter_headers(&headers), ["in"]);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

@@ -68,6 +68,16 @@ impl IstioProxy {
     /// besides istiod's (the operator's cache, backends), `hosts` names it resolves to
     /// 127.0.0.1. Waits until Envoy is live.
     pub async fn start(ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
+        Self::start_as("router", ns, name, reaches, hosts).await
+    }
+
+    /// A sidecar instead of a gateway (`pilot-agent proxy sidecar`, no iptables): its inbound
+    /// listener is the one [`sidecar_in_front_of`] declares, on [`IstioProxy::port`].
+    pub async fn start_sidecar(ns: &str, name: &str, reaches: &[u16]) -> Self {
+        Self::start_as("sidecar", ns, name, reaches, &[]).await
+    }
+
+    async fn start_as(kind: &str, ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
         let env = istio_env();
         let (admin, port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
@@ -80,6 +90,7 @@ impl IstioProxy {
             // Its own process group: stopping the proxy stops the agent, Envoy and the bridges.
             .process_group(0)
             .env("ISTIO_PROXY_HOSTS", hosts.join(" "))
+            .env("ISTIO_PROXY_TYPE", kind)
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
@@ -251,6 +262,47 @@ spec:
 ",
         loopback_service(ns, "backend", &backend_host, backend_port)
     )
+}
+
+/// A `Sidecar` giving the sidecar proxy one inbound HTTP listener on its port (bound to
+/// loopback) in front of the backend, as the app it would sit beside, and plaintext between
+/// proxies (there is no CA to issue mTLS certificates).
+pub fn sidecar_in_front_of(ns: &str, proxy: &IstioProxy, backend: &Backend) -> String {
+    let (name, port, backend_port) = (&proxy.name, proxy.port, backend.port);
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  workloadSelector: {{labels: {{app: {name}}}}}
+  ingress:
+  - port: {{number: {port}, protocol: HTTP, name: http}}
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:{backend_port}
+  egress: [{{hosts: [\"./*\"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: plaintext, namespace: {ns}}}
+spec:
+  mtls: {{mode: DISABLE}}
+"
+    )
+}
+
+/// A sidecar proxy named `name` in front of a new backend, serving (200 `hello`) inbound
+/// before it returns; `reaches` as in [`IstioProxy::start`].
+pub async fn sidecar(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Backend) {
+    let backend = Backend::start().await;
+    let reaches: Vec<u16> = reaches.iter().copied().chain([backend.port]).collect();
+    let proxy = IstioProxy::start_sidecar(ns, name, &reaches).await;
+    apply_ok(&sidecar_in_front_of(ns, &proxy, &backend));
+    proxy
+        .wait_for_answer("the backend's answer", |status, _, body| {
+            status == 200 && body == "hello"
+        })
+        .await;
+    (proxy, backend)
 }
 
 /// A gateway proxy named `name` routing to a new backend, serving (200 `hello`) before it
