@@ -7,7 +7,7 @@
 
 mod support;
 
-use support::ecds::{variant, wasm};
+use support::ecds::{needs_1_39, variant, wasm};
 use support::istio::*;
 use support::*;
 use wasmfilter::api::{FailurePolicy, FilterType, Phase, TrafficMode};
@@ -495,4 +495,99 @@ async fn a_sidecar_runs_server_mode_filters_on_inbound_traffic_and_not_client_mo
         assert_eq!(filter_headers(&headers), ["in"]);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+#[tokio::test]
+async fn a_module_the_gateways_envoy_would_refuse_never_reaches_istio() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-abi");
+    let n = &ns.name;
+    let op = operator(n).await;
+    // A gateway whose agent runs Envoy 1.36.2, and the pod object saying so.
+    let backend = Backend::start().await;
+    let gw = IstioProxy::start_with_envoy(n, "gw", &[op.cache_port, backend.port], "1.36.2").await;
+    apply_ok(&proxy_pod(n, &gw, "1.36.2"));
+    apply_ok(&route_to_backend(n, &gw, &backend));
+    let good = format!("{}/istio/{n}:good", env.registry);
+    push_module(&good, wasm(&variant("ok", &format!("ok-{n}")))).await;
+    Filter::new(n, "hdr", &good).app("gw").apply();
+    wait_headers(&gw, "the module 1.36.2 loads", &["ok"]).await;
+    let wf = wait_condition(&client, n, "hdr", "Ready", "True").await;
+    let w = &wf.status.as_ref().unwrap().workloads;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(
+        (
+            w[0].name.as_str(),
+            w[0].envoy_version.as_deref(),
+            w[0].compatible
+        ),
+        ("gw", Some("1.36.2"), Some(true))
+    );
+    // Only what is seen: an Istio proxy does not say whether it loaded the module.
+    assert_eq!(w[0].loaded, None, "{w:?}");
+    let pinned = child_api(&client, n, "WasmPlugin")
+        .get("hdr")
+        .await
+        .unwrap()
+        .data["spec"]["sha256"]
+        .clone();
+
+    // A module importing what only Envoy 1.39+ has: refused for this workload, the WasmPlugin
+    // keeps the module it had, and the gateway keeps running it.
+    let newer = format!("{}/istio/{n}:needs-1-39", env.registry);
+    let module = needs_1_39("nu", &format!("nu-{n}"));
+    let sha = hex::encode(ring::digest::digest(&ring::digest::SHA256, &module));
+    push_module(&newer, module).await;
+    Filter::new(n, "hdr", &newer).app("gw").apply();
+    let wf = wait_status(&client, n, "hdr", "blocked", |wf| {
+        condition(wf, "Ready").is_some_and(|c| c.status == "False" && c.reason == "Incompatible")
+    })
+    .await;
+    let w = &wf.status.as_ref().unwrap().workloads[0];
+    assert_eq!(w.compatible, Some(false), "{w:?}");
+    assert!(w.reasons.iter().any(|r| r.contains("fd_pread")), "{w:?}");
+    let wp = child_api(&client, n, "WasmPlugin")
+        .get("hdr")
+        .await
+        .unwrap();
+    assert_eq!(wp.data["spec"]["sha256"], pinned);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let (status, headers, _) = gw.get("/").await.unwrap();
+        assert_eq!(
+            (status, filter_headers(&headers)),
+            (200, vec!["ok".to_string()])
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+
+    // What the check spared it: the same module put in a WasmPlugin by hand (from the
+    // operator's cache, which verified it) is refused by this Envoy for that very import.
+    apply_ok(&format!(
+        "apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: by-hand, namespace: {n}}}
+spec:
+  selector: {{matchLabels: {{app: gw}}}}
+  url: http://127.0.0.1:{}/modules/sha256/{sha}.wasm
+  sha256: {sha}
+  pluginName: add_header
+  failStrategy: FAIL_OPEN
+",
+        op.cache_port
+    ));
+    let refused = format!(
+        "extension_config_discovery.http_filter.extensions.istio.io/trafficextension/{n}.by-hand~istio-translated-wasmplugin.update_rejected"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gw.stat(&refused).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Envoy 1.36.2 did not refuse it:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(gw.logs().contains("fd_pread"), "{}", gw.logs());
 }

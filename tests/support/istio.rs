@@ -68,17 +68,31 @@ impl IstioProxy {
     /// besides istiod's (the operator's cache, backends), `hosts` names it resolves to
     /// 127.0.0.1. Waits until Envoy is live.
     pub async fn start(ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
-        Self::start_as("router", ns, name, reaches, hosts).await
+        Self::start_as("router", ns, name, reaches, hosts, None).await
     }
 
     /// A sidecar instead of a gateway (`pilot-agent proxy sidecar`, no iptables): its inbound
     /// listener is the one [`sidecar_in_front_of`] declares, on [`IstioProxy::port`].
     pub async fn start_sidecar(ns: &str, name: &str, reaches: &[u16]) -> Self {
-        Self::start_as("sidecar", ns, name, reaches, &[]).await
+        Self::start_as("sidecar", ns, name, reaches, &[], None).await
     }
 
-    async fn start_as(kind: &str, ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
+    /// A gateway whose agent runs Envoy `version` (one of the suite's) instead of the one the
+    /// environment pairs with its Istio.
+    pub async fn start_with_envoy(ns: &str, name: &str, reaches: &[u16], version: &str) -> Self {
+        Self::start_as("router", ns, name, reaches, &[], Some(version)).await
+    }
+
+    async fn start_as(
+        kind: &str,
+        ns: &str,
+        name: &str,
+        reaches: &[u16],
+        hosts: &[&str],
+        envoy: Option<&str>,
+    ) -> Self {
         let env = istio_env();
+        let envoy = envoy.map(|v| super::env().envoy_dir.join(v).join("envoy"));
         let (admin, port) = (free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("proxy.log");
@@ -91,6 +105,7 @@ impl IstioProxy {
             .process_group(0)
             .env("ISTIO_PROXY_HOSTS", hosts.join(" "))
             .env("ISTIO_PROXY_TYPE", kind)
+            .envs(envoy.map(|e| ("WASMFILTER_ISTIO_ENVOY", e)))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
@@ -303,6 +318,23 @@ pub async fn sidecar(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Back
         })
         .await;
     (proxy, backend)
+}
+
+/// The pod object a proxy stands for (there is no kubelet): its labels, an `istio-proxy`
+/// container, and the Envoy release it runs in the `wasmfilter.dev/envoy-version` annotation.
+pub fn proxy_pod(ns: &str, proxy: &IstioProxy, envoy_version: &str) -> String {
+    let name = &proxy.name;
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{app: {name}}}
+  annotations: {{wasmfilter.dev/envoy-version: \"{envoy_version}\"}}
+spec: {{containers: [{{name: istio-proxy, image: \"docker.io/istio/proxyv2:1.31.0\"}}]}}
+"
+    )
 }
 
 /// A gateway proxy named `name` routing to a new backend, serving (200 `hello`) before it
