@@ -24,6 +24,9 @@
 # (istiod's plaintext xDS address, 127.0.0.1:PORT) and WASMFILTER_ISTIO_ENVOY (the Envoy binary);
 # ISTIO_PROXY_HOSTS, if set, names hosts the proxy resolves to 127.0.0.1 (its own /etc/hosts, as
 # a pod has; say a Service's name, `wasmfilter-cache.wasmfilter-system.svc`).
+# ISTIO_PROXY_STATUS_PORT, if set, is the agent's status port (its merged metrics at
+# /stats/prometheus), reachable from the host at the same number; else 15020, in the proxy's
+# namespace only.
 # ISTIO_PROXY_TYPE=sidecar runs a sidecar instead of a gateway (`pilot-agent proxy sidecar`),
 # with interception mode NONE: no iptables, so its inbound listeners are the ones a `Sidecar`
 # resource's `ingress` declares, bound where it says (Istio's mode for VMs without iptables).
@@ -33,6 +36,8 @@ dir=$1 pod=$2 namespace=$3 labels=$4 admin=$5 reaches=$6 serves=$7
 : "${WASMFILTER_ISTIO_BIN:?}" "${WASMFILTER_ISTIOD_XDS:?}" "${WASMFILTER_ISTIO_ENVOY:?}"
 mkdir -p "$dir"
 istiod_port=${WASMFILTER_ISTIOD_XDS##*:}
+status_port=${ISTIO_PROXY_STATUS_PORT:-15020}
+[ -z "${ISTIO_PROXY_STATUS_PORT:-}" ] || serves="$serves $status_port"
 
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
@@ -57,7 +62,7 @@ done
 #   asked (as a pod asks with the proxy.istio.io/config annotation).
 export PROXY_CONFIG="{\"binaryPath\": \"$WASMFILTER_ISTIO_ENVOY\", \"configPath\": \"$dir/envoy\",
   \"discoveryAddress\": \"127.0.0.1:$istiod_port\", \"controlPlaneAuthPolicy\": \"NONE\",
-  \"proxyAdminPort\": $admin, \"proxyBootstrapTemplatePath\": \"$WASMFILTER_ISTIO_BIN/envoy_bootstrap.json\",
+  \"proxyAdminPort\": $admin, \"statusPort\": $status_port, \"proxyBootstrapTemplatePath\": \"$WASMFILTER_ISTIO_BIN/envoy_bootstrap.json\",
   \"drainDuration\": \"1s\", \"terminationDrainDuration\": \"1s\", \"concurrency\": 1,
   \"proxyStatsMatcher\": {\"inclusionPrefixes\": [\"extension_config_discovery\", \"wasm\"]}}"
 export FILE_MOUNTED_CERTS=true POD_NAME=$pod POD_NAMESPACE=$namespace INSTANCE_IP=127.0.0.1 \

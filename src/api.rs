@@ -356,7 +356,8 @@ pub struct WasmFilterStatus {
     /// How many pods the selector picks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selected_workloads: Option<u32>,
-    /// `target: Ecds`: how many of them have a connected Envoy that loaded the current module.
+    /// `target: Ecds`: how many of them have a connected Envoy that loaded the current module
+    /// (with `--istio-load-status`: how many Istio proxies run a Wasm plugin for the filter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded_workloads: Option<u32>,
     /// `spec.rollout`: the module every proxy returns to, the one being rolled out, and the
@@ -453,13 +454,17 @@ pub struct WorkloadStatus {
     /// Why not (worded as Envoy logs it), or why it cannot be told.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<String>,
-    /// `target: Ecds` only: whether the pod's connected Envoy loaded the current module (it
+    /// `target: Ecds`: whether the pod's connected Envoy loaded the current module (it
     /// ACKed it: the VM was created and the plugin configured). Absent when no proxy of the
-    /// pod is connected or it has not answered yet; never inferred.
+    /// pod is connected or it has not answered yet; never inferred. WasmPlugin and
+    /// TrafficExtension targets with the operator's `--istio-load-status`: whether the pod's
+    /// Istio proxy runs a Wasm plugin for this filter, read from its istio-agent's metrics
+    /// (which of the filter's modules is not shown there); absent when they cannot be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loaded: Option<bool>,
-    /// Why it did not load: Envoy's own error (NACK), why it was not sent, or what the
-    /// Envoy's bootstrap lacks.
+    /// Why it did not load: Envoy's own error (NACK), why it was not sent, what the Envoy's
+    /// bootstrap lacks, or what an Istio proxy's metrics say (Envoy refused the config, or
+    /// the istio-agent failed to fetch the module).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_error: Option<String>,
     /// While a rollout runs: `candidate` (the pod is given the new module) or `stable`.

@@ -55,6 +55,8 @@ pub mod reason {
     pub const NOT_SUBSCRIBED: &str = "NotSubscribed";
     pub const NOT_SENT: &str = "NotSent";
     pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
+    /// `--istio-load-status`: no selected Istio proxy's metrics could be read.
+    pub const PROXY_METRICS_UNREAD: &str = "ProxyMetricsUnread";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const RECONCILING: &str = "Reconciling";
     /// `spec.rollout`: steps remain before every selected pod has the new module.

@@ -7,7 +7,7 @@
 
 mod support;
 
-use support::ecds::{needs_1_39, variant, wasm};
+use support::ecds::{cond_is, needs_1_39, variant, wasm};
 use support::istio::*;
 use support::*;
 use wasmfilter::api::{FailurePolicy, FilterType, Phase, TrafficMode};
@@ -590,4 +590,84 @@ spec:
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     assert!(gw.logs().contains("fd_pread"), "{}", gw.logs());
+}
+
+#[tokio::test]
+async fn with_istio_load_status_each_pod_says_whether_its_proxy_runs_the_filter() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-load");
+    let n = &ns.name;
+    let op = Operator::start_advertising(
+        n,
+        // Without the pre-flight, so a module whose configure fails reaches Envoy.
+        &["--istio-load-status", "--preflight=false"],
+        &|port| format!("http://127.0.0.1:{port}"),
+    )
+    .await;
+    // Three gateways: one fetches and runs a good module, one cannot reach the cache, one
+    // fetches a module whose proxy_on_configure fails.
+    let (good, _b1) = gateway(n, "good", &[op.cache_port]).await;
+    let (unreachable, _b2) = gateway(n, "unreachable", &[]).await;
+    let (refusing, _b3) = gateway(n, "refusing", &[op.cache_port]).await;
+    for gw in [&good, &unreachable, &refusing] {
+        register_pod(n, gw, "1.39.3");
+    }
+    let ok = format!("{}/istio/{n}:ok", env.registry);
+    push_module(&ok, wasm(&variant("ok", &format!("ok-{n}")))).await;
+    let bad = format!("{}/istio/{n}:bad", env.registry);
+    push_module(&bad, support::ecds::configure_fails(&format!("bad-{n}"))).await;
+    // (As a TrafficExtension: its plugin is named differently from a WasmPlugin's.)
+    Filter::new(n, "good", &ok)
+        .app("good")
+        .target(Target::TrafficExtension)
+        .apply();
+    Filter::new(n, "unreachable", &ok)
+        .app("unreachable")
+        .edit(|s| s.failure_policy = FailurePolicy::FailOpen)
+        .apply();
+    Filter::new(n, "refusing", &bad).app("refusing").apply();
+
+    let pod = |wf: &wasmfilter::api::WasmFilter| wf.status.as_ref().unwrap().workloads[0].clone();
+    let wf = wait_status(&client, n, "good", "the good proxy runs it", |wf| {
+        cond_is(wf, "Loaded", "True", "Loaded")
+    })
+    .await;
+    assert_eq!(pod(&wf).loaded, Some(true));
+    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+    wait_headers(&good, "the good module", &["ok"]).await;
+
+    let wf = wait_status(&client, n, "unreachable", "the fetch failure said", |wf| {
+        cond_is(wf, "Loaded", "False", "LoadFailed")
+    })
+    .await;
+    let w = pod(&wf);
+    assert_eq!(w.loaded, Some(false));
+    let why = w.load_error.unwrap();
+    assert!(
+        why.contains("failed module fetches (download_failure"),
+        "{why}"
+    );
+    assert!(
+        cond_is(&wf, "Ready", "False", "LoadFailed"),
+        "{:?}",
+        wf.status
+    );
+    // The agent's allow-all stand-in (FailOpen) passes requests without the filter.
+    let (status, headers, _) = unreachable.get("/").await.unwrap();
+    assert_eq!((status, filter_headers(&headers).len()), (200, 0));
+
+    let wf = wait_status(&client, n, "refusing", "Envoy's refusal said", |wf| {
+        cond_is(wf, "Loaded", "False", "LoadFailed")
+    })
+    .await;
+    let w = pod(&wf);
+    assert_eq!(w.loaded, Some(false));
+    let why = w.load_error.unwrap();
+    assert!(why.contains("Envoy refused its config"), "{why}");
+    assert!(
+        refusing.logs().contains("Unable to create Wasm"),
+        "{}",
+        refusing.logs()
+    );
 }

@@ -365,6 +365,13 @@ pub struct OperatorArgs {
     /// whatever its WasmFilter says.
     #[arg(long, value_name = "NAMESPACE/CONFIGMAP", value_parser = namespaced_name)]
     pub require_signature_keys: Option<(String, String)>,
+    /// For WasmPlugin and TrafficExtension targets, read each selected pod's istio-agent
+    /// metrics (`http://POD_IP:15020/stats/prometheus`, or the port in the pod's
+    /// `status.sidecar.istio.io/port`) to tell, per pod, whether its proxy runs a Wasm plugin
+    /// for the filter (`status.workloads[].loaded`, the `Loaded` condition). Needs the
+    /// operator to reach the pods on that port, as Prometheus does.
+    #[arg(long)]
+    pub istio_load_status: bool,
     /// Run every new module with each filter's configuration in a sandbox before deploying
     /// it (`--preflight=false` to deploy without).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -694,6 +701,7 @@ async fn run_operator(
     };
     let settings = Settings {
         installed,
+        istio_load_status: args.istio_load_status,
         namespace: args.namespace,
         module_server,
         resync: Duration::from_secs(args.resync_seconds),

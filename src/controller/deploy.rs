@@ -28,6 +28,8 @@ pub(super) struct Deployed {
     pub loaded: Option<(Cond, u32)>,
     /// `target: Ecds` with `spec.rollout`: where the rollout stands.
     pub rollout: Option<rollout::Outcome>,
+    /// Look again this soon (Istio proxies not running the filter yet, or refusing it).
+    pub recheck: Option<std::time::Duration>,
 }
 
 /// Deploys the verified module for the filter's target. `workloads` gain their load state
@@ -43,10 +45,11 @@ pub(super) async fn deploy(
         (Target::Ecds, Some(xds)) => {
             let served = serve_ecds(wf, ctx, xds, ns, artifact, workloads).await?;
             Deployed {
-                kind: "ECDS resource",
+                kind: status::ECDS_KIND,
                 notes: Vec::new(),
                 loaded: Some(served.loaded),
                 rollout: served.rollout,
+                recheck: None,
             }
         }
         _ => {
@@ -70,6 +73,17 @@ pub(super) async fn deploy(
             if let (Some(xds), Some(name)) = (&ctx.xds, ecds_name(wf)) {
                 xds.withdraw(&name);
             }
+            let loaded = match target {
+                Target::WasmPlugin | Target::TrafficExtension if ctx.settings.istio_load_status => {
+                    Some(istio_loads(wf, ns, target, &module.sha256, workloads, ctx).await)
+                }
+                _ => None,
+            };
+            let recheck = loaded.as_ref().and_then(|(l, _)| match l.reason.as_str() {
+                names::reason::LOAD_PENDING => Some(ISTIO_PENDING_RECHECK),
+                names::reason::LOAD_FAILED => Some(ISTIO_FAILED_RECHECK),
+                _ => None,
+            });
             Deployed {
                 kind: match target {
                     Target::EnvoyFilter => "EnvoyFilter",
@@ -77,8 +91,9 @@ pub(super) async fn deploy(
                     _ => "WasmPlugin",
                 },
                 notes: child.notes,
-                loaded: None,
+                loaded,
                 rollout: None,
+                recheck,
             }
         }
     };
@@ -86,6 +101,65 @@ pub(super) async fn deploy(
         remove_other_children(wf, ctx, ns).await?;
     }
     Ok(deployed)
+}
+
+/// How soon an Istio proxy that does not run the filter yet is looked at again.
+const ISTIO_PENDING_RECHECK: std::time::Duration = std::time::Duration::from_secs(3);
+/// How soon one that refused it (or whose agent could not fetch it) is looked at again.
+const ISTIO_FAILED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long one proxy's metrics may take.
+const ISTIO_METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Proxies whose metrics are read at once.
+const ISTIO_METRICS_CONCURRENCY: usize = 16;
+/// Proxies whose metrics one reconcile reads, at most.
+const ISTIO_METRICS_MAX_PODS: usize = 100;
+
+/// `--istio-load-status`: what each selected Istio proxy's metrics say about the filter, into
+/// `workloads` and the `Loaded` condition. A pod without an IP, or whose metrics cannot be
+/// read, stays as it was: unknown.
+async fn istio_loads(
+    wf: &WasmFilter,
+    ns: &str,
+    target: Target,
+    module_sha256: &str,
+    workloads: &mut [WorkloadStatus],
+    ctx: &Context,
+) -> (Cond, u32) {
+    use crate::workloads::istio;
+    use futures::StreamExt;
+    let plugin = istio::plugin_name(ns, &wf.name_any(), target == Target::TrafficExtension);
+    // Where each selected pod's metrics are: its IP (once it has one) and status port.
+    let at: std::collections::HashMap<String, (String, u16)> = ctx
+        .pods
+        .select(ns, &wf.spec.selector.match_labels)
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), (p.ip.clone()?, p.status_port))))
+        .collect();
+    // Owned inputs, so the futures borrow nothing from this reconcile.
+    // The first ones (most urgent first) only: a scrape per pod per reconcile.
+    let targets: Vec<Option<(String, u16)>> = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            at.get(&w.name)
+                .filter(|_| i < ISTIO_METRICS_MAX_PODS)
+                .cloned()
+        })
+        .collect();
+    let loads: Vec<Option<istio::ProxyLoad>> = futures::stream::iter(targets)
+        .map(|target| {
+            let plugin = plugin.clone();
+            async move {
+                let (ip, port) = target?;
+                let text = istio::scrape(&ip, port, ISTIO_METRICS_TIMEOUT).await?;
+                Some(istio::read(&text, &plugin))
+            }
+        })
+        .buffered(ISTIO_METRICS_CONCURRENCY)
+        .collect()
+        .await;
+    let short = &module_sha256[..12.min(module_sha256.len())];
+    status::istio_loaded(workloads, &loads, short)
 }
 
 /// Whether a child of another kind than the target may exist. Not for a filter without any

@@ -66,6 +66,9 @@ pub struct Settings {
     pub required_signature_keys: Option<verify::KeysAt>,
     /// Optional CRDs found at start (Istio's `TrafficExtension`).
     pub installed: render::Installed,
+    /// `--istio-load-status`: read each selected Istio proxy's metrics for whether it runs the
+    /// filter.
+    pub istio_load_status: bool,
 }
 
 /// How long a reconcile waits for the pod index's first full list (10,000 pods take seconds).
@@ -551,7 +554,13 @@ async fn pipeline(wf: &WasmFilter, ctx: &Context) -> Result<Outcome, Error> {
         .await?;
         return Ok(Outcome::RolledBack);
     }
-    let soon = deployed.rollout.as_ref().and_then(|r| r.wait);
+    let soon = match (
+        deployed.rollout.as_ref().and_then(|r| r.wait),
+        deployed.recheck,
+    ) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     report::deployed(ctx, wf, &artifact, assessment, deployed).await?;
     Ok(Outcome::Deployed(soon))
 }

@@ -9,6 +9,7 @@ use crate::api::{
 use crate::error::Retry;
 use crate::names::{condition, reason};
 use crate::oci::Artifact;
+use crate::workloads::istio::ProxyLoad;
 use crate::xds::Load;
 
 /// A condition as the operator means it; `lastTransitionTime` is filled in against the previous
@@ -186,13 +187,17 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
     }
 }
 
+/// What `Deployed` calls an ECDS deployment.
+pub const ECDS_KIND: &str = "ECDS resource";
+
 /// The selected workloads, as a successful reconcile found them.
 #[derive(Debug, Clone)]
 pub struct Workloads {
     /// Every selected pod, most urgent first (status lists the first [`MAX_LISTED_WORKLOADS`]).
     pub all: Vec<WorkloadStatus>,
     pub compatible: Cond,
-    /// `target: Ecds`: the `Loaded` condition and how many pods' Envoys loaded the module.
+    /// `target: Ecds` (and Istio targets with `--istio-load-status`): the `Loaded` condition
+    /// and how many pods' Envoys loaded the module.
     pub loaded: Option<(Cond, u32)>,
     /// `spec.rollout`: `status.rollout`, and what the rollout is at while steps remain.
     pub rollout: Option<(RolloutStatus, Option<String>)>,
@@ -267,11 +272,17 @@ pub fn ready(
             reason::ROLLOUT_IN_PROGRESS,
             running.clone().unwrap_or_default(),
         ),
-        Some(_) => Cond::new(
+        Some(_) if child_kind == ECDS_KIND => Cond::new(
             condition::READY,
             true,
             reason::READY,
             "module verified, served over ECDS, and loaded by every connected proxy it was sent to",
+        ),
+        Some(_) => Cond::new(
+            condition::READY,
+            true,
+            reason::READY,
+            "module verified, deployed, and running in every proxy whose metrics were read",
         ),
         None => Cond::new(
             condition::READY,
@@ -430,6 +441,91 @@ pub fn loaded(
                     0 => String::new(),
                     n => format!(" ({n} selected pods have no connected proxy)"),
                 }
+            ),
+        )
+    };
+    (cond, ok)
+}
+
+/// Writes what each Istio proxy's metrics said about the filter (`loads[i]` for
+/// `workloads[i]`, `None`: they could not be read) into its status, and sums it up as the
+/// `Loaded` condition with the number of proxies running a Wasm plugin for it. `module` is
+/// the short sha256.
+pub fn istio_loaded(
+    workloads: &mut [WorkloadStatus],
+    loads: &[Option<ProxyLoad>],
+    module: &str,
+) -> (Cond, u32) {
+    let (mut ok, mut read, mut waiting) = (0u32, 0usize, 0usize);
+    let mut refused = Vec::new();
+    for (w, load) in workloads.iter_mut().zip(loads) {
+        let Some(load) = load else { continue };
+        read += 1;
+        match load {
+            ProxyLoad::Running => {
+                ok += 1;
+                w.loaded = Some(true);
+                w.load_error = None;
+            }
+            ProxyLoad::Refused(why) => {
+                refused.push(format!("{}: {why}", w.name));
+                w.loaded = Some(false);
+                w.load_error = Some(why.clone());
+            }
+            ProxyLoad::NotYet => waiting += 1,
+        }
+    }
+    let unread = match workloads.len() - read {
+        0 => String::new(),
+        n => format!(" ({n} selected pods' metrics were not read)"),
+    };
+    let cond = if !refused.is_empty() {
+        let n = refused.len();
+        let mut parts: Vec<String> = refused.into_iter().take(3).collect();
+        if n > 3 {
+            parts.push(format!("and {} more", n - 3));
+        }
+        Cond::new(
+            condition::LOADED,
+            false,
+            reason::LOAD_FAILED,
+            format!(
+                "{n} of {read} Istio proxies run no Wasm plugin for this filter (module \
+                 sha256:{module} deployed): {}{unread}",
+                parts.join("; ")
+            ),
+        )
+    } else if waiting > 0 {
+        Cond::unknown(
+            condition::LOADED,
+            reason::LOAD_PENDING,
+            format!(
+                "waiting for {waiting} of {read} Istio proxies to run a Wasm plugin for this \
+                 filter{unread}"
+            ),
+        )
+    } else if read == 0 {
+        Cond::unknown(
+            condition::LOADED,
+            reason::PROXY_METRICS_UNREAD,
+            if workloads.is_empty() {
+                "no pod is selected".to_string()
+            } else {
+                format!(
+                    "no selected pod's istio-agent metrics could be read (its pod IP, port \
+                     {}-annotated or 15020, /stats/prometheus)",
+                    crate::workloads::istio::ANNOTATION_STATUS_PORT
+                )
+            },
+        )
+    } else {
+        Cond::new(
+            condition::LOADED,
+            true,
+            reason::LOADED,
+            format!(
+                "{ok} of {read} Istio proxies run a Wasm plugin for this filter (module \
+                 sha256:{module} deployed){unread}"
             ),
         )
     };

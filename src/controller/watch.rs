@@ -345,6 +345,14 @@ fn workload_fingerprint(pod: &Pod) -> Option<u64> {
         .get(crate::workloads::ANNOTATION_ENVOY_VERSION)
         .hash(&mut h);
     pod.metadata.deletion_timestamp.is_some().hash(&mut h);
+    // Where an Istio proxy's metrics are read (`--istio-load-status`).
+    pod.annotations()
+        .get(crate::workloads::istio::ANNOTATION_STATUS_PORT)
+        .hash(&mut h);
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_ref())
+        .hash(&mut h);
     if let Some(spec) = &pod.spec {
         for c in spec
             .containers

@@ -179,7 +179,7 @@ pub fn trim(pod: &mut Pod) {
         .annotations
         .into_iter()
         .flatten()
-        .filter(|(k, _)| k == ANNOTATION_ENVOY_VERSION)
+        .filter(|(k, _)| k == ANNOTATION_ENVOY_VERSION || k == super::istio::ANNOTATION_STATUS_PORT)
         .collect();
     pod.metadata = ObjectMeta {
         name: meta.name,
@@ -205,7 +205,15 @@ pub fn trim(pod: &mut Pod) {
         init_containers: s.init_containers.map(containers),
         ..PodSpec::default()
     });
-    pod.status = None;
+    // The IP alone, where the istio-agent's metrics are read.
+    pod.status =
+        pod.status
+            .take()
+            .and_then(|s| s.pod_ip)
+            .map(|ip| k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some(ip),
+                ..Default::default()
+            });
 }
 
 #[cfg(test)]

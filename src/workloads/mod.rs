@@ -15,6 +15,7 @@ use crate::abi::check::{self, Verdict};
 use crate::api::WorkloadStatus;
 
 pub mod index;
+pub mod istio;
 
 /// Pod annotation that states the pod's Envoy version outright.
 pub const ANNOTATION_ENVOY_VERSION: &str = "wasmfilter.dev/envoy-version";
@@ -105,6 +106,10 @@ pub struct Workload {
     pub containers: Vec<(String, String)>,
     /// The pod is being deleted.
     pub deleting: bool,
+    /// The pod's IP, once it has one.
+    pub ip: Option<String>,
+    /// The istio-agent's status port (the pod's `status.sidecar.istio.io/port`, else 15020).
+    pub status_port: u16,
 }
 
 impl Workload {
@@ -129,6 +134,12 @@ impl Workload {
             version_annotation: pod.annotations().get(ANNOTATION_ENVOY_VERSION).cloned(),
             containers,
             deleting: pod.metadata.deletion_timestamp.is_some(),
+            ip: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+            status_port: pod
+                .annotations()
+                .get(istio::ANNOTATION_STATUS_PORT)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(istio::DEFAULT_STATUS_PORT),
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct IstioProxy {
     pub admin: u16,
     /// The port the gateway's listener uses (see [`route_to_backend`]).
     pub port: u16,
+    /// The agent's status port (its merged metrics), reachable from the host.
+    pub status: u16,
     dir: tempfile::TempDir,
 }
 
@@ -93,7 +95,7 @@ impl IstioProxy {
     ) -> Self {
         let env = istio_env();
         let envoy = envoy.map(|v| super::env().envoy_dir.join(v).join("envoy"));
-        let (admin, port) = (free_port(), free_port());
+        let (admin, port, status) = (free_port(), free_port(), free_port());
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("proxy.log");
         let reaches: Vec<String> = reaches.iter().map(u16::to_string).collect();
@@ -105,6 +107,7 @@ impl IstioProxy {
             .process_group(0)
             .env("ISTIO_PROXY_HOSTS", hosts.join(" "))
             .env("ISTIO_PROXY_TYPE", kind)
+            .env("ISTIO_PROXY_STATUS_PORT", status.to_string())
             .envs(envoy.map(|e| ("WASMFILTER_ISTIO_ENVOY", e)))
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
@@ -115,6 +118,7 @@ impl IstioProxy {
             name: name.to_string(),
             admin,
             port,
+            status,
             dir,
         };
         proxy.wait_live().await;
@@ -254,7 +258,8 @@ spec:
 /// traffic to the backend.
 pub fn route_to_backend(ns: &str, proxy: &IstioProxy, backend: &Backend) -> String {
     let (name, port, backend_port) = (&proxy.name, proxy.port, backend.port);
-    let backend_host = format!("backend.{ns}.test");
+    // One per proxy: several gateways in a namespace each reach their own backend.
+    let backend_host = format!("{name}.backend.{ns}.test");
     format!(
         "{}---
 apiVersion: networking.istio.io/v1
@@ -275,7 +280,7 @@ spec:
   gateways: [{name}]
   http: [{{route: [{{destination: {{host: {backend_host}, port: {{number: {backend_port}}}}}}}]}}]
 ",
-        loopback_service(ns, "backend", &backend_host, backend_port)
+        loopback_service(ns, &format!("{name}-backend"), &backend_host, backend_port)
     )
 }
 
@@ -321,9 +326,10 @@ pub async fn sidecar(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Back
 }
 
 /// The pod object a proxy stands for (there is no kubelet): its labels, an `istio-proxy`
-/// container, and the Envoy release it runs in the `wasmfilter.dev/envoy-version` annotation.
+/// container, the Envoy release it runs in the `wasmfilter.dev/envoy-version` annotation, and
+/// the agent's status port in Istio's `status.sidecar.istio.io/port`.
 pub fn proxy_pod(ns: &str, proxy: &IstioProxy, envoy_version: &str) -> String {
-    let name = &proxy.name;
+    let (name, status) = (&proxy.name, proxy.status);
     format!(
         "apiVersion: v1
 kind: Pod
@@ -331,10 +337,28 @@ metadata:
   name: {name}
   namespace: {ns}
   labels: {{app: {name}}}
-  annotations: {{wasmfilter.dev/envoy-version: \"{envoy_version}\"}}
+  annotations: {{wasmfilter.dev/envoy-version: \"{envoy_version}\", status.sidecar.istio.io/port: \"{status}\"}}
 spec: {{containers: [{{name: istio-proxy, image: \"docker.io/istio/proxyv2:1.31.0\"}}]}}
 "
     )
+}
+
+/// Creates the proxy's pod object ([`proxy_pod`]) with the IP a kubelet would report: the
+/// proxy's metrics are at `127.0.0.1:<status>`.
+pub fn register_pod(ns: &str, proxy: &IstioProxy, envoy_version: &str) {
+    apply_ok(&proxy_pod(ns, proxy, envoy_version));
+    let out = kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "pod",
+        &proxy.name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}"#,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 /// A gateway proxy named `name` routing to a new backend, serving (200 `hello`) before it
