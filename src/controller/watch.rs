@@ -185,12 +185,18 @@ pub async fn run(
                 index.apply(event);
             }
         })
-        .scan(PodChanges::default(), |changes, event| {
-            futures::future::ready(Some(match event {
-                Ok(event) => changes.admit(event).map(Ok),
-                Err(e) => Some(Err(e)),
-            }))
-        })
+        .scan(
+            PodChanges {
+                proxy_metrics: ctx.settings.istio_load_status,
+                ..PodChanges::default()
+            },
+            |changes, event| {
+                futures::future::ready(Some(match event {
+                    Ok(event) => changes.admit(event).map(Ok),
+                    Err(e) => Some(Err(e)),
+                }))
+            },
+        )
         .filter_map(futures::future::ready);
     let filters_store = reader.clone();
     let mut controller = Controller::for_stream(trigger, reader)
@@ -302,6 +308,9 @@ struct PodChanges {
     seen: HashMap<String, u64>,
     /// The first list is done.
     listed: bool,
+    /// Where an Istio proxy's metrics are (pod IP, status port) counts too
+    /// (`--istio-load-status`).
+    proxy_metrics: bool,
 }
 
 impl PodChanges {
@@ -328,7 +337,8 @@ impl PodChanges {
 
     /// Records the pod's fingerprint; whether it differs from the one seen before.
     fn changed(&mut self, pod: &Pod) -> bool {
-        let (Some(uid), Some(fp)) = (pod.uid(), workload_fingerprint(pod)) else {
+        let (Some(uid), Some(fp)) = (pod.uid(), workload_fingerprint(pod, self.proxy_metrics))
+        else {
             return true;
         };
         self.seen.insert(uid, fp) != Some(fp)
@@ -337,7 +347,7 @@ impl PodChanges {
 
 /// What about a pod can change a verdict: its labels, its version annotation, its images,
 /// and whether it is going away.
-fn workload_fingerprint(pod: &Pod) -> Option<u64> {
+fn workload_fingerprint(pod: &Pod, proxy_metrics: bool) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     pod.labels().hash(&mut h);
@@ -346,13 +356,15 @@ fn workload_fingerprint(pod: &Pod) -> Option<u64> {
         .hash(&mut h);
     pod.metadata.deletion_timestamp.is_some().hash(&mut h);
     // Where an Istio proxy's metrics are read (`--istio-load-status`).
-    pod.annotations()
-        .get(crate::workloads::istio::ANNOTATION_STATUS_PORT)
-        .hash(&mut h);
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_ref())
-        .hash(&mut h);
+    if proxy_metrics {
+        pod.annotations()
+            .get(crate::workloads::istio::ANNOTATION_STATUS_PORT)
+            .hash(&mut h);
+        pod.status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_ref())
+            .hash(&mut h);
+    }
     if let Some(spec) = &pod.spec {
         for c in spec
             .containers
@@ -379,6 +391,29 @@ mod tests {
 
     fn admitted(changes: &mut PodChanges, event: watcher::Event<Pod>) -> bool {
         changes.admit(event).is_some()
+    }
+
+    #[test]
+    fn a_pod_getting_its_ip_counts_only_where_proxy_metrics_are_read() {
+        let with_ip = |mut p: Pod| {
+            p.status = Some(k8s_openapi::api::core::v1::PodStatus {
+                pod_ip: Some("10.0.0.7".into()),
+                ..Default::default()
+            });
+            p
+        };
+        for proxy_metrics in [false, true] {
+            let mut c = PodChanges {
+                proxy_metrics,
+                ..PodChanges::default()
+            };
+            assert!(!admitted(&mut c, watcher::Event::InitDone));
+            assert!(admitted(&mut c, watcher::Event::Apply(pod("a", "web"))));
+            assert_eq!(
+                admitted(&mut c, watcher::Event::Apply(with_ip(pod("a", "web")))),
+                proxy_metrics
+            );
+        }
     }
 
     #[test]
