@@ -43,7 +43,7 @@ log "4/7 operator (module cache, ECDS server)"
 cache_port=$(free_port); admin_port=$(free_port); xds_port=$(free_port)
 "$bin" operator --cache-url "http://wasmfilter-cache.wasmfilter-system.svc:$cache_port" \
   --cache-listen "127.0.0.1:$cache_port" --admin-listen "127.0.0.1:$admin_port" \
-  --xds-listen "127.0.0.1:$xds_port" \
+  --xds-listen "127.0.0.1:$xds_port" --istio-load-status \
   --cache-dir "$work/cache" --insecure-registry "$WASMFILTER_REGISTRY" >"$work/operator.log" 2>&1 &
 pids+=($!)
 wait_for "operator /readyz" 60 curl -fsS "http://127.0.0.1:$admin_port/readyz"
@@ -117,15 +117,30 @@ kubectl get wf add-header -n shop -o jsonpath='{.status.conditions[?(@.type=="Lo
 
 log "7/7 the Istio path: istiod, a gateway proxy run by the real istio-agent, a WasmFilter with target: WasmPlugin"
 # The operator's cache, as a Service name the gateway's pod resolves (here: its own /etc/hosts).
-backend_port=$(free_port); gateway_port=$(free_port); gateway_admin=$(free_port)
+backend_port=$(free_port); gateway_port=$(free_port); gateway_admin=$(free_port); gateway_status=$(free_port)
 mkdir -p "$work/www" && echo "hello from the backend" >"$work/www/index.html"
 python3 -m http.server "$backend_port" --bind 127.0.0.1 --directory "$work/www" >"$work/backend.log" 2>&1 &
 pids+=($!)
-setsid env ISTIO_PROXY_HOSTS=wasmfilter-cache.wasmfilter-system.svc "$WASMFILTER_ISTIO_PROXY" \
+setsid env ISTIO_PROXY_HOSTS=wasmfilter-cache.wasmfilter-system.svc ISTIO_PROXY_STATUS_PORT="$gateway_status" "$WASMFILTER_ISTIO_PROXY" \
   "$work/gateway" gateway shop '{"app":"gateway"}' "$gateway_admin" "$cache_port $backend_port" "$gateway_port" \
   >"$work/gateway.log" 2>&1 &
 gateway_pid=$!
 wait_for "the gateway's Envoy (through pilot-agent)" 60 curl -fsS "http://127.0.0.1:$gateway_admin/ready"
+# Its pod object (no kubelet here), with the IP and status port its agent's metrics are at:
+# the operator (--istio-load-status) reads them for the per-pod load status.
+istio_envoy=$(basename "$(dirname "$WASMFILTER_ISTIO_ENVOY")")
+cat <<YAML | kubectl apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata:
+  name: gateway
+  namespace: shop
+  labels: {app: gateway}
+  annotations: {wasmfilter.dev/envoy-version: "$istio_envoy", status.sidecar.istio.io/port: "$gateway_status"}
+spec: {containers: [{name: istio-proxy, image: "docker.io/istio/proxyv2:1.31.0"}]}
+YAML
+kubectl patch pod gateway -n shop --subresource=status --type=merge \
+  -p '{"status":{"podIP":"127.0.0.1","podIPs":[{"ip":"127.0.0.1"}]}}' >/dev/null
 cat <<YAML | kubectl apply -f - >/dev/null
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -171,6 +186,14 @@ echo "\$ kubectl get wasmplugin add-header-istio -n shop -o jsonpath='{.spec.url
 kubectl get wasmplugin add-header-istio -n shop -o jsonpath='{.spec.url}{"\n"}'
 echo "\$ curl -si http://127.0.0.1:$gateway_port/    # the Istio gateway: istiod -> pilot-agent -> Envoy $(basename "$(dirname "$WASMFILTER_ISTIO_ENVOY")")"
 curl -sS -i "http://127.0.0.1:$gateway_port/"
+istio_loaded() {
+  [ "$(kubectl get wf add-header-istio -n shop -o jsonpath='{.status.loadedWorkloads}')" = 1 ]
+}
+wait_for "the gateway's metrics to show the filter running" 30 istio_loaded
 echo
 kubectl get wf -n shop -o wide
+echo
+log "per workload, for the Istio gateway: read from its istio-agent's metrics"
+kubectl get wf add-header-istio -n shop -o jsonpath='{range .status.workloads[*]}{.name}{"\t"}Envoy {.envoyVersion} ({.versionSource}){"\t"}compatible={.compatible}{"\t"}loaded={.loaded}{"\n"}{end}'
+kubectl get wf add-header-istio -n shop -o jsonpath='{.status.conditions[?(@.type=="Loaded")].message}{"\n"}'
 log "done: the x-wasmfilter headers above were added by the Wasm filter; over ECDS it came inline, sha256-verified by the operator; through Istio the agent fetched it from the operator's cache, pinned by its sha256"
