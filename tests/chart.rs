@@ -58,6 +58,8 @@ fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
             "registry.caConfigMap=registry-ca",
             "--set",
             "grafanaDashboard.enabled=true",
+            "--set",
+            "istio.loadStatus=true",
         ],
         &["--set", "replicaCount=3"],
         &["--set", "replicaCount=2", "--set", "xds.enabled=true"],
@@ -196,6 +198,7 @@ fn wrong_values_are_refused_at_install_time_naming_the_value() {
             "'/cache/port': maximum: got 99,999, want 65,535",
         ),
         ("logFormat=xml", "'/logFormat'"),
+        ("istio.loadStatus=sometimes", "'/istio/loadStatus'"),
         ("watchNamespace=Not_A_Namespace", "'/watchNamespace'"),
         ("cache.persistence.size=lots", "'/cache/persistence/size'"),
         ("signatures.requireKeys=nope", "'/signatures/requireKeys'"),
@@ -228,6 +231,16 @@ fn defaults_point_the_operator_at_its_own_cache_service() {
         ),
         "{rendered}"
     );
+    // Reading Istio proxies' metrics is asked for, never assumed.
+    assert!(!rendered.contains("--istio-load-status"), "{rendered}");
+    let with = ok(helm(&[
+        "template",
+        "rel",
+        CHART,
+        "--set",
+        "istio.loadStatus=true",
+    ]));
+    assert!(with.contains("- --istio-load-status\n"), "{with}");
     // The operator runs with the allocator settings its image sets, whatever the image.
     for (k, v) in DEPLOYED_ENV {
         assert!(
