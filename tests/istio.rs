@@ -25,6 +25,27 @@ async fn wait_headers(gw: &IstioProxy, what: &str, expected: &[&str]) {
     .await;
 }
 
+/// Like [`wait_headers`], the filter answering with the configuration `config` too.
+async fn wait_configured(gw: &IstioProxy, what: &str, expected: &[&str], config: &str) {
+    gw.wait_for_answer(what, |status, headers, _| {
+        status == 200
+            && filter_headers(headers) == expected
+            && headers
+                .get("x-wasmfilter-config")
+                .is_some_and(|v| v == config)
+    })
+    .await;
+}
+
+/// Whether the filter `name` has no child of `kind`.
+async fn no_child(client: &kube::Client, ns: &str, kind: &str, name: &str) -> bool {
+    child_api(client, ns, kind)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .is_none()
+}
+
 #[tokio::test]
 async fn a_wasm_plugin_reaches_a_gateway_through_istiod_and_follows_config_and_image_changes() {
     let env = env();
@@ -40,16 +61,9 @@ async fn a_wasm_plugin_reaches_a_gateway_through_istiod_and_follows_config_and_i
         .app("gw")
         .config(json!({"greeting": "hello"}))
         .apply();
-    let (_, headers, body) = gw
-        .wait_for_answer("the filter's header", |status, headers, _| {
-            status == 200 && filter_headers(headers) == ["v1"]
-        })
-        .await;
-    assert_eq!(body, "hello", "the backend still answers");
-    assert_eq!(
-        headers["x-wasmfilter-config"], r#"{"greeting":"hello"}"#,
-        "the plugin got the WasmFilter's config"
-    );
+    // The plugin runs with the WasmFilter's config, in front of the backend.
+    wait_configured(&gw, "the filter", &["v1"], r#"{"greeting":"hello"}"#).await;
+    assert_eq!(gw.get("/").await.unwrap().2, "hello");
     // The agent fetched it from the operator's cache and gave Envoy a local file: the module
     // Envoy runs is the one the operator verified.
     let wp = child_api(&client, n, "WasmPlugin")
@@ -65,13 +79,7 @@ async fn a_wasm_plugin_reaches_a_gateway_through_istiod_and_follows_config_and_i
         .app("gw")
         .config(json!({"greeting": "bonjour"}))
         .apply();
-    gw.wait_for_answer("the new config", |status, headers, _| {
-        status == 200
-            && headers
-                .get("x-wasmfilter-config")
-                .is_some_and(|v| v == r#"{"greeting":"bonjour"}"#)
-    })
-    .await;
+    wait_configured(&gw, "the new config", &["v1"], r#"{"greeting":"bonjour"}"#).await;
 
     // An image change is live: the gateway runs the new module.
     let v2 = format!("{}/istio/{n}:v2", env.registry);
@@ -151,13 +159,7 @@ async fn failure_policy_decides_what_the_gateway_does_when_the_module_cannot_be_
     let client = client().await;
     wait_condition(&client, n, "f", "Ready", "True").await;
     // Fail open: traffic passes without the filter.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        let (status, headers, body) = gw.get("/").await.unwrap();
-        assert_eq!((status, body.as_str()), (200, "hello"));
-        assert!(filter_headers(&headers).is_empty());
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    gw.keeps_answering(10, &[]).await;
     assert!(
         gw.logs().contains("cannot fetch Wasm module"),
         "the agent tried and failed:\n{}",
@@ -271,13 +273,7 @@ async fn an_envoy_filter_target_runs_through_istiod_from_the_cache_service() {
     );
     let listeners = gw.config_dump("dynamic_listeners").await.to_string();
     assert!(listeners.contains(&cluster), "{listeners}");
-    assert!(
-        child_api(&client, n, "WasmPlugin")
-            .get_opt("hdr")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(no_child(&client, n, "WasmPlugin", "hdr").await);
 }
 
 #[tokio::test]
@@ -383,13 +379,12 @@ async fn traffic_extension_and_auto_targets_reach_the_gateway_through_istiod() {
         .target(Target::TrafficExtension)
         .config(json!({"greeting": "te"}))
         .apply();
-    gw.wait_for_answer("the TrafficExtension's filter", |status, headers, _| {
-        status == 200
-            && filter_headers(headers) == ["te"]
-            && headers
-                .get("x-wasmfilter-config")
-                .is_some_and(|v| v == r#"{"greeting":"te"}"#)
-    })
+    wait_configured(
+        &gw,
+        "the TrafficExtension's filter",
+        &["te"],
+        r#"{"greeting":"te"}"#,
+    )
     .await;
     let te = child_api(&client, n, "TrafficExtension")
         .get("hdr")
@@ -415,21 +410,8 @@ async fn traffic_extension_and_auto_targets_reach_the_gateway_through_istiod() {
         .target(Target::Auto)
         .config(json!({"greeting": "auto"}))
         .apply();
-    gw.wait_for_answer("Auto's filter", |status, headers, _| {
-        status == 200
-            && filter_headers(headers) == ["te"]
-            && headers
-                .get("x-wasmfilter-config")
-                .is_some_and(|v| v == r#"{"greeting":"auto"}"#)
-    })
-    .await;
-    assert!(
-        child_api(&client, n, "WasmPlugin")
-            .get_opt("hdr")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    wait_configured(&gw, "Auto's filter", &["te"], r#"{"greeting":"auto"}"#).await;
+    assert!(no_child(&client, n, "WasmPlugin", "hdr").await);
 
     // Back to a WasmPlugin: the TrafficExtension goes, the filter stays in the gateway, once.
     Filter::new(n, "hdr", &image)
@@ -437,21 +419,14 @@ async fn traffic_extension_and_auto_targets_reach_the_gateway_through_istiod() {
         .target(Target::WasmPlugin)
         .config(json!({"greeting": "wp"}))
         .apply();
-    gw.wait_for_answer("the WasmPlugin's filter alone", |status, headers, _| {
-        status == 200
-            && filter_headers(headers) == ["te"]
-            && headers
-                .get("x-wasmfilter-config")
-                .is_some_and(|v| v == r#"{"greeting":"wp"}"#)
-    })
+    wait_configured(
+        &gw,
+        "the WasmPlugin's filter alone",
+        &["te"],
+        r#"{"greeting":"wp"}"#,
+    )
     .await;
-    assert!(
-        child_api(&client, n, "TrafficExtension")
-            .get_opt("hdr")
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(no_child(&client, n, "TrafficExtension", "hdr").await);
 }
 
 #[tokio::test]
@@ -488,13 +463,7 @@ async fn a_sidecar_runs_server_mode_filters_on_inbound_traffic_and_not_client_mo
     let client = client().await;
     wait_condition(&client, n, "outbound", "Ready", "True").await;
     // The CLIENT one was deployed too, and stays off the inbound listener.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        let (status, headers, _) = app.get("/").await.unwrap();
-        assert_eq!(status, 200);
-        assert_eq!(filter_headers(&headers), ["in"]);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    app.keeps_answering(5, &["in"]).await;
 }
 
 #[tokio::test]
@@ -552,15 +521,7 @@ async fn a_module_the_gateways_envoy_would_refuse_never_reaches_istio() {
         .await
         .unwrap();
     assert_eq!(wp.data["spec"]["sha256"], pinned);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        let (status, headers, _) = gw.get("/").await.unwrap();
-        assert_eq!(
-            (status, filter_headers(&headers)),
-            (200, vec!["ok".to_string()])
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    gw.keeps_answering(5, &["ok"]).await;
 
     // What the check spared it: the same module put in a WasmPlugin by hand (from the
     // operator's cache, which verified it) is refused by this Envoy for that very import.

@@ -80,13 +80,7 @@ pub fn compatibility(workloads: &[WorkloadStatus], total: usize) -> Cond {
             w.reasons.first().map(String::as_str).unwrap_or("")
         )
     };
-    let list = |ws: Vec<&WorkloadStatus>| {
-        let mut parts: Vec<String> = ws.iter().take(3).map(|w| describe(w)).collect();
-        if ws.len() > 3 {
-            parts.push(format!("and {} more", ws.len() - 3));
-        }
-        parts.join("; ")
-    };
+    let list = |ws: Vec<&WorkloadStatus>| first_three(ws.into_iter().map(describe).collect());
     let refusing: Vec<_> = workloads
         .iter()
         .filter(|w| w.compatible == Some(false))
@@ -185,6 +179,16 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
         }),
         preflight_passed: a.preflight_passed.clone(),
     }
+}
+
+/// The first three of `items` joined with `; `, and how many more there are.
+fn first_three(items: Vec<String>) -> String {
+    let more = items.len().saturating_sub(3);
+    let mut parts: Vec<String> = items.into_iter().take(3).collect();
+    if more > 0 {
+        parts.push(format!("and {more} more"));
+    }
+    parts.join("; ")
 }
 
 /// What `Deployed` calls an ECDS deployment.
@@ -392,14 +396,12 @@ pub fn loaded(
             .map(|(_, r, _)| *r)
             .find(|r| *r == reason::LOAD_FAILED)
             .unwrap_or(failed[0].1);
-        let mut parts: Vec<String> = failed
-            .iter()
-            .take(3)
-            .map(|(pod, _, e)| format!("{pod}: {e}"))
-            .collect();
-        if failed.len() > 3 {
-            parts.push(format!("and {} more", failed.len() - 3));
-        }
+        let parts = first_three(
+            failed
+                .iter()
+                .map(|(pod, _, e)| format!("{pod}: {e}"))
+                .collect(),
+        );
         let kept = if why == reason::LOAD_FAILED {
             " (a proxy that refused it keeps the config it had)"
         } else {
@@ -410,9 +412,8 @@ pub fn loaded(
             false,
             why,
             format!(
-                "{} of {sent} connected proxies did not load module sha256:{module}{kept}: {}{skipped}",
+                "{} of {sent} connected proxies did not load module sha256:{module}{kept}: {parts}{skipped}",
                 failed.len(),
-                parts.join("; ")
             ),
         )
     } else if pending > 0 {
@@ -481,18 +482,14 @@ pub fn istio_loaded(
     };
     let cond = if !refused.is_empty() {
         let n = refused.len();
-        let mut parts: Vec<String> = refused.into_iter().take(3).collect();
-        if n > 3 {
-            parts.push(format!("and {} more", n - 3));
-        }
+        let parts = first_three(refused);
         Cond::new(
             condition::LOADED,
             false,
             reason::LOAD_FAILED,
             format!(
                 "{n} of {read} Istio proxies run no Wasm plugin for this filter (module \
-                 sha256:{module} deployed): {}{unread}",
-                parts.join("; ")
+                 sha256:{module} deployed): {parts}{unread}"
             ),
         )
     } else if waiting > 0 {

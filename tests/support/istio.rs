@@ -185,6 +185,18 @@ impl IstioProxy {
         }
     }
 
+    /// Asserts that every request through the gateway for `secs` seconds (one every half
+    /// second) gets status 200 and exactly the filter headers `expected`.
+    pub async fn keeps_answering(&self, secs: u64, expected: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            let (status, headers, body) = self.get("/").await.unwrap();
+            assert_eq!((status, body.as_str()), (200, "hello"));
+            assert_eq!(filter_headers(&headers), expected);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Envoy's config dump for one resource type (`dynamic_listeners`, `ecds_filters`, ...);
     /// `Null` while Envoy has none of that type (it answers with a line of text then).
     pub async fn config_dump(&self, resource: &str) -> Value {
