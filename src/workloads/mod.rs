@@ -310,6 +310,17 @@ mod tests {
     }
 
     #[test]
+    fn an_istio_proxys_metrics_are_at_its_ip_on_15020_or_the_annotated_port() {
+        let p = pod("metadata: {name: a}\nstatus: {podIP: 10.0.0.7}");
+        assert_eq!((p.ip.as_deref(), p.status_port), (Some("10.0.0.7"), 15020));
+        let p = pod("metadata: {name: a, annotations: {status.sidecar.istio.io/port: \"15021\"}}");
+        assert_eq!((p.ip, p.status_port), (None, 15021));
+        // Not a port: Istio's default.
+        let p = pod("metadata: {name: a, annotations: {status.sidecar.istio.io/port: nope}}");
+        assert_eq!(p.status_port, 15020);
+    }
+
+    #[test]
     fn the_annotation_wins() {
         let p = pod(
             "metadata: {name: a, annotations: {wasmfilter.dev/envoy-version: v1.38.3}}\n\
