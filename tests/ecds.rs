@@ -341,8 +341,10 @@ async fn deleted_filters_unknown_pods_and_proxies_that_do_not_subscribe() {
     for e in [&sotw, &delta, &fallback] {
         e.wait_header("x-wasmfilter", Some("on"), 200).await;
     }
+    // (Two proxies do not subscribe: "drops" may be the first one heard of.)
     let wf = wait_status(&client, n, "hdr", "the unsubscribed proxy reported", |wf| {
         cond_is(wf, "Loaded", "False", "NotSubscribed")
+            && workload(wf, "elsewhere").is_some_and(|w| w.loaded.is_some())
     })
     .await;
     let w = workload(&wf, "elsewhere").unwrap();

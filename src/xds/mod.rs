@@ -484,7 +484,13 @@ impl Xds {
             return None;
         }
         let Some(st) = streams.iter().find(|st| st.subscribed.contains(name)) else {
-            return Some(Load::NotSubscribed);
+            // Not subscribed: only once the Envoy said what it subscribes to. A stream that
+            // asked for nothing yet (its listeners are still being built) may still ask.
+            return Some(if streams.iter().all(|st| st.subscribed.is_empty()) {
+                Load::Pending
+            } else {
+                Load::NotSubscribed
+            });
         };
         let is_current = |v: &str| v.split('-').next() == Some(current);
         Some(match st.reports.get(name) {
@@ -596,11 +602,15 @@ mod tests {
         );
         let n = node(Some(("shop", "p")), "1.40.0");
         let id = xds.open_stream(n.clone());
+        // Connected, asking for nothing yet: it may still ask.
+        assert_eq!(xds.load("shop/f", "shop", "p", "x"), Some(Load::Pending));
+        assert_eq!(xds.load("shop/f", "shop", "q", "x"), None);
+        // Asking for other filters only: it does not subscribe to this one.
+        xds.set_subscriptions(id, ["shop/other".to_string()].into());
         assert_eq!(
             xds.load("shop/f", "shop", "p", "x"),
             Some(Load::NotSubscribed)
         );
-        assert_eq!(xds.load("shop/f", "shop", "q", "x"), None);
         xds.set_subscriptions(id, ["shop/f".to_string()].into());
         let Decision::Send { version, .. } = xds.decide(&n, "shop/f") else {
             panic!()
