@@ -158,8 +158,7 @@ async fn istio_loads(
         .buffered(ISTIO_METRICS_CONCURRENCY)
         .collect()
         .await;
-    let short = &module_sha256[..12.min(module_sha256.len())];
-    status::istio_loaded(workloads, &loads, short)
+    status::istio_loaded(workloads, &loads, status::short(module_sha256))
 }
 
 /// Whether a child of another kind than the target may exist. Not for a filter without any
@@ -269,7 +268,7 @@ async fn serve_ecds(
             .iter()
             .map(|w| xds.load(&name, ns, &w.name, &current))
             .collect();
-        let loaded = status::loaded(workloads, &loads, &name, &sha[..12.min(sha.len())]);
+        let loaded = status::loaded(workloads, &loads, &name, status::short(sha));
         return Ok(Ecds {
             loaded,
             rollout: None,
@@ -347,13 +346,11 @@ async fn serve_ecds(
     let module = match (&plan.phase, &plan.stable) {
         (Phase::Stepping { .. }, Some(stable)) => format!(
             "{} (candidate) or sha256:{} (stable)",
-            &sha[..12.min(sha.len())],
-            &stable.module_sha256[..12.min(stable.module_sha256.len())]
+            status::short(sha),
+            status::short(&stable.module_sha256)
         ),
-        (Phase::RolledBack, Some(stable)) => {
-            stable.module_sha256[..12.min(stable.module_sha256.len())].to_string()
-        }
-        _ => sha[..12.min(sha.len())].to_string(),
+        (Phase::RolledBack, Some(stable)) => status::short(&stable.module_sha256).to_string(),
+        _ => status::short(sha).to_string(),
     };
     let loaded = status::loaded(workloads, &loads, &name, &module);
     let describe = rollout::describe(spec_rollout, &plan, pods.len());

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use super::status::short;
 use crate::api::{Revision, RolledBack, Rollout, RolloutStatus, WasmFilterSpec};
 use crate::oci::Artifact;
 use crate::render::ecds;
@@ -378,10 +379,6 @@ pub fn describe(rollout: &Rollout, plan: &Plan, pods: usize) -> String {
             plan.stable.as_ref().map_or("", |s| short(&s.module_sha256)),
         ),
     }
-}
-
-fn short(sha: &str) -> &str {
-    &sha[..12.min(sha.len())]
 }
 
 #[cfg(test)]

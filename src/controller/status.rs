@@ -181,6 +181,11 @@ pub fn artifact_status(a: &Artifact) -> ArtifactStatus {
     }
 }
 
+/// The first 12 hex characters of a sha256, as status and Events show it.
+pub(super) fn short(sha: &str) -> &str {
+    &sha[..12.min(sha.len())]
+}
+
 /// The first three of `items` joined with `; `, and how many more there are.
 fn first_three(items: Vec<String>) -> String {
     let more = items.len().saturating_sub(3);
@@ -220,7 +225,7 @@ pub fn ready(
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    let short = &artifact.module_sha256[..12.min(artifact.module_sha256.len())];
+    let short = short(&artifact.module_sha256);
     let mut deployed = format!(
         "{child_kind} {} points at module sha256:{short}",
         wf.metadata.name.as_deref().unwrap_or_default()
@@ -663,7 +668,7 @@ fn not_ready(wf: &WasmFilter, failure: NotReady<'_>) -> WasmFilterStatus {
     let kept = old.artifact.as_ref().map(|a| {
         format!(
             "the previous module sha256:{} ({}) stays deployed",
-            &a.module_sha256[..12.min(a.module_sha256.len())],
+            short(&a.module_sha256),
             a.image
         )
     });
