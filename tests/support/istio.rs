@@ -214,19 +214,9 @@ impl IstioProxy {
 
     /// One of Envoy's counters, 0 when it does not exist.
     pub async fn stat(&self, name: &str) -> u64 {
-        let text = reqwest::get(format!(
-            "http://127.0.0.1:{}/stats?filter=^{}$",
-            self.admin,
-            regex::escape(name)
-        ))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map_or(0, |v| v.trim().parse().unwrap())
+        admin_stat(self.admin, name)
+            .await
+            .unwrap_or_else(|| panic!("envoy admin unreachable:\n{}", self.logs()))
     }
 }
 

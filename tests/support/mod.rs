@@ -1204,18 +1204,7 @@ impl Envoy {
 
     /// Like [`Envoy::stat`]; `None` while the admin port does not answer.
     pub async fn try_stat(&self, name: &str) -> Option<u64> {
-        let url = format!(
-            "http://127.0.0.1:{}/stats?filter=^{}$",
-            self.admin_port,
-            name.replace('.', "\\.")
-        );
-        let body = reqwest::get(url).await.ok()?.text().await.ok()?;
-        Some(
-            body.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0),
-        )
+        admin_stat(self.admin_port, name).await
     }
 
     /// Kills it, as a crash or a node loss would.
@@ -1223,6 +1212,22 @@ impl Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One of the counters of the Envoy whose admin port is `admin_port` (0 when it does not
+/// exist); `None` while the admin port does not answer.
+pub async fn admin_stat(admin_port: u16, name: &str) -> Option<u64> {
+    let url = format!(
+        "http://127.0.0.1:{admin_port}/stats?filter=^{}$",
+        regex::escape(name)
+    );
+    let body = reqwest::get(url).await.ok()?.text().await.ok()?;
+    Some(
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0),
+    )
 }
 
 /// A pod object (no kubelet runs it) labelled `app`, whose container image names an Envoy.
