@@ -11,8 +11,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
@@ -30,6 +31,8 @@ pub struct Config {
     /// Where this replica serves ECDS for the others to relay to, written on the Lease while
     /// it leads.
     pub xds_address: Option<String>,
+    /// What owns the Lease (the operator's Deployment), so it goes when the install goes.
+    pub owner: Option<OwnerReference>,
 }
 
 impl Config {
@@ -239,6 +242,7 @@ impl Elector {
                             .xds_address
                             .as_ref()
                             .map(|a| [(ANNOTATION_XDS_ADDRESS.to_string(), a.clone())].into()),
+                        owner_references: self.config.owner.clone().map(|o| vec![o]),
                         ..ObjectMeta::default()
                     },
                     spec: Some(LeaseSpec {
@@ -272,6 +276,7 @@ impl Elector {
                 spec.lease_duration_seconds = Some(self.config.duration_seconds());
                 lease.spec = Some(spec);
                 set_xds_address(&mut lease, self.config.xds_address.as_deref());
+                set_owner(&mut lease, self.config.owner.as_ref());
                 match self.api.replace(name, &PostParams::default(), &lease).await {
                     Ok(_) => Ok(true),
                     // Someone else wrote it since this replica read it.
@@ -315,6 +320,49 @@ impl Elector {
     }
 }
 
+/// Adds the owner to the Lease's owner references, once (a Lease an older version created
+/// gains it at the next renewal).
+fn set_owner(lease: &mut Lease, owner: Option<&OwnerReference>) {
+    let Some(owner) = owner else { return };
+    let owners = lease.metadata.owner_references.get_or_insert_default();
+    if !owners.iter().any(|o| o.uid == owner.uid) {
+        owners.push(owner.clone());
+    }
+}
+
+/// The owner reference for the Deployment `name` in `namespace`, so the garbage collector
+/// deletes the Lease with it (`helm uninstall`, `kubectl delete -k`). None, with a warning,
+/// when it cannot be read: leading does not depend on it.
+pub async fn deployment_owner(
+    client: kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Option<OwnerReference> {
+    let api: Api<Deployment> = Api::namespaced(client, namespace);
+    let read = tokio::time::timeout(Duration::from_secs(10), api.get(name)).await;
+    match read {
+        Ok(Ok(deployment)) => Some(OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: name.to_string(),
+            uid: deployment.metadata.uid.unwrap_or_default(),
+            ..OwnerReference::default()
+        })
+        .filter(|o| !o.uid.is_empty()),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, deployment = name, "cannot read the operator's Deployment: the leader Lease will outlive it");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                deployment = name,
+                "reading the operator's Deployment timed out: the leader Lease will outlive it"
+            );
+            None
+        }
+    }
+}
+
 /// Says on the Lease where its holder serves ECDS (or, with `None`, that nobody does).
 fn set_xds_address(lease: &mut Lease, address: Option<&str>) {
     let annotations = lease.metadata.annotations.get_or_insert_default();
@@ -331,6 +379,31 @@ fn set_xds_address(lease: &mut Lease, address: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_owner_is_added_once_beside_other_owners() {
+        let owner = |uid: &str| OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "op".into(),
+            uid: uid.into(),
+            ..OwnerReference::default()
+        };
+        let mut lease = Lease::default();
+        set_owner(&mut lease, None);
+        assert_eq!(lease.metadata.owner_references, None);
+        lease.metadata.owner_references = Some(vec![owner("other")]);
+        set_owner(&mut lease, Some(&owner("u1")));
+        set_owner(&mut lease, Some(&owner("u1")));
+        let uids: Vec<_> = lease
+            .metadata
+            .owner_references
+            .unwrap()
+            .into_iter()
+            .map(|o| o.uid)
+            .collect();
+        assert_eq!(uids, ["other", "u1"]);
+    }
 
     fn held_by(holder: Option<&str>, secs: i32) -> LeaseSpec {
         LeaseSpec {
@@ -391,6 +464,7 @@ mod tests {
             identity: "a".into(),
             duration: Duration::from_secs(15),
             xds_address: None,
+            owner: None,
         };
         assert!(c.renew_deadline() + c.retry_period() < c.duration);
         assert_eq!(c.duration_seconds(), 15);

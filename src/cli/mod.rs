@@ -413,6 +413,10 @@ pub struct OperatorArgs {
     /// Name of the leader Lease.
     #[arg(long, default_value = "wasmfilter-operator")]
     pub leader_election_lease: String,
+    /// The operator's Deployment (in the Lease's namespace): the Lease names it as its owner, so
+    /// deleting the install deletes the Lease too. Needs `get` on that Deployment.
+    #[arg(long, value_name = "NAME", requires = "leader_elect")]
+    pub lease_owner_deployment: Option<String>,
     /// Seconds a leader Lease stays valid after its last renewal: how long a dead leader's
     /// replicas wait before one takes over. The leader renews every fifth of it and gives up
     /// leading after two thirds without a renewal.
@@ -688,6 +692,10 @@ async fn run_operator(
     let resolver = Resolver::new(registry_config)?;
     let election = match (args.leader_elect, args.leader_election_namespace) {
         (true, Some(namespace)) => Some(leader::Config {
+            owner: match &args.lease_owner_deployment {
+                Some(name) => leader::deployment_owner(client.clone(), &namespace, name).await,
+                None => None,
+            },
             namespace,
             name: args.leader_election_lease.clone(),
             identity: args
