@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The local test environment: etcd, kube-apiserver and kube-controller-manager (garbage collector,
 # namespaces, service accounts) with Istio's and our CRDs, a real OCI registry and a real istiod
-# (pilot-discovery; WASMFILTER_ISTIOD=0 leaves it out), all on 127.0.0.1. No kubelet: tests
-# create pods as API objects, and run Istio gateway proxies with e2e/istio-proxy.sh.
+# (pilot-discovery; WASMFILTER_ISTIOD=0 leaves it out), all on 127.0.0.1. Without --node there
+# is no kubelet: tests create pods as API objects, and run Istio gateway proxies with
+# e2e/istio-proxy.sh. With --node (root only) a one-node cluster runs pods for real: containerd,
+# the kubelet, kube-scheduler, kube-proxy and the controllers pods need (see e2e/lib/node.sh).
 #
-#   e2e/env.sh up     start it (or reuse a healthy one) and print the env file to source
-#   e2e/env.sh down   stop it and delete its state
+#   e2e/env.sh up [--node]   start it (or reuse a healthy one) and print the env file to source
+#   e2e/env.sh down          stop it, delete its state and undo the node's host changes
 #
 # State lives in $WASMFILTER_ENV_DIR (default target/e2e-env); its `env` file exports
 # KUBECONFIG, WASMFILTER_REGISTRY, WASMFILTER_ENVOY_DIR and a PATH with kubectl.
 source "$(dirname "$0")/lib/common.sh"
+source "$(dirname "$0")/lib/node.sh"
 
 ENV_DIR=${WASMFILTER_ENV_DIR:-$ROOT/target/e2e-env}
 
@@ -37,7 +40,9 @@ healthy() {
   # shellcheck disable=SC1091
   ( source "$ENV_DIR/env" && kubectl get --raw /readyz >/dev/null 2>&1 \
       && curl -fsS "http://$WASMFILTER_REGISTRY/v2/" >/dev/null 2>&1 \
-      && { [ -z "${WASMFILTER_ISTIOD_HTTP:-}" ] || curl -fsS "http://$WASMFILTER_ISTIOD_HTTP/ready" >/dev/null 2>&1; } )
+      && { [ -z "${WASMFILTER_ISTIOD_HTTP:-}" ] || curl -fsS "http://$WASMFILTER_ISTIOD_HTTP/ready" >/dev/null 2>&1; } \
+      && { [ "$NODE" = 0 ] || { [ "${WASMFILTER_NODE:-0}" = 1 ] \
+             && kubectl wait --for condition=Ready --timeout 5s node/localhost >/dev/null 2>&1; }; } )
 }
 
 start() { # start NAME CMD...: runs CMD in the background, logging to $ENV_DIR/logs/NAME.log
@@ -61,7 +66,8 @@ pki() {
     openssl x509 -req -in "$d/$1.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
       -days 30 -extfile "$ext" -out "$d/$1.crt" 2>/dev/null
   }
-  cert apiserver kube-apiserver "" "IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc"
+  # 10.96.0.1: the `kubernetes` Service, how pods on the test node reach the API server.
+  cert apiserver kube-apiserver "" "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert admin admin system:masters
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/sa.key" 2>/dev/null
   openssl pkey -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
@@ -97,9 +103,23 @@ up() {
   fi
   "$ROOT/e2e/setup.sh"
   stop_all
+  node_down
   rm -rf "$ENV_DIR"
   mkdir -p "$ENV_DIR"/{logs,pids,etcd,registry}
   pki
+  # Without a node: no service accounts are made, so their admission stays off (pods are API
+  # objects only). With one: the API server advertises the bridge address for the `kubernetes`
+  # Service, reaches the kubelet as `localhost`, and pods get their service account tokens.
+  local api_node_flags=(--advertise-address 127.0.0.1 --disable-admission-plugins ServiceAccount)
+  local controllers=garbagecollector,namespace
+  if [ "$NODE" = 1 ]; then
+    [ "$(id -u)" = 0 ] || die "--node needs root (a bridge, nftables, mounts)"
+    node_network_up
+    api_node_flags=(--advertise-address "$NODE_HOST_IP"
+      --kubelet-client-certificate "$ENV_DIR/pki/admin.crt" --kubelet-client-key "$ENV_DIR/pki/admin.key"
+      --kubelet-preferred-address-types Hostname)
+    controllers=$controllers,deployment,replicaset,serviceaccount,serviceaccount-token,root-ca-cert-publisher,endpointslice,nodelifecycle,podgc
+  fi
 
   local etcd_port peer_port api_port reg_port
   etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); reg_port=$(free_port)
@@ -115,21 +135,21 @@ up() {
   local d=$ENV_DIR/pki
   start kube-apiserver "$K8S_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address 127.0.0.1 "${api_node_flags[@]}" --secure-port "$api_port" \
     --tls-cert-file "$d/apiserver.crt" --tls-private-key-file "$d/apiserver.key" \
     --client-ca-file "$d/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$d/sa.pub" --service-account-signing-key-file "$d/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 --authorization-mode RBAC \
-    --disable-admission-plugins ServiceAccount \
     --enable-priority-and-fairness=false --profiling=false -v=1
   kubeconfig "$ENV_DIR/kubeconfig" "$api_port"
   wait_for kube-apiserver 90 "$K8S_BIN/kubectl" --kubeconfig "$ENV_DIR/kubeconfig" get --raw /readyz
 
-  log "starting kube-controller-manager (garbage collector, namespaces)"
+  log "starting kube-controller-manager ($controllers)"
   start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$ENV_DIR/kubeconfig" --secure-port 0 --leader-elect=false \
-    --controllers garbagecollector,namespace \
+    --controllers "$controllers" \
+    --service-account-private-key-file "$ENV_DIR/pki/sa.key" --root-ca-file "$ENV_DIR/pki/ca.crt" \
     --concurrent-gc-syncs 5 --namespace-sync-period 10s -v=1
 
   log "starting OCI registry (docker-registry) on 127.0.0.1:$reg_port"
@@ -144,6 +164,14 @@ http:
 RC
   start registry /usr/bin/docker-registry serve "$ENV_DIR/registry.yml"
   wait_for registry 30 curl -fsS "http://127.0.0.1:$reg_port/v2/"
+
+  local node_env=""
+  if [ "$NODE" = 1 ]; then
+    node_up "$api_port" "$reg_port"
+    node_env="export WASMFILTER_NODE=1
+export WASMFILTER_NODE_REGISTRY=$NODE_HOST_IP:$reg_port
+export WASMFILTER_NODE_TAINT=$NODE_TAINT"
+  fi
 
   log "installing Istio $ISTIO_API_VERSION CRDs, Argo CD's and Flux's (for gitops/), and the WasmFilter CRD"
   local kc=("$K8S_BIN/kubectl" --kubeconfig "$ENV_DIR/kubeconfig")
@@ -201,13 +229,16 @@ export WASMFILTER_KSTATUS=$KSTATUS_BIN/kstatus
 export WASMFILTER_FIXTURE_MODULES=$FIXTURE_MODULES
 export PATH=$K8S_BIN:\$PATH
 $istio_env
+$node_env
 ENV
   log "test environment up: source $ENV_DIR/env"
   echo "$ENV_DIR/env"
 }
 
+NODE=0
+[ "${2:-}" = --node ] && NODE=1
 case "${1:-}" in
   up) up ;;
-  down) stop_all; rm -rf "$ENV_DIR"; log "test environment stopped" ;;
-  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+  down) stop_all; node_down; rm -rf "$ENV_DIR"; log "test environment stopped" ;;
+  *) echo "usage: $0 up [--node] | down" >&2; exit 2 ;;
 esac

@@ -27,44 +27,20 @@ fi
 
 out="$ROOT/target/image"
 rm -rf "$out" && mkdir -p "$out/blobs/sha256"
-python3 - "$bin" "$out" "$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)" <<'PY'
-import gzip, hashlib, io, json, os, sys, tarfile
-
-binary, out, version = sys.argv[1], sys.argv[2], sys.argv[3]
-
-def add(tar, name, data=None, mode=0o755, kind=tarfile.REGTYPE):
-    info = tarfile.TarInfo(name)
-    info.mode, info.uid, info.gid, info.mtime, info.type = mode, 0, 0, 0, kind
-    if data is not None:
-        info.size = len(data)
-    tar.addfile(info, io.BytesIO(data) if data is not None else None)
-
-raw = io.BytesIO()
-with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-    for d in ["etc", "etc/ssl", "etc/ssl/certs"]:
-        add(tar, d, kind=tarfile.DIRTYPE)
-    with open("/etc/ssl/certs/ca-certificates.crt", "rb") as f:
-        add(tar, "etc/ssl/certs/ca-certificates.crt", f.read(), 0o644)
-    # Who 65532 is, for tools that look the user up; no login, no shell.
-    add(tar, "etc/passwd", b"nonroot:x:65532:65532:nonroot:/nonexistent:/sbin/nologin\n", 0o644)
-    add(tar, "etc/group", b"nonroot:x:65532:\n", 0o644)
-    with open(binary, "rb") as f:
-        add(tar, "wasmfilter", f.read(), 0o755)
-layer_tar = raw.getvalue()
-gz = io.BytesIO()
-with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0) as g:
-    g.write(layer_tar)
-layer = gz.getvalue()
-
-def blob(data):
-    digest = hashlib.sha256(data).hexdigest()
-    with open(os.path.join(out, "blobs", "sha256", digest), "wb") as f:
-        f.write(data)
-    return "sha256:" + digest
-
-config = {
-    "architecture": "amd64",
-    "os": "linux",
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+python3 "$ROOT/e2e/lib/image.py" "$out" "$(python3 - "$bin" "$version" <<'PY'
+import json, sys
+binary, version = sys.argv[1], sys.argv[2]
+print(json.dumps({
+    "ref_name": version,
+    "dirs": ["etc", "etc/ssl", "etc/ssl/certs"],
+    "files": [
+        {"dest": "etc/ssl/certs/ca-certificates.crt", "src": "/etc/ssl/certs/ca-certificates.crt", "mode": 0o644},
+        # Who 65532 is, for tools that look the user up; no login, no shell.
+        {"dest": "etc/passwd", "text": "nonroot:x:65532:65532:nonroot:/nonexistent:/sbin/nologin\n", "mode": 0o644},
+        {"dest": "etc/group", "text": "nonroot:x:65532:\n", "mode": 0o644},
+        {"dest": "wasmfilter", "src": binary, "mode": 0o755},
+    ],
     "config": {
         "User": "65532:65532",
         "Entrypoint": ["/wasmfilter"],
@@ -77,29 +53,9 @@ config = {
             "org.opencontainers.image.version": version,
         },
     },
-    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar).hexdigest()]},
-    "history": [{"created_by": "e2e/image.sh (see Containerfile)"}],
-}
-config_bytes = json.dumps(config, sort_keys=True).encode()
-manifest = {
-    "schemaVersion": 2,
-    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-               "digest": blob(config_bytes), "size": len(config_bytes)},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": blob(layer), "size": len(layer)}],
-}
-manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
-digest = blob(manifest_bytes)
-with open(os.path.join(out, "index.json"), "w") as f:
-    json.dump({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": digest, "size": len(manifest_bytes),
-        "annotations": {"org.opencontainers.image.ref.name": version}}]}, f)
-with open(os.path.join(out, "oci-layout"), "w") as f:
-    json.dump({"imageLayoutVersion": "1.0.0"}, f)
-print(digest)
+}))
 PY
+)"
 log "OCI image layout in $out ($(du -sh "$out" | cut -f1))"
 
 if [ -n "$ref" ]; then

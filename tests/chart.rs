@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use kube::Api;
@@ -14,23 +14,6 @@ use support::*;
 use wasmfilter::api::WasmFilter;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/wasmfilter-operator");
-
-fn helm(args: &[&str]) -> Output {
-    let bin = std::env::var("WASMFILTER_HELM").expect("WASMFILTER_HELM (set by e2e/env.sh)");
-    let home = std::env::temp_dir().join("wasmfilter-helm-home");
-    Command::new(bin)
-        .args(args)
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    stdout(&out)
-}
 
 #[test]
 fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {

@@ -38,6 +38,11 @@ COSIGN_BIN="$WASMFILTER_CACHE/bin/cosign-$COSIGN_VERSION-$(sha256sum "$ROOT/e2e/
 # proxy serves here), and the Envoy release that Istio minor is built on.
 ISTIO_BIN="$WASMFILTER_CACHE/bin/istio-$(sha256sum "$ROOT/e2e/tools/istio/go.sum" | cut -c1-12)"
 ISTIO_ENVOY_VERSION=1.39.3
+# CoreDNS, the test node's cluster DNS, built from the module pinned in e2e/tools/coredns.
+COREDNS_VERSION=v1.15.0
+COREDNS_BIN="$WASMFILTER_CACHE/bin/coredns-$COREDNS_VERSION-$(sha256sum "$ROOT/e2e/tools/coredns/go.sum" | cut -c1-12)"
+# The test node's pod sandbox ("pause") process, built from e2e/tools/pause.
+PAUSE_BIN="$WASMFILTER_CACHE/bin/pause-$(cat "$ROOT"/e2e/tools/pause/{go.mod,main.go} | sha256sum | cut -c1-12)"
 # kstatus (sigs.k8s.io/cli-utils), as Flux reads status, built from e2e/tools/kstatus.
 KSTATUS_BIN="$WASMFILTER_CACHE/bin/kstatus-$(cat "$ROOT"/e2e/tools/kstatus/{go.sum,main.go} | sha256sum | cut -c1-12)"
 

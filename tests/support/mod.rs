@@ -60,6 +60,24 @@ pub fn env() -> Env {
     }
 }
 
+/// The test node (`e2e/env.sh up --node`): where its pods reach the registry, and the taint a
+/// pod tolerates to be scheduled there (pods of other tests are API objects only).
+pub struct TestNode {
+    pub registry: String,
+    pub taint: String,
+}
+
+/// The test node, if the environment has one.
+pub fn test_node() -> Option<TestNode> {
+    if std::env::var("WASMFILTER_NODE").ok()? != "1" {
+        return None;
+    }
+    Some(TestNode {
+        registry: std::env::var("WASMFILTER_NODE_REGISTRY").ok()?,
+        taint: std::env::var("WASMFILTER_NODE_TAINT").ok()?,
+    })
+}
+
 impl Env {
     /// Where the test registry stores the blob `sha256` (hex) on disk.
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
@@ -115,6 +133,25 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The real `helm` CLI (built by e2e/setup.sh), with its own config, cache and data directories.
+pub fn helm(args: &[&str]) -> Output {
+    let bin = std::env::var("WASMFILTER_HELM").expect("WASMFILTER_HELM (set by e2e/env.sh)");
+    let home = std::env::temp_dir().join("wasmfilter-helm-home");
+    Command::new(bin)
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .unwrap()
+}
+
+/// A command's stdout, after asserting it succeeded (its output in the failure otherwise).
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    stdout(&out)
+}
+
 /// A namespace of one test's own, deleted when the test ends.
 pub struct TestNamespace {
     pub name: String,
@@ -126,6 +163,21 @@ impl TestNamespace {
         let name = format!("{prefix}-{:08x}", fastrand::u32(..));
         let out = kubectl(&["create", "namespace", &name]);
         assert!(out.status.success(), "create namespace: {}", stderr(&out));
+        if test_node().is_some() {
+            // With a node, service account admission is on: a pod is refused until the
+            // namespace's `default` ServiceAccount exists (made by the controller manager).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !kubectl(&["get", "serviceaccount", "default", "-n", &name])
+                .status
+                .success()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "no default ServiceAccount in {name} after 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         TestNamespace { name }
     }
 }
