@@ -209,11 +209,18 @@ MESH
         --grpcAddr "127.0.0.1:$xds_port" --httpAddr "127.0.0.1:$http_port" \
         --monitoringAddr "127.0.0.1:$mon_port" --secureGRPCAddr "" --httpsAddr "" --ctrlz_port 0
     wait_for istiod 60 curl -fsS "http://127.0.0.1:$http_port/ready"
+    local node_istiod=""
+    if [ "$NODE" = 1 ]; then
+      # Istio proxies in pods reach istiod's xDS at the bridge address, like the API server.
+      start bridge-istiod socat "TCP-LISTEN:$xds_port,bind=$NODE_HOST_IP,fork,reuseaddr" "TCP:127.0.0.1:$xds_port"
+      node_istiod="export WASMFILTER_NODE_ISTIOD=$NODE_HOST_IP:$xds_port"
+    fi
     istio_env="export WASMFILTER_ISTIOD_XDS=127.0.0.1:$xds_port
 export WASMFILTER_ISTIOD_HTTP=127.0.0.1:$http_port
 export WASMFILTER_ISTIO_BIN=$ISTIO_BIN
 export WASMFILTER_ISTIO_ENVOY=$WASMFILTER_CACHE/envoy/$ISTIO_ENVOY_VERSION/envoy
-export WASMFILTER_ISTIO_PROXY=$ROOT/e2e/istio-proxy.sh"
+export WASMFILTER_ISTIO_PROXY=$ROOT/e2e/istio-proxy.sh
+$node_istiod"
   fi
 
   cat >"$ENV_DIR/env" <<ENV

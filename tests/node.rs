@@ -432,19 +432,48 @@ async fn when_the_leader_pod_is_deleted_the_other_replica_takes_over() {
 
 /// An Envoy image (PyPI Envoy and the libraries it links, `e2e/envoy-image.sh`), pushed once.
 fn envoy_image(version: &str) -> String {
+    pushed_image(&format!("envoy:{version}"), &[version])
+}
+
+/// An Istio proxy image (the istio-agent and that Envoy, `e2e/envoy-image.sh --istio`).
+fn istio_proxy_image(version: &str) -> String {
+    pushed_image(&format!("istio-proxy:{version}"), &["--istio", version])
+}
+
+/// `e2e/envoy-image.sh ARGS` pushed as `name` in the test registry, once per test run.
+fn pushed_image(name: &str, args: &[&str]) -> String {
     static PUSHED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let image = format!("{}/wasmfilter-e2e/envoy:{version}", env().registry);
+    let image = format!("{}/wasmfilter-e2e/{name}", env().registry);
     let mut pushed = PUSHED.lock().unwrap_or_else(|p| p.into_inner());
     if !pushed.contains(&image) {
         ok(
             Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/envoy-image.sh"))
-                .args([version, &image])
+                .args(args)
+                .arg(&image)
                 .output()
                 .unwrap(),
         );
         pushed.push(image.clone());
     }
     image
+}
+
+/// Waits (bounded) until the pod `name` is Ready.
+async fn wait_pod_ready(client: &kube::Client, ns: &str, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let pod = pods.get(name).await.unwrap();
+        if is_ready(&pod) {
+            return pod;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pod {ns}/{name} is not Ready: {:#?}",
+            pod.status
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// An Envoy pod subscribed over ECDS to the operator inside the cluster, which it finds by the
@@ -525,20 +554,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     });
     apply_ok(&serde_json::to_string(&manifests).unwrap());
 
-    let pods: Api<Pod> = Api::namespaced(client.clone(), n);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let pod = loop {
-        let pod = pods.get("envoy-web").await.unwrap();
-        if is_ready(&pod) {
-            break pod;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the Envoy pod is not Ready: {:#?}",
-            pod.status
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let pod = wait_pod_ready(&client, n, "envoy-web").await;
     let ip = pod.status.unwrap().pod_ip.unwrap();
     let response = reqwest::get(format!("http://{ip}:10000/")).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -569,4 +585,139 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     assert_eq!(w.envoy_version.as_deref(), Some("1.39.3"), "{w:?}");
     assert_eq!(w.version_source, "xds-node", "{w:?}");
     assert_eq!(status.artifact.unwrap().module_sha256, sha);
+}
+
+/// An Istio gateway as users run one: a pod of the real istio-agent and Envoy (the image
+/// `e2e/envoy-image.sh --istio` builds), configured by the test environment's istiod. The
+/// operator, installed by the chart with `istio.loadStatus`, writes the WasmPlugin; the agent
+/// fetches the module from the operator's cache by its Service's DNS name; a request through
+/// the gateway pod shows the filter's header; and the operator reads the pod's own metrics at
+/// its pod IP to say the filter runs there.
+#[tokio::test]
+async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_it_loaded() {
+    let node = the_node();
+    let env = env();
+    let istiod = std::env::var("WASMFILTER_NODE_ISTIOD")
+        .expect("WASMFILTER_NODE_ISTIOD (e2e/env.sh up --node, with istiod)");
+    let client = client().await;
+    let ns = TestNamespace::new("node-istio");
+    let n = ns.name.as_str();
+    let release = format!("r{}", &n[n.len() - 8..]);
+    let release = release.as_str();
+    install(release, n, &["--set", "istio.loadStatus=true"]);
+
+    let module = module("node-istio");
+    let sha = wasmfilter::cache::sha256_hex(&module);
+    push_module(&format!("{}/node/{n}:v1", env.registry), module).await;
+    Filter::new(n, "hdr", &format!("{}/node/{n}:v1", node.registry))
+        .app("gw")
+        .apply();
+
+    let proxy_config = json!({
+        "binaryPath": "/usr/local/bin/envoy",
+        "configPath": "./etc/istio/proxy",
+        "discoveryAddress": istiod,
+        "controlPlaneAuthPolicy": "NONE",
+        "proxyAdminPort": 15000,
+        "statusPort": 15020,
+        "proxyBootstrapTemplatePath": "/var/lib/istio/envoy/envoy_bootstrap_tmpl.json",
+        "drainDuration": "1s",
+        "terminationDrainDuration": "1s",
+        "concurrency": 1,
+        "proxyStatsMatcher": {"inclusionPrefixes": ["extension_config_discovery", "wasm"]},
+    });
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let manifests = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "gw", "namespace": n},
+                "spec": {
+                    "selector": {"istio": "gw"},
+                    "servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"}, "hosts": ["*"]}],
+                },
+            },
+            {
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "VirtualService",
+                "metadata": {"name": "gw", "namespace": n},
+                "spec": {
+                    "hosts": ["*"],
+                    "gateways": ["gw"],
+                    "http": [{"directResponse": {"status": 200, "body": {"string": "hello"}}}],
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": "gw",
+                    "namespace": n,
+                    "labels": {"app": "gw", "istio": "gw"},
+                    // The Envoy in the image; the operator checks the module against it.
+                    "annotations": {"wasmfilter.dev/envoy-version": "1.39.3"},
+                },
+                "spec": {
+                    "tolerations": [{"key": node.taint, "operator": "Exists"}],
+                    "containers": [{
+                        "name": "istio-proxy",
+                        "image": istio_proxy_image("1.39.3"),
+                        "args": ["proxy", "router", "--proxyLogLevel", "warning"],
+                        // The agent keeps its sockets and Envoy's config under its working
+                        // directory, and downloaded modules in /var/lib/istio/data.
+                        "workingDir": "/home/istio-proxy",
+                        "env": [
+                            {"name": "PROXY_CONFIG", "value": proxy_config.to_string()},
+                            {"name": "FILE_MOUNTED_CERTS", "value": "true"},
+                            {"name": "ISTIO_METAJSON_LABELS", "value": r#"{"app":"gw","istio":"gw"}"#},
+                            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+                            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+                            {"name": "INSTANCE_IP", "valueFrom": field("status.podIP")},
+                        ],
+                        "ports": [{"containerPort": 8080}, {"containerPort": 15020}],
+                        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15020}, "periodSeconds": 1},
+                        "volumeMounts": [
+                            {"name": "home", "mountPath": "/home/istio-proxy"},
+                            {"name": "data", "mountPath": "/var/lib/istio/data"},
+                        ],
+                    }],
+                    "volumes": [{"name": "home", "emptyDir": {}}, {"name": "data", "emptyDir": {}}],
+                },
+            },
+        ],
+    });
+    apply_ok(&serde_json::to_string(&manifests).unwrap());
+    let pod = wait_pod_ready(&client, n, "gw").await;
+    let ip = pod.status.unwrap().pod_ip.unwrap();
+
+    let url = format!("http://{ip}:8080/");
+    let header = wait_for(
+        "the filter's header through the gateway pod",
+        Duration::from_secs(60),
+        || async {
+            let response = reqwest::get(&url).await.ok()?;
+            let value = response
+                .headers()
+                .get("x-wasmfilter")?
+                .to_str()
+                .ok()?
+                .to_string();
+            (response.status() == 200).then_some(value)
+        },
+    )
+    .await;
+    assert_eq!(header, "on");
+
+    let wf = wait_status(&client, n, "hdr", "the gateway pod runs the filter", |wf| {
+        wf.status.as_ref().is_some_and(|s| {
+            s.workloads
+                .iter()
+                .any(|w| w.name == "gw" && w.loaded == Some(true))
+        })
+    })
+    .await;
+    assert_eq!(wf.status.unwrap().artifact.unwrap().module_sha256, sha);
 }
