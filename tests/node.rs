@@ -479,7 +479,8 @@ async fn wait_pod_ready(client: &kube::Client, ns: &str, name: &str) -> Pod {
 /// An Envoy pod subscribed over ECDS to the operator inside the cluster, which it finds by the
 /// operator Service's DNS name (CoreDNS) and reaches through kube-proxy's rules: it loads the
 /// module, a request through the pod shows the filter's header, and the WasmFilter's status
-/// lists the real pod with the version its Envoy reported and its ACK.
+/// lists the real pod with the version its Envoy reported and its ACK. When the kubelet
+/// restarts the Envoy's container, the new Envoy loads the filter again.
 #[tokio::test]
 async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_service() {
     let node = the_node();
@@ -555,6 +556,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     apply_ok(&serde_json::to_string(&manifests).unwrap());
 
     let pod = wait_pod_ready(&client, n, "envoy-web").await;
+    let first_container = container_id(&pod);
     let ip = pod.status.unwrap().pod_ip.unwrap();
     let response = reqwest::get(format!("http://{ip}:10000/")).await.unwrap();
     assert_eq!(response.status(), 200);
@@ -585,6 +587,67 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     assert_eq!(w.envoy_version.as_deref(), Some("1.39.3"), "{w:?}");
     assert_eq!(w.version_source, "xds-node", "{w:?}");
     assert_eq!(status.artifact.unwrap().module_sha256, sha);
+
+    // The Envoy dies (killed on the host); the kubelet restarts its container, and the new
+    // Envoy connects again and loads the filter again before its listener serves.
+    for pid in container_pids(&first_container) {
+        ok(Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .output()
+            .unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let restarted = loop {
+        let pod = wait_pod_ready(&client, n, "envoy-web").await;
+        if container_id(&pod) != first_container {
+            break pod;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Envoy container was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let restarts = restarted
+        .status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .restart_count;
+    assert_eq!(restarts, 1);
+    let header = wait_for(
+        "the header from the restarted Envoy",
+        Duration::from_secs(30),
+        || async {
+            let response = reqwest::get(format!("http://{ip}:10000/")).await.ok()?;
+            Some(
+                response
+                    .headers()
+                    .get("x-wasmfilter")?
+                    .to_str()
+                    .ok()?
+                    .to_string(),
+            )
+        },
+    )
+    .await;
+    assert_eq!(header, "on");
+    wait_status(
+        &client,
+        n,
+        "hdr",
+        "the restarted Envoy loaded the module",
+        |wf| {
+            wf.status.as_ref().is_some_and(|s| {
+                s.workloads
+                    .iter()
+                    .any(|w| w.name == "envoy-web" && w.loaded == Some(true))
+            })
+        },
+    )
+    .await;
 }
 
 /// An Istio gateway as users run one: a pod of the real istio-agent and Envoy (the image
