@@ -66,6 +66,46 @@ fn install(release: &str, ns: &str, extra: &[&str]) {
     ok(helm(&args));
 }
 
+/// One test's installation: its namespace, the release installed there (watching it only)
+/// and a client.
+struct Installed {
+    node: TestNode,
+    client: kube::Client,
+    ns: TestNamespace,
+    release: String,
+}
+
+impl Installed {
+    /// A new namespace `prefix-…` with the chart installed by `helm install … EXTRA --wait`.
+    async fn new(prefix: &str, extra: &[&str]) -> Self {
+        let node = the_node();
+        let client = client().await;
+        let ns = TestNamespace::new(prefix);
+        let release = format!("r{}", &ns.name[ns.name.len() - 8..]);
+        install(&release, &ns.name, extra);
+        Installed {
+            node,
+            client,
+            ns,
+            release,
+        }
+    }
+
+    fn n(&self) -> &str {
+        &self.ns.name
+    }
+
+    /// Pushes a module (`marker` makes it unique) for this test; its bytes, its sha256 and its
+    /// reference as the operator's pod reaches the registry.
+    async fn push_module(&self, marker: &str) -> (Vec<u8>, String, String) {
+        let module = module(marker);
+        let sha = wasmfilter::cache::sha256_hex(&module);
+        let n = self.n();
+        push_module(&format!("{}/node/{n}:v1", env().registry), module.clone()).await;
+        (module, sha, format!("{}/node/{n}:v1", self.node.registry))
+    }
+}
+
 async fn operator_pods(client: &kube::Client, ns: &str, release: &str) -> Vec<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let selector = format!("app.kubernetes.io/instance={release}");
@@ -184,16 +224,9 @@ async fn get_bytes(url: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_uninstall_follow() {
-    let node = the_node();
-    let env = env();
-    let client = client().await;
-    let ns = TestNamespace::new("node");
-    let n = ns.name.as_str();
-    let release = format!("r{}", &n[n.len() - 8..]);
-    let release = release.as_str();
-
-    install(release, n, &[]);
-    let pods = wait_ready_pods(&client, n, release, 1).await;
+    let t = Installed::new("node", &[]).await;
+    let (client, n, release) = (&t.client, t.n(), t.release.as_str());
+    let pods = wait_ready_pods(client, n, release, 1).await;
     let first = &pods[0];
     let status = &first
         .status
@@ -233,15 +266,10 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
 
     // It reconciles from inside the pod network: the API server through the `kubernetes`
     // Service, the module from the registry at the node's address.
-    let module = module("node-pod");
-    let sha = wasmfilter::cache::sha256_hex(&module);
-    push_module(&format!("{}/node/{n}:v1", env.registry), module.clone()).await;
-    Filter::new(n, "hdr", &format!("{}/node/{n}:v1", node.registry)).apply();
-    wait_module(&client, n, "hdr", &sha).await;
-    let plugin = child_api(&client, n, "WasmPlugin")
-        .get("hdr")
-        .await
-        .unwrap();
+    let (module, sha, image) = t.push_module("node-pod").await;
+    Filter::new(n, "hdr", &image).apply();
+    wait_module(client, n, "hdr", &sha).await;
+    let plugin = child_api(client, n, "WasmPlugin").get("hdr").await.unwrap();
     let url = plugin.data["spec"]["url"].as_str().unwrap().to_string();
     let path = format!("/modules/sha256/{sha}.wasm");
     assert!(
@@ -281,7 +309,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
         "--timeout",
         "120s",
     ]));
-    let pods = wait_ready_pods(&client, n, release, 1).await;
+    let pods = wait_ready_pods(client, n, release, 1).await;
     let second = &pods[0];
     assert_ne!(
         second.metadata.name, first.metadata.name,
@@ -299,10 +327,10 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
         std::fs::metadata(format!("/proc/{pid}")).is_err(),
         "the first pod's process still runs"
     );
-    Filter::new(n, "hdr", &format!("{}/node/{n}:v1", node.registry))
+    Filter::new(n, "hdr", &image)
         .config(json!({"after": "upgrade"}))
         .apply();
-    let wf = wait_condition(&client, n, "hdr", "Ready", "True").await;
+    let wf = wait_condition(client, n, "hdr", "Ready", "True").await;
     assert_eq!(
         wf.status.unwrap().observed_generation,
         Some(2),
@@ -320,7 +348,7 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
         "120s",
     ]));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !operator_pods(&client, n, release).await.is_empty() {
+    while !operator_pods(client, n, release).await.is_empty() {
         assert!(Instant::now() < deadline, "pods left after uninstall");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -356,21 +384,12 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
 /// first) takes it and carries on reconciling.
 #[tokio::test]
 async fn when_the_leader_pod_is_deleted_the_other_replica_takes_over() {
-    let node = the_node();
-    let env = env();
-    let client = client().await;
-    let ns = TestNamespace::new("node-ha");
-    let n = ns.name.as_str();
-    let release = format!("r{}", &n[n.len() - 8..]);
-    let release = release.as_str();
-
-    install(release, n, &["--set", "replicaCount=2"]);
-    let pods = wait_ready_pods(&client, n, release, 2).await;
-    let image = format!("{}/node/{n}:v1", node.registry);
-    let module = module("node-ha");
-    push_module(&format!("{}/node/{n}:v1", env.registry), module.clone()).await;
+    let t = Installed::new("node-ha", &["--set", "replicaCount=2"]).await;
+    let (client, n, release) = (&t.client, t.n(), t.release.as_str());
+    let pods = wait_ready_pods(client, n, release, 2).await;
+    let (_, sha, image) = t.push_module("node-ha").await;
     Filter::new(n, "hdr", &image).apply();
-    wait_module(&client, n, "hdr", &wasmfilter::cache::sha256_hex(&module)).await;
+    wait_module(client, n, "hdr", &sha).await;
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), n);
     let lease = format!("{release}-wasmfilter-operator");
@@ -411,7 +430,7 @@ async fn when_the_leader_pod_is_deleted_the_other_replica_takes_over() {
     Filter::new(n, "hdr", &image)
         .config(json!({"after": "failover"}))
         .apply();
-    let wf = wait_condition(&client, n, "hdr", "Ready", "True").await;
+    let wf = wait_condition(client, n, "hdr", "Ready", "True").await;
     assert_eq!(wf.status.unwrap().observed_generation, Some(2));
     assert_eq!(
         holder(&leases.get(&lease).await.unwrap()),
@@ -419,7 +438,7 @@ async fn when_the_leader_pod_is_deleted_the_other_replica_takes_over() {
         "the change was reconciled under the new leader"
     );
     // The Deployment replaced the deleted pod; the new leader is one of the two running.
-    let pods = wait_ready_pods(&client, n, release, 2).await;
+    let pods = wait_ready_pods(client, n, release, 2).await;
     let names: Vec<_> = pods
         .iter()
         .filter_map(|p| p.metadata.name.clone())
@@ -483,19 +502,10 @@ async fn wait_pod_ready(client: &kube::Client, ns: &str, name: &str) -> Pod {
 /// restarts the Envoy's container, the new Envoy loads the filter again.
 #[tokio::test]
 async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_service() {
-    let node = the_node();
-    let env = env();
-    let client = client().await;
-    let ns = TestNamespace::new("node-ecds");
-    let n = ns.name.as_str();
-    let release = format!("r{}", &n[n.len() - 8..]);
-    let release = release.as_str();
-    install(release, n, &["--set", "xds.enabled=true"]);
-
-    let module = module("node-ecds");
-    let sha = wasmfilter::cache::sha256_hex(&module);
-    push_module(&format!("{}/node/{n}:v1", env.registry), module).await;
-    Filter::new(n, "hdr", &format!("{}/node/{n}:v1", node.registry))
+    let t = Installed::new("node-ecds", &["--set", "xds.enabled=true"]).await;
+    let (client, n, release, node) = (&t.client, t.n(), t.release.as_str(), &t.node);
+    let (_, sha, image) = t.push_module("node-ecds").await;
+    Filter::new(n, "hdr", &image)
         .target(Target::Ecds)
         .app("envoy-web")
         .apply();
@@ -555,7 +565,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     });
     apply_ok(&serde_json::to_string(&manifests).unwrap());
 
-    let pod = wait_pod_ready(&client, n, "envoy-web").await;
+    let pod = wait_pod_ready(client, n, "envoy-web").await;
     let first_container = container_id(&pod);
     let ip = pod.status.unwrap().pod_ip.unwrap();
     let response = reqwest::get(format!("http://{ip}:10000/")).await.unwrap();
@@ -570,7 +580,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
         response.headers()
     );
 
-    let wf = wait_status(&client, n, "hdr", "the pod loaded the module", |wf| {
+    let wf = wait_status(client, n, "hdr", "the pod loaded the module", |wf| {
         wf.status.as_ref().is_some_and(|s| {
             s.workloads
                 .iter()
@@ -598,7 +608,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     }
     let deadline = Instant::now() + Duration::from_secs(90);
     let restarted = loop {
-        let pod = wait_pod_ready(&client, n, "envoy-web").await;
+        let pod = wait_pod_ready(client, n, "envoy-web").await;
         if container_id(&pod) != first_container {
             break pod;
         }
@@ -635,7 +645,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     .await;
     assert_eq!(header, "on");
     wait_status(
-        &client,
+        client,
         n,
         "hdr",
         "the restarted Envoy loaded the module",
@@ -658,23 +668,12 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
 /// its pod IP to say the filter runs there.
 #[tokio::test]
 async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_it_loaded() {
-    let node = the_node();
-    let env = env();
     let istiod = std::env::var("WASMFILTER_NODE_ISTIOD")
         .expect("WASMFILTER_NODE_ISTIOD (e2e/env.sh up --node, with istiod)");
-    let client = client().await;
-    let ns = TestNamespace::new("node-istio");
-    let n = ns.name.as_str();
-    let release = format!("r{}", &n[n.len() - 8..]);
-    let release = release.as_str();
-    install(release, n, &["--set", "istio.loadStatus=true"]);
-
-    let module = module("node-istio");
-    let sha = wasmfilter::cache::sha256_hex(&module);
-    push_module(&format!("{}/node/{n}:v1", env.registry), module).await;
-    Filter::new(n, "hdr", &format!("{}/node/{n}:v1", node.registry))
-        .app("gw")
-        .apply();
+    let t = Installed::new("node-istio", &["--set", "istio.loadStatus=true"]).await;
+    let (client, n, node) = (&t.client, t.n(), &t.node);
+    let (_, sha, image) = t.push_module("node-istio").await;
+    Filter::new(n, "hdr", &image).app("gw").apply();
 
     let proxy_config = json!({
         "binaryPath": "/usr/local/bin/envoy",
@@ -753,7 +752,7 @@ async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_i
         ],
     });
     apply_ok(&serde_json::to_string(&manifests).unwrap());
-    let pod = wait_pod_ready(&client, n, "gw").await;
+    let pod = wait_pod_ready(client, n, "gw").await;
     let ip = pod.status.unwrap().pod_ip.unwrap();
 
     let url = format!("http://{ip}:8080/");
@@ -774,7 +773,7 @@ async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_i
     .await;
     assert_eq!(header, "on");
 
-    let wf = wait_status(&client, n, "hdr", "the gateway pod runs the filter", |wf| {
+    let wf = wait_status(client, n, "hdr", "the gateway pod runs the filter", |wf| {
         wf.status.as_ref().is_some_and(|s| {
             s.workloads
                 .iter()
