@@ -222,6 +222,43 @@ async fn get_bytes(url: &str) -> Vec<u8> {
     response.bytes().await.unwrap().to_vec()
 }
 
+/// The filter's `x-wasmfilter` header in a 200 answer from `url`, waited for (bounded).
+async fn wait_filter_header(url: &str) -> String {
+    wait_for(
+        &format!("a 200 with the filter's header from {url}"),
+        Duration::from_secs(60),
+        || async {
+            let response = reqwest::get(url).await.ok()?;
+            let value = response
+                .headers()
+                .get("x-wasmfilter")?
+                .to_str()
+                .ok()?
+                .to_string();
+            (response.status() == 200).then_some(value)
+        },
+    )
+    .await
+}
+
+/// Waits until the WasmFilter `hdr` says the pod `pod` loaded its module.
+async fn wait_loaded(client: &kube::Client, ns: &str, pod: &str) -> wasmfilter::api::WasmFilter {
+    wait_status(
+        client,
+        ns,
+        "hdr",
+        &format!("{pod} loaded the module"),
+        |wf| {
+            wf.status.as_ref().is_some_and(|s| {
+                s.workloads
+                    .iter()
+                    .any(|w| w.name == pod && w.loaded == Some(true))
+            })
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_uninstall_follow() {
     let t = Installed::new("node", &[]).await;
@@ -568,26 +605,12 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
     let pod = wait_pod_ready(client, n, "envoy-web").await;
     let first_container = container_id(&pod);
     let ip = pod.status.unwrap().pod_ip.unwrap();
-    let response = reqwest::get(format!("http://{ip}:10000/")).await.unwrap();
-    assert_eq!(response.status(), 200);
     assert_eq!(
-        response
-            .headers()
-            .get("x-wasmfilter")
-            .map(|v| v.to_str().unwrap()),
-        Some("on"),
-        "{:?}",
-        response.headers()
+        wait_filter_header(&format!("http://{ip}:10000/")).await,
+        "on"
     );
 
-    let wf = wait_status(client, n, "hdr", "the pod loaded the module", |wf| {
-        wf.status.as_ref().is_some_and(|s| {
-            s.workloads
-                .iter()
-                .any(|w| w.name == "envoy-web" && w.loaded == Some(true))
-        })
-    })
-    .await;
+    let wf = wait_loaded(client, n, "envoy-web").await;
     let status = wf.status.unwrap();
     let w = status
         .workloads
@@ -627,37 +650,11 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
         .unwrap()[0]
         .restart_count;
     assert_eq!(restarts, 1);
-    let header = wait_for(
-        "the header from the restarted Envoy",
-        Duration::from_secs(30),
-        || async {
-            let response = reqwest::get(format!("http://{ip}:10000/")).await.ok()?;
-            Some(
-                response
-                    .headers()
-                    .get("x-wasmfilter")?
-                    .to_str()
-                    .ok()?
-                    .to_string(),
-            )
-        },
-    )
-    .await;
-    assert_eq!(header, "on");
-    wait_status(
-        client,
-        n,
-        "hdr",
-        "the restarted Envoy loaded the module",
-        |wf| {
-            wf.status.as_ref().is_some_and(|s| {
-                s.workloads
-                    .iter()
-                    .any(|w| w.name == "envoy-web" && w.loaded == Some(true))
-            })
-        },
-    )
-    .await;
+    assert_eq!(
+        wait_filter_header(&format!("http://{ip}:10000/")).await,
+        "on"
+    );
+    wait_loaded(client, n, "envoy-web").await;
 }
 
 /// An Istio gateway as users run one: a pod of the real istio-agent and Envoy (the image
@@ -755,31 +752,11 @@ async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_i
     let pod = wait_pod_ready(client, n, "gw").await;
     let ip = pod.status.unwrap().pod_ip.unwrap();
 
-    let url = format!("http://{ip}:8080/");
-    let header = wait_for(
-        "the filter's header through the gateway pod",
-        Duration::from_secs(60),
-        || async {
-            let response = reqwest::get(&url).await.ok()?;
-            let value = response
-                .headers()
-                .get("x-wasmfilter")?
-                .to_str()
-                .ok()?
-                .to_string();
-            (response.status() == 200).then_some(value)
-        },
-    )
-    .await;
-    assert_eq!(header, "on");
+    assert_eq!(
+        wait_filter_header(&format!("http://{ip}:8080/")).await,
+        "on"
+    );
 
-    let wf = wait_status(client, n, "hdr", "the gateway pod runs the filter", |wf| {
-        wf.status.as_ref().is_some_and(|s| {
-            s.workloads
-                .iter()
-                .any(|w| w.name == "gw" && w.loaded == Some(true))
-        })
-    })
-    .await;
+    let wf = wait_loaded(client, n, "gw").await;
     assert_eq!(wf.status.unwrap().artifact.unwrap().module_sha256, sha);
 }
