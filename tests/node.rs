@@ -143,16 +143,17 @@ async fn wait_ready_pods(client: &kube::Client, ns: &str, release: &str, count: 
     }
 }
 
+/// The status of the pod's (first) container.
+fn container_status(pod: &Pod) -> &k8s_openapi::api::core::v1::ContainerStatus {
+    &pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .expect("no container statuses")[0]
+}
+
 /// The id containerd gave the pod's (first) container.
 fn container_id(pod: &Pod) -> String {
-    let status = &pod
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0];
-    let id = status.container_id.as_deref().unwrap();
+    let id = container_status(pod).container_id.as_deref().unwrap();
     id.strip_prefix("containerd://").unwrap_or(id).to_string()
 }
 
@@ -265,15 +266,15 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
     let (client, n, release) = (&t.client, t.n(), t.release.as_str());
     let pods = wait_ready_pods(client, n, release, 1).await;
     let first = &pods[0];
-    let status = &first
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0];
+    let status = container_status(first);
     assert_eq!(status.restart_count, 0, "{status:?}");
-    let spec = &first.spec.as_ref().unwrap().containers[0];
+    let pod_spec = first.spec.as_ref().unwrap();
+    assert_eq!(
+        pod_spec.service_account_name.as_deref(),
+        Some(format!("{release}-wasmfilter-operator").as_str()),
+        "runs as the chart's ServiceAccount"
+    );
+    let spec = &pod_spec.containers[0];
     assert!(spec.readiness_probe.is_some() && spec.liveness_probe.is_some());
 
     // The chart's securityContext, as the kernel applies it to the running process.
@@ -641,15 +642,7 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let restarts = restarted
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .restart_count;
-    assert_eq!(restarts, 1);
+    assert_eq!(container_status(&restarted).restart_count, 1);
     assert_eq!(
         wait_filter_header(&format!("http://{ip}:10000/")).await,
         "on"
