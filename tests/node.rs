@@ -515,6 +515,59 @@ fn pushed_image(name: &str, args: &[&str]) -> String {
     image
 }
 
+/// The test backend's configuration: an Envoy answering every request on :8080 with 200
+/// `hello from the backend`.
+fn backend_config_map(ns: &str) -> serde_json::Value {
+    let bootstrap = json!({
+        "static_resources": {"listeners": [{
+            "name": "backend",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 8080}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "backend",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "all",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"},
+                                    "direct_response": {"status": 200, "body": {"inline_string": "hello from the backend\n"}}}],
+                    }]},
+                    "http_filters": [{"name": "envoy.filters.http.router",
+                                      "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                },
+            }]}],
+        }]},
+    });
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "backend", "namespace": ns},
+        "data": {"bootstrap.json": bootstrap.to_string()},
+    })
+}
+
+/// The test backend's pod (label `app: backend`), from the Envoy image.
+fn backend_pod(ns: &str, taint: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "backend", "namespace": ns, "labels": {"app": "backend"}},
+        "spec": {
+            "tolerations": [{"key": taint, "operator": "Exists"}],
+            "containers": [{
+                "name": "backend",
+                "image": envoy_image("1.39.3"),
+                "args": ["-c", "/etc/envoy/bootstrap.json"],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                "volumeMounts": [{"name": "bootstrap", "mountPath": "/etc/envoy"}],
+            }],
+            "volumes": [{"name": "bootstrap", "configMap": {"name": "backend"}}],
+        },
+    })
+}
+
 /// Waits (bounded) until the pod `name` is Ready.
 async fn wait_pod_ready(client: &kube::Client, ns: &str, name: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -651,11 +704,12 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
 }
 
 /// An Istio gateway as users run one: a pod of the real istio-agent and Envoy (the image
-/// `e2e/envoy-image.sh --istio` builds), configured by the test environment's istiod. The
-/// operator, installed by the chart with `istio.loadStatus`, writes the WasmPlugin; the agent
-/// fetches the module from the operator's cache by its Service's DNS name; a request through
-/// the gateway pod shows the filter's header; and the operator reads the pod's own metrics at
-/// its pod IP to say the filter runs there.
+/// `e2e/envoy-image.sh --istio` builds), configured by the test environment's istiod, routing
+/// to a backend Service's pod. The operator, installed by the chart with `istio.loadStatus`,
+/// writes the WasmPlugin; the agent fetches the module from the operator's cache by its
+/// Service's DNS name; a request through the gateway pod reaches the backend and shows the
+/// filter's header; and the operator reads the pod's own metrics at its pod IP to say the
+/// filter runs there.
 #[tokio::test]
 async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_it_loaded() {
     let istiod = std::env::var("WASMFILTER_NODE_ISTIOD")
@@ -699,8 +753,19 @@ async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_i
                 "spec": {
                     "hosts": ["*"],
                     "gateways": ["gw"],
-                    "http": [{"directResponse": {"status": 200, "body": {"string": "hello"}}}],
+                    "http": [{"route": [{"destination": {
+                        "host": format!("backend.{n}.svc.cluster.local"),
+                        "port": {"number": 8080},
+                    }}]}],
                 },
+            },
+            backend_config_map(n),
+            backend_pod(n, &node.taint),
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "backend", "namespace": n},
+                "spec": {"selector": {"app": "backend"}, "ports": [{"name": "http", "port": 8080}]},
             },
             {
                 "apiVersion": "v1",
@@ -748,6 +813,16 @@ async fn an_istio_gateway_pod_runs_the_filter_and_the_in_cluster_operator_sees_i
     assert_eq!(
         wait_filter_header(&format!("http://{ip}:8080/")).await,
         "on"
+    );
+    let body = reqwest::get(format!("http://{ip}:8080/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        body, "hello from the backend\n",
+        "routed to the backend Service's pod"
     );
 
     let wf = wait_loaded(client, n, "gw").await;

@@ -29,9 +29,59 @@ PAUSE_IMAGE_NAME=wasmfilter-e2e/pause:1
 # Kernel settings the kubelet and kube-proxy may write; saved on up, restored on down.
 NODE_SYSCTLS="net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet net.netfilter.nf_conntrack_max"
 
+# node_stale_cleanup: a run that was killed (CI's time limit, a lost terminal) leaves its node
+# running with nothing to stop it: its state directory may be gone. Its processes are found by
+# what they run, and its host changes undone, before a new node starts. ip_forward goes back to
+# 0 (its value on this machine before any node; the old run's saved value is lost with it).
+node_stale_cleanup() {
+  local pattern stale=0 ns
+  for pattern in 'containerd --config .*/node/containerd\.toml' 'kubelet --config .*/node/kubelet\.yaml' \
+      'kube-proxy .*--proxy-mode nftables --hostname-override localhost' 'coredns -conf .*/node/Corefile' \
+      "socat TCP-LISTEN:[0-9]*,bind=$NODE_HOST_IP" 'containerd-shim-runc-v2 .*-address .*/node/containerd\.sock'; do
+    if pgrep -f "$pattern" >/dev/null; then
+      stale=1
+      pkill -9 -f "$pattern" || true
+    fi
+  done
+  ip link show "$NODE_BRIDGE" >/dev/null 2>&1 && stale=1
+  [ "$stale" = 1 ] || return 0
+  log "node: cleaning up a node an earlier run left behind"
+  for procs in /sys/fs/cgroup/pids/kubepods/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/cgroup.procs \
+      /sys/fs/cgroup/pids/kubepods/*/*/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/*/*/cgroup.procs; do
+    [ -e "$procs" ] && xargs -r kill -9 <"$procs" 2>/dev/null
+  done
+  sleep 0.5
+  findmnt -rn -o TARGET | grep -E '/node/(containerd|kubelet)(/|$)' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
+  for ns in $(ls /run/netns 2>/dev/null | grep '^cni-'); do
+    [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] || ip netns delete "$ns" 2>/dev/null || true
+  done
+  for ctrl in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$ctrl" ] && find "$ctrl" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  nft delete table ip kube-proxy 2>/dev/null || true
+  nft delete table ip6 kube-proxy 2>/dev/null || true
+  nft delete table inet wasmfilter-node 2>/dev/null || true
+  node_iptables_cleanup
+  # The tables iptables-nft made for those chains, when nothing is left in them but ACCEPT
+  # policies (an empty table does nothing, so this changes nothing another tool set up).
+  local tool family table
+  for tool in iptables ip6tables; do
+    family=ip; [ "$tool" = ip6tables ] && family=ip6
+    for table in mangle nat filter; do
+      nft list table "$family" "$table" >/dev/null 2>&1 || continue
+      if ! "$tool" -t "$table" -S 2>/dev/null | grep -qv '^-P [A-Z]* ACCEPT$'; then
+        nft delete table "$family" "$table" 2>/dev/null || true
+      fi
+    done
+  done
+  ip link del "$NODE_BRIDGE" 2>/dev/null || true
+  sysctl -qw net.ipv4.ip_forward=0
+}
+
 # node_network_up: the bridge, before the API server advertises its address.
 node_network_up() {
   local n=$ENV_DIR/node
+  node_stale_cleanup
   mkdir -p "$n"
   : >"$n/sysctls"
   for s in $NODE_SYSCTLS; do
@@ -212,7 +262,7 @@ node_down() {
     sleep 0.2
   done
   # Mounts under the node's directory (overlay roots, volumes, sandbox shm), deepest first.
-  findmnt -rn -o TARGET | grep "^$n/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  findmnt -rn -o TARGET | grep "^$n/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
   # Network namespaces the CRI plugin made.
   for ns in $(ls /run/netns 2>/dev/null | grep '^cni-'); do
     grep -qx "$ns" "$n/netns-before" 2>/dev/null || ip netns delete "$ns" 2>/dev/null || true
@@ -226,15 +276,7 @@ node_down() {
   nft delete table ip kube-proxy 2>/dev/null || true
   nft delete table ip6 kube-proxy 2>/dev/null || true
   nft delete table inet wasmfilter-node 2>/dev/null || true
-  local tool table chain
-  for tool in iptables ip6tables; do
-    command -v "$tool" >/dev/null || continue
-    for table in mangle nat filter; do
-      for chain in $("$tool" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(KUBE-[^ ]*\)$/\1/p'); do
-        "$tool" -t "$table" -F "$chain" 2>/dev/null; "$tool" -t "$table" -X "$chain" 2>/dev/null || true
-      done
-    done
-  done
+  node_iptables_cleanup
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
   # Tables iptables-nft made for those chains (none were there before), and containerd's
   # shim socket directory.
@@ -246,6 +288,22 @@ node_down() {
     while IFS= read -r kv; do sysctl -qw "$kv" 2>/dev/null || true; done <"$n/sysctls"
   fi
   node_leftovers
+}
+
+# node_iptables_cleanup: the KUBE-* chains the kubelet (and kube-proxy's start) made, and the
+# rules of the built-in chains that jump to them (KUBE-FIREWALL from INPUT…).
+node_iptables_cleanup() {
+  local tool table chain rule
+  for tool in iptables ip6tables; do
+    command -v "$tool" >/dev/null || continue
+    for table in mangle nat filter; do
+      "$tool" -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j KUBE-' | sed 's/^-A /-D /' |
+        while read -r rule; do eval "\"\$tool\" -t \"\$table\" $rule" 2>/dev/null || true; done || true
+      for chain in $("$tool" -t "$table" -S 2>/dev/null | sed -n 's/^-N \(KUBE-[^ ]*\)$/\1/p'); do
+        "$tool" -t "$table" -F "$chain" 2>/dev/null; "$tool" -t "$table" -X "$chain" 2>/dev/null || true
+      done
+    done
+  done
 }
 
 # node_leftovers: fails, naming them, if any of the node's processes or host changes remain.
