@@ -1,11 +1,12 @@
-# The test environment's node (e2e/env.sh up --node): containerd, the kubelet, kube-scheduler and
-# kube-proxy, so pods run for real. Sourced by e2e/env.sh after lib/common.sh, never run.
+# The test environment's node (e2e/env.sh up --node): containerd, the kubelet, kube-scheduler,
+# kube-proxy and CoreDNS, so pods run for real. Sourced by e2e/env.sh after lib/common.sh, never
+# run. One node environment per machine (one bridge, one DNS port).
 #
 # Layout and what it changes on the host (node_down undoes each):
 # - Pods get addresses on the bridge wfcni0, 10.244.0.0/24, host side 10.244.0.1 (CNI bridge
 #   plugin, host-local IPAM). The bridge reaches nothing beyond this machine: no NAT, no route out.
-#   Pods reach the API server and the registry through socat on 10.244.0.1 only (their ports
-#   as on 127.0.0.1), as nothing of ours listens beyond loopback and that bridge.
+#   Pods reach the API server, the registry and istiod through socat on 10.244.0.1 only (their
+#   ports as on 127.0.0.1): nothing of ours listens beyond loopback and that bridge.
 # - kube-proxy (nftables mode) routes Service IPs (10.96.0.0/16) to endpoints: its tables
 #   `ip kube-proxy` and `ip6 kube-proxy`. Forwarding (pod -> Service -> pod) is switched on, and
 #   our table `inet wasmfilter-node` drops every forwarded packet that does not stay on wfcni0,
