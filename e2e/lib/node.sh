@@ -28,7 +28,7 @@ NODE_SERVICE_CIDR=10.96.0.0/16
 NODE_TAINT=wasmfilter.dev/e2e-node
 PAUSE_IMAGE_NAME=wasmfilter-e2e/pause:1
 # Kernel settings the kubelet and kube-proxy may write; saved on up, restored on down.
-NODE_SYSCTLS="net.ipv4.ip_forward vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet net.netfilter.nf_conntrack_max"
+NODE_SYSCTLS="net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes net.ipv4.conf.all.route_localnet net.netfilter.nf_conntrack_max"
 
 # node_stale_cleanup: a run that was killed (CI's time limit, a lost terminal) leaves its node
 # running with nothing to stop it: its state directory may be gone. Its processes are found by
@@ -95,6 +95,11 @@ node_network_up() {
   ip addr replace "$NODE_HOST_IP/24" dev "$NODE_BRIDGE"
   ip link set "$NODE_BRIDGE" up
   sysctl -qw net.ipv4.ip_forward=1
+  # A pod's reply to another pod that reached it through a Service IP crosses the bridge
+  # directly: only bridged traffic passing netfilter's conntrack gets its source translated back.
+  [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || modprobe br_netfilter 2>/dev/null ||
+    die "the kernel's br_netfilter is missing: pods could not reach each other through Services"
+  sysctl -qw net.bridge.bridge-nf-call-iptables=1
   nft -f - <<NFT
 table inet wasmfilter-node {
   chain forward {
