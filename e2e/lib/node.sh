@@ -47,22 +47,13 @@ node_stale_cleanup() {
   ip link show "$NODE_BRIDGE" >/dev/null 2>&1 && stale=1
   [ "$stale" = 1 ] || return 0
   log "node: cleaning up a node an earlier run left behind"
-  for procs in /sys/fs/cgroup/pids/kubepods/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/cgroup.procs \
-      /sys/fs/cgroup/pids/kubepods/*/*/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/*/*/cgroup.procs; do
-    [ -e "$procs" ] && xargs -r kill -9 <"$procs" 2>/dev/null
-  done
+  node_kill_pods
   sleep 0.5
   findmnt -rn -o TARGET | grep -E '/node/(containerd|kubelet)(/|$)' | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done || true
   for ns in $(ls /run/netns 2>/dev/null | grep '^cni-'); do
     [ -n "$(ip netns pids "$ns" 2>/dev/null)" ] || ip netns delete "$ns" 2>/dev/null || true
   done
-  for ctrl in /sys/fs/cgroup/*/kubepods; do
-    [ -d "$ctrl" ] && find "$ctrl" -depth -type d -exec rmdir {} \; 2>/dev/null
-  done
-  nft delete table ip kube-proxy 2>/dev/null || true
-  nft delete table ip6 kube-proxy 2>/dev/null || true
-  nft delete table inet wasmfilter-node 2>/dev/null || true
-  node_iptables_cleanup
+  node_host_cleanup
   # The tables iptables-nft made for those chains, when nothing is left in them but ACCEPT
   # policies (an empty table does nothing, so this changes nothing another tool set up).
   local tool family table
@@ -260,10 +251,7 @@ node_down() {
   # cgroups, then the shims of this containerd.
   local i
   for i in 1 2 3; do
-    for procs in /sys/fs/cgroup/pids/kubepods/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/cgroup.procs \
-        /sys/fs/cgroup/pids/kubepods/*/*/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/*/*/cgroup.procs; do
-      [ -e "$procs" ] && xargs -r kill -9 <"$procs" 2>/dev/null
-    done
+    node_kill_pods
     pkill -9 -f "containerd-shim-runc-v2 .*-address $n/containerd.sock" 2>/dev/null || true
     sleep 0.2
   done
@@ -276,13 +264,7 @@ node_down() {
   if findmnt -rn -o TARGET | grep -q "^$n/"; then
     die "mounts under $n remain (findmnt | grep $n): not deleting it"
   fi
-  for ctrl in /sys/fs/cgroup/*/kubepods; do
-    [ -d "$ctrl" ] && find "$ctrl" -depth -type d -exec rmdir {} \; 2>/dev/null
-  done
-  nft delete table ip kube-proxy 2>/dev/null || true
-  nft delete table ip6 kube-proxy 2>/dev/null || true
-  nft delete table inet wasmfilter-node 2>/dev/null || true
-  node_iptables_cleanup
+  node_host_cleanup
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
   # Tables iptables-nft made for those chains (none were there before), and containerd's
   # shim socket directory.
@@ -294,6 +276,30 @@ node_down() {
     while IFS= read -r kv; do sysctl -qw "$kv" 2>/dev/null || true; done <"$n/sysctls"
   fi
   node_leftovers
+}
+
+# node_kill_pods: kills every process in the pods' cgroups (containers outlive containerd).
+node_kill_pods() {
+  local procs
+  for procs in /sys/fs/cgroup/pids/kubepods/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/cgroup.procs \
+      /sys/fs/cgroup/pids/kubepods/*/*/cgroup.procs /sys/fs/cgroup/pids/kubepods/*/*/*/cgroup.procs; do
+    [ -e "$procs" ] && xargs -r kill -9 <"$procs" 2>/dev/null
+  done
+  return 0
+}
+
+# node_host_cleanup: once no pod runs, the pods' cgroups, kube-proxy's and our nftables tables
+# and the kubelet's iptables chains.
+node_host_cleanup() {
+  local ctrl
+  for ctrl in /sys/fs/cgroup/*/kubepods; do
+    [ -d "$ctrl" ] && find "$ctrl" -depth -type d -exec rmdir {} \; 2>/dev/null
+  done
+  nft delete table ip kube-proxy 2>/dev/null || true
+  nft delete table ip6 kube-proxy 2>/dev/null || true
+  nft delete table inet wasmfilter-node 2>/dev/null || true
+  node_iptables_cleanup
+  return 0
 }
 
 # node_iptables_cleanup: the KUBE-* chains the kubelet (and kube-proxy's start) made, and the
@@ -310,6 +316,7 @@ node_iptables_cleanup() {
       done
     done
   done
+  return 0
 }
 
 # node_leftovers: fails, naming them, if any of the node's processes or host changes remain.
