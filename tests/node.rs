@@ -1,9 +1,11 @@
-//! On the test node (`e2e/env.sh up --node`: containerd, the kubelet, kube-scheduler and
-//! kube-proxy), the chart's operator runs as users run it: a pod from the operator's image, pulled
-//! by containerd from the registry, Ready through its real probes, under the chart's
-//! securityContext, reaching the API server through the `kubernetes` Service and the registry
-//! from the pod network, serving its cache through its Service; `helm upgrade` rolls it and
-//! `helm uninstall` leaves nothing behind (not even the leader Lease the operator made).
+//! On the test node (`e2e/env.sh up --node`: containerd, the kubelet, kube-scheduler,
+//! kube-proxy and CoreDNS), the chart's operator runs as users run it: a pod from the operator's
+//! image, pulled by containerd from the registry, Ready through its real probes, under the
+//! chart's securityContext, reaching the API server through the `kubernetes` Service and the
+//! registry from the pod network, serving its cache through its Service; `helm upgrade` rolls it
+//! and `helm uninstall` leaves nothing behind (not even the leader Lease the operator made).
+//! Two replicas hand over the Lease when the leader's pod goes; an Envoy pod and an Istio
+//! gateway pod load their filters from the operator running in the cluster.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -46,8 +48,7 @@ fn operator_image() -> &'static (String, String) {
 
 /// `helm install` into `ns`, watching `ns` only, scheduled on the test node, waiting until the
 /// chart's pods are Ready (helm --wait reads the Deployment the kubelet's probes drive).
-fn install(release: &str, ns: &str, extra: &[&str]) {
-    let node = the_node();
+fn install(node: &TestNode, release: &str, ns: &str, extra: &[&str]) {
     let (repository, tag) = operator_image();
     let sets = [
         format!("image.repository={repository}"),
@@ -82,7 +83,7 @@ impl Installed {
         let client = client().await;
         let ns = TestNamespace::new(prefix);
         let release = format!("r{}", &ns.name[ns.name.len() - 8..]);
-        install(&release, &ns.name, extra);
+        install(&node, &release, &ns.name, extra);
         Installed {
             node,
             client,
@@ -385,11 +386,17 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
         "--timeout",
         "120s",
     ]));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !operator_pods(client, n, release).await.is_empty() {
-        assert!(Instant::now() < deadline, "pods left after uninstall");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for(
+        "no pod left after uninstall",
+        Duration::from_secs(60),
+        || async {
+            operator_pods(client, n, release)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         container_pids(&container_id(second)),
         Vec::<u32>::new(),
@@ -406,15 +413,15 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
     }
     // The leader Lease the operator made goes with its Deployment (the garbage collector
     // follows the owner reference the operator set).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let leases = stdout(&kubectl(&["get", "lease", "-n", n, "-o", "name"]));
-        if leases.trim().is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "left after uninstall: {leases}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_for(
+        "no Lease left after uninstall",
+        Duration::from_secs(30),
+        || async {
+            let leases = stdout(&kubectl(&["get", "lease", "-n", n, "-o", "name"]));
+            leases.trim().is_empty().then_some(())
+        },
+    )
+    .await;
 }
 
 /// Two replicas: deleting the leader's pod (as a drain does) makes it give the Lease up, and
@@ -453,18 +460,15 @@ async fn when_the_leader_pod_is_deleted_the_other_replica_takes_over() {
         .delete(&leader, &kube::api::DeleteParams::default())
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let successor = loop {
-        let now = holder(&leases.get(&lease).await.unwrap());
-        if !now.is_empty() && now != leader {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the Lease did not pass from {leader} (held by {now:?})"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let successor = wait_for(
+        &format!("the Lease to pass from {leader}"),
+        Duration::from_secs(60),
+        || async {
+            let now = holder(&leases.get(&lease).await.unwrap());
+            (!now.is_empty() && now != leader).then_some(now)
+        },
+    )
+    .await;
     Filter::new(n, "hdr", &image)
         .config(json!({"after": "failover"}))
         .apply();
@@ -683,18 +687,15 @@ async fn an_envoy_pod_loads_the_module_from_the_in_cluster_operator_through_its_
             .output()
             .unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let restarted = loop {
-        let pod = wait_pod_ready(client, n, "envoy-web").await;
-        if container_id(&pod) != first_container {
-            break pod;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the Envoy container was not restarted"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let restarted = wait_for(
+        "the Envoy container restarted and Ready",
+        Duration::from_secs(90),
+        || async {
+            let pod = wait_pod_ready(client, n, "envoy-web").await;
+            (container_id(&pod) != first_container).then_some(pod)
+        },
+    )
+    .await;
     assert_eq!(container_status(&restarted).restart_count, 1);
     assert_eq!(
         wait_filter_header(&format!("http://{ip}:10000/")).await,
