@@ -299,3 +299,102 @@ fn the_advertised_ecds_address_is_checked_at_start() {
         stderr(&out)
     );
 }
+
+/// `pull` checks a module while it writes it (no copy of its size in memory): a layer that is
+/// not Wasm, or a module with a bad function body behind a large custom section (the error's
+/// offset is the module's own, past the section), fails, and the file already at the output
+/// stays as it was, with no partial file beside it. A valid module with the same section pulls
+/// byte for byte.
+#[tokio::test]
+async fn pull_checks_the_module_as_it_writes_it_and_keeps_the_old_file_on_failure() {
+    use wasmfilter::oci::format::{SOLO_CONFIG_MEDIA_TYPE, SOLO_LAYER_MEDIA_TYPE};
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("filter.wasm");
+    std::fs::write(&file, b"the module that works").unwrap();
+    let push = |name: &str, layer: Vec<u8>| {
+        let reference = format!(
+            "{}/cli/stream-{name}-{:08x}:1",
+            env.registry,
+            fastrand::u32(..)
+        );
+        async move {
+            push_raw(
+                &reference,
+                SOLO_CONFIG_MEDIA_TYPE,
+                &[(&layer, SOLO_LAYER_MEDIA_TYPE)],
+            )
+            .await;
+            reference
+        }
+    };
+    // A module with a 3 MiB custom section first, then one function, whose body is
+    // `i32.const 0` in a function returning nothing when it should fail.
+    let padded = |body_valid: bool| {
+        let small = wat::parse_str(if body_valid {
+            "(module (func (export \"f\")))"
+        } else {
+            "(module (func (export \"f\") i32.const 0))"
+        })
+        .unwrap();
+        let contents = 3usize << 20;
+        let body_len = 1 + "padding".len() + contents;
+        let mut m = small[..8].to_vec();
+        m.push(0);
+        let mut n = body_len;
+        while n >= 0x80 {
+            m.push((n & 0x7f) as u8 | 0x80);
+            n >>= 7;
+        }
+        m.push(n as u8);
+        m.push("padding".len() as u8);
+        m.extend_from_slice(b"padding");
+        m.resize(m.len() + contents, 0xa5);
+        m.extend_from_slice(&small[8..]);
+        m
+    };
+    let refused = [
+        (
+            push("notwasm", b"this is not wasm".to_vec()).await,
+            "not a Wasm module".to_string(),
+        ),
+        (
+            push("badbody", padded(false)).await,
+            // The same words, at the same offset, as a check of the whole module in memory.
+            wasmfilter::abi::inspect(&padded(false))
+                .unwrap_err()
+                .to_string(),
+        ),
+    ];
+    for (reference, expected) in &refused {
+        let out = pull(reference, &file);
+        assert!(!out.status.success(), "{reference}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{reference}: {}",
+            stderr(&out)
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"the module that works");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("filter.wasm")]);
+    }
+    let offset = refused[1]
+        .1
+        .split("(at offset 0x")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .map(|h| u64::from_str_radix(h, 16).unwrap())
+        .expect("an offset");
+    assert!(
+        offset > 3 << 20,
+        "offset {offset:#x} is inside the custom section"
+    );
+
+    let good = padded(true);
+    let out = pull(&push("good", good.clone()).await, &file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&file).unwrap(), good);
+}

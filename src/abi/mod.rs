@@ -9,6 +9,7 @@ use wasmparser::{
 };
 
 pub mod check;
+pub mod stream;
 
 /// The four bytes every Wasm binary starts with.
 pub const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -125,54 +126,108 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
     if !bytes.starts_with(WASM_MAGIC) {
         return Err(ModuleError::NotWasm { size: bytes.len() });
     }
-    let mut info = ModuleInfo::default();
     let invalid = |e: wasmparser::BinaryReaderError| ModuleError::Invalid(e.to_string());
     // One pass validates the module's structure and reads what the check needs; function
     // bodies are collected and validated afterwards, on every core (the bulk of the time for a
     // large module).
-    let mut validator = Validator::new();
+    let mut gather = Gather::default();
     let mut bodies = Vec::new();
-    // Function types by type index (None for non-function types), and the type index of every
-    // function in the function index space (imports first).
-    let mut types: Vec<Option<Signature>> = Vec::new();
-    let mut funcs: Vec<u32> = Vec::new();
-    let mut exports = Vec::new();
     for payload in Parser::new(0).parse_all(bytes) {
         let payload = payload.map_err(invalid)?;
+        if let Some(body) = gather
+            .payload(&payload)
+            .map_err(|e| e.into_module_error(invalid))?
+        {
+            bodies.push(body);
+        }
+    }
+    validate_bodies(bodies)?;
+    Ok(gather.finish())
+}
+
+/// A function body the validator handed back, to be validated on its own.
+type Body<'a> = (
+    wasmparser::FuncToValidate<wasmparser::ValidatorResources>,
+    wasmparser::FunctionBody<'a>,
+);
+
+/// Why a payload was refused: a component, or a parse/validation error (whose offset the
+/// caller may need to translate).
+enum PayloadError {
+    Component,
+    Invalid(wasmparser::BinaryReaderError),
+}
+
+impl PayloadError {
+    fn into_module_error(
+        self,
+        invalid: impl Fn(wasmparser::BinaryReaderError) -> ModuleError,
+    ) -> ModuleError {
+        match self {
+            PayloadError::Component => ModuleError::Component,
+            PayloadError::Invalid(e) => invalid(e),
+        }
+    }
+}
+
+impl From<wasmparser::BinaryReaderError> for PayloadError {
+    fn from(e: wasmparser::BinaryReaderError) -> Self {
+        PayloadError::Invalid(e)
+    }
+}
+
+/// What one pass over a module's payloads validates and gathers, whether the module is in
+/// memory ([`inspect`]) or arriving in pieces ([`stream::Inspector`]).
+#[derive(Default)]
+struct Gather {
+    validator: Validator,
+    /// Function types by type index (None for non-function types).
+    types: Vec<Option<Signature>>,
+    /// The type index of every function in the function index space (imports first).
+    funcs: Vec<u32>,
+    imports: Vec<Import>,
+    exports: Vec<(String, ExternalKind, u32)>,
+}
+
+impl Gather {
+    /// Validates one payload and reads what the check needs from it; a function body comes
+    /// back for the caller to validate.
+    fn payload<'a>(&mut self, payload: &Payload<'a>) -> Result<Option<Body<'a>>, PayloadError> {
         if let Payload::Version {
             encoding: Encoding::Component,
             ..
         } = payload
         {
-            return Err(ModuleError::Component);
+            return Err(PayloadError::Component);
         }
-        if let ValidPayload::Func(func, body) = validator.payload(&payload).map_err(invalid)? {
-            bodies.push((func, body));
-        }
+        let body = match self.validator.payload(payload)? {
+            ValidPayload::Func(func, body) => Some((func, body)),
+            _ => None,
+        };
         match payload {
             Payload::TypeSection(reader) => {
-                for group in reader.into_iter_err_on_gc_types() {
-                    let ty = group.map_err(invalid)?;
-                    types.push(Some(Signature {
+                for group in reader.clone().into_iter_err_on_gc_types() {
+                    let ty = group?;
+                    self.types.push(Some(Signature {
                         params: ty.params().iter().map(val_type).collect(),
                         results: ty.results().iter().map(val_type).collect(),
                     }));
                 }
             }
             Payload::ImportSection(reader) => {
-                for import in reader {
-                    let import = import.map_err(invalid)?;
+                for import in reader.clone() {
+                    let import = import?;
                     let (kind, signature) = match import.ty {
                         TypeRef::Func(t) | TypeRef::FuncExact(t) => {
-                            funcs.push(t);
-                            (Kind::Func, types.get(t as usize).cloned().flatten())
+                            self.funcs.push(t);
+                            (Kind::Func, self.types.get(t as usize).cloned().flatten())
                         }
                         TypeRef::Memory(_) => (Kind::Memory, None),
                         TypeRef::Global(_) => (Kind::Global, None),
                         TypeRef::Table(_) => (Kind::Table, None),
                         TypeRef::Tag(_) => (Kind::Tag, None),
                     };
-                    info.imports.push(Import {
+                    self.imports.push(Import {
                         module: import.module.to_string(),
                         name: import.name.to_string(),
                         kind,
@@ -181,60 +236,59 @@ pub fn inspect(bytes: &[u8]) -> Result<ModuleInfo, ModuleError> {
                 }
             }
             Payload::FunctionSection(reader) => {
-                for f in reader {
-                    funcs.push(f.map_err(invalid)?);
+                for f in reader.clone() {
+                    self.funcs.push(f?);
                 }
             }
             Payload::ExportSection(reader) => {
-                for export in reader {
-                    let export = export.map_err(invalid)?;
-                    exports.push((export.name.to_string(), export.kind, export.index));
+                for export in reader.clone() {
+                    let export = export?;
+                    self.exports
+                        .push((export.name.to_string(), export.kind, export.index));
                 }
             }
             _ => {}
         }
+        Ok(body)
     }
-    validate_bodies(bodies)?;
-    for (name, kind, index) in exports {
-        let (kind, signature) = match kind {
-            ExternalKind::Func | ExternalKind::FuncExact => (
-                Kind::Func,
-                funcs
-                    .get(index as usize)
-                    .and_then(|t| types.get(*t as usize).cloned().flatten()),
-            ),
-            ExternalKind::Memory => (Kind::Memory, None),
-            ExternalKind::Global => (Kind::Global, None),
-            ExternalKind::Table => (Kind::Table, None),
-            ExternalKind::Tag => (Kind::Tag, None),
+
+    /// The module's exports with their types, and the ABI they declare.
+    fn finish(self) -> ModuleInfo {
+        let mut info = ModuleInfo {
+            imports: self.imports,
+            ..ModuleInfo::default()
         };
-        if kind == Kind::Func
-            && let Some(v) = name.strip_prefix(ABI_EXPORT_PREFIX)
-        {
-            info.abi_versions.push(v.replace('_', "."));
+        for (name, kind, index) in self.exports {
+            let (kind, signature) = match kind {
+                ExternalKind::Func | ExternalKind::FuncExact => (
+                    Kind::Func,
+                    self.funcs
+                        .get(index as usize)
+                        .and_then(|t| self.types.get(*t as usize).cloned().flatten()),
+                ),
+                ExternalKind::Memory => (Kind::Memory, None),
+                ExternalKind::Global => (Kind::Global, None),
+                ExternalKind::Table => (Kind::Table, None),
+                ExternalKind::Tag => (Kind::Tag, None),
+            };
+            if kind == Kind::Func
+                && let Some(v) = name.strip_prefix(ABI_EXPORT_PREFIX)
+            {
+                info.abi_versions.push(v.replace('_', "."));
+            }
+            info.exports.push(Export {
+                name,
+                kind,
+                signature,
+            });
         }
-        info.exports.push(Export {
-            name,
-            kind,
-            signature,
-        });
+        info
     }
-    Ok(info)
 }
 
 /// Validates function bodies, split across the machine's cores when there are many.
-fn validate_bodies(
-    bodies: Vec<(
-        wasmparser::FuncToValidate<wasmparser::ValidatorResources>,
-        wasmparser::FunctionBody<'_>,
-    )>,
-) -> Result<(), ModuleError> {
-    fn run(
-        chunk: Vec<(
-            wasmparser::FuncToValidate<wasmparser::ValidatorResources>,
-            wasmparser::FunctionBody<'_>,
-        )>,
-    ) -> Result<(), ModuleError> {
+fn validate_bodies(bodies: Vec<Body<'_>>) -> Result<(), ModuleError> {
+    fn run(chunk: Vec<Body<'_>>) -> Result<(), ModuleError> {
         let mut allocs = wasmparser::FuncValidatorAllocations::default();
         for (func, body) in chunk {
             let mut v = func.into_validator(allocs);
@@ -244,8 +298,12 @@ fn validate_bodies(
         }
         Ok(())
     }
+    // Few bodies are validated where they are (asking for the core count reads cgroup files).
+    if bodies.len() < 256 {
+        return run(bodies);
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || bodies.len() < 256 {
+    if threads < 2 {
         return run(bodies);
     }
     let per = bodies.len().div_ceil(threads);

@@ -911,14 +911,15 @@ async fn pull(args: PullArgs) -> anyhow::Result<()> {
     let tmp = args.output.with_extension("wasm.partial");
     let file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     let pulled = resolver.pull_into(&args.reference, &creds, file).await;
-    let (artifact, module, written) = match pulled {
+    let (artifact, module) = match pulled {
         Ok(p) => p,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e.into());
         }
     };
-    if !written {
+    // An unpacked module (not a raw layer) comes back to be written here.
+    if let Some(module) = module {
         std::fs::write(&tmp, &module).with_context(|| format!("writing {}", tmp.display()))?;
     }
     std::fs::rename(&tmp, &args.output)

@@ -140,8 +140,14 @@ struct Summary {
 }
 
 /// What one pull gave: the artifact, the module and what inspecting it found (absent when the
-/// cache held it already), bytes downloaded, whether the spool file holds the module.
+/// cache held it already, or when it went to the spool file), bytes downloaded, whether the
+/// spool file holds the module.
 type Pulled = (Artifact, Option<(Vec<u8>, abi::ModuleInfo)>, u64, bool);
+
+/// A pull without a cache or spool always returns the module's bytes.
+fn no_module() -> Error {
+    crate::cache::Error::Write(std::io::Error::other("no module bytes without a cache")).into()
+}
 
 /// Where a pull puts the module, and whether it reads the artifact's config too.
 struct Sink<'a> {
@@ -264,49 +270,37 @@ impl Resolver {
             spool: None,
             config: true,
         };
-        let (artifact, module, _) = self
-            .pull_module(image, pinned_digest, expected_module_sha256, creds, sink)
-            .await?;
-        Ok((artifact, module))
+        match self
+            .pull_counted(image, pinned_digest, expected_module_sha256, creds, sink)
+            .await?
+        {
+            (artifact, Some((module, _)), _, _) => Ok((artifact, module)),
+            (_, None, _, _) => Err(no_module()),
+        }
     }
 
     /// What `wasmfilter pull` does: [`Resolver::pull`] of the manifest and the module layer
     /// only (the config blob, which only declares ABI versions and root ids, is not read, and
-    /// the artifact says none), writing the module into `out` while it downloads when the
-    /// artifact's layer is the module itself (so the write overlaps the download instead of
-    /// following it); says whether `out` now holds the module. Whatever `out` holds, the
-    /// caller uses it only once this returned `Ok` (every check passed).
+    /// the artifact says none). When the artifact's layer is the module itself, the module is
+    /// written into `out` and inspected while it downloads (so neither follows the download,
+    /// and no buffer of its size is needed), and no bytes are returned; otherwise the unpacked
+    /// module is returned for the caller to write. Whatever `out` holds, the caller uses it only
+    /// once this returned `Ok` (every check passed).
     pub async fn pull_into(
         &self,
         image: &str,
         creds: &Credentials,
         out: std::fs::File,
-    ) -> Result<(Artifact, Vec<u8>, bool), Error> {
+    ) -> Result<(Artifact, Option<Vec<u8>>), Error> {
         let sink = Sink {
             cache: None,
             spool: Some(out),
             config: false,
         };
-        self.pull_module(image, None, None, creds, sink).await
-    }
-
-    async fn pull_module(
-        &self,
-        image: &str,
-        pinned_digest: Option<&str>,
-        expected_module_sha256: Option<&str>,
-        creds: &Credentials,
-        sink: Sink<'_>,
-    ) -> Result<(Artifact, Vec<u8>, bool), Error> {
-        let (artifact, module, _, written) = self
-            .pull_counted(image, pinned_digest, expected_module_sha256, creds, sink)
-            .await?;
-        match module {
-            Some((m, _)) => Ok((artifact, m, written)),
-            None => Err(crate::cache::Error::Write(std::io::Error::other(
-                "no module bytes without a cache",
-            ))
-            .into()),
+        match self.pull_counted(image, None, None, creds, sink).await? {
+            (artifact, _, _, true) => Ok((artifact, None)),
+            (artifact, Some((module, _)), _, false) => Ok((artifact, Some(module))),
+            (_, None, _, false) => Err(no_module()),
         }
     }
 
@@ -440,34 +434,40 @@ impl Resolver {
         // The runtime config and the module travel at once.
         let module_bytes = async {
             match cached {
-                Some(bytes) => Ok((bytes, 0)),
+                Some(bytes) => Ok((Blob::Bytes(bytes), 0)),
                 None => {
-                    let bytes = self
-                        .fetch_blob(&reference, layer, size, creds, spool)
+                    let blob = self
+                        .fetch_blob_into(&reference, layer, size, creds, spool)
                         .await?;
-                    let n = bytes.len() as u64;
-                    Ok::<_, Error>((bytes, n))
+                    Ok::<_, Error>((blob, size))
                 }
             }
         };
         // The module first: it takes the connection the manifest left idle.
-        let ((bytes, downloaded), declared) = tokio::try_join!(module_bytes, declared())?;
-        // Unpacking and validating are CPU work: off the async threads.
-        let limit = self.config.max_module_bytes;
-        let (module, info) = tokio::task::spawn_blocking(move || {
-            let module = format.extract_module(bytes, limit)?;
-            let info = abi::inspect(&module);
-            Ok::<_, ExtractError>((module, info))
-        })
-        .await
-        .map_err(|e| Error::InvalidModule {
-            reference: reference.whole(),
-            source: abi::ModuleError::Invalid(format!("inspecting the module failed: {e}")),
-        })?
-        .map_err(|source| Error::ExtractModule {
-            reference: reference.whole(),
-            source,
-        })?;
+        let ((blob, downloaded), declared) = tokio::try_join!(module_bytes, declared())?;
+        let (module, info) = match blob {
+            // Unpacking and validating are CPU work: off the async threads.
+            Blob::Bytes(bytes) => {
+                let limit = self.config.max_module_bytes;
+                let (module, info) = tokio::task::spawn_blocking(move || {
+                    let module = format.extract_module(bytes, limit)?;
+                    let info = abi::inspect(&module);
+                    Ok::<_, ExtractError>((module, info))
+                })
+                .await
+                .map_err(|e| Error::InvalidModule {
+                    reference: reference.whole(),
+                    source: abi::ModuleError::Invalid(format!("inspecting the module failed: {e}")),
+                })?
+                .map_err(|source| Error::ExtractModule {
+                    reference: reference.whole(),
+                    source,
+                })?;
+                (Some(module), info)
+            }
+            // A raw layer, inspected as it was written to the spool.
+            Blob::Spooled(info) => (None, info),
+        };
         let info = info.map_err(|e| match e {
             abi::ModuleError::NotWasm { .. } => Error::NotAWasmArtifact {
                 reference: reference.whole(),
@@ -479,14 +479,13 @@ impl Resolver {
             },
         })?;
         // A raw layer was just verified against its digest: that is the module's sha256.
-        let module_sha256 = if format.layer_is_module() {
-            layer_hex.to_string()
-        } else {
-            sha256_hex(&module)
+        let module_sha256 = match &module {
+            Some(module) if !format.layer_is_module() => sha256_hex(module),
+            _ => layer_hex.to_string(),
         };
         check_pin(&module_sha256)?;
         let summary = Summary {
-            size: module.len() as u64,
+            size: module.as_ref().map_or(size, |m| m.len() as u64),
             abi_version: info.abi_version().map(str::to_string),
         };
         self.remember(&module_sha256, summary.clone());
@@ -502,7 +501,7 @@ impl Resolver {
             signature: None,
             preflight_passed: None,
         };
-        Ok((artifact, Some((module, info)), downloaded, spooled))
+        Ok((artifact, module.map(|m| (m, info)), downloaded, spooled))
     }
 
     fn known(&self, sha256: &str) -> Option<Summary> {
@@ -548,9 +547,7 @@ impl Resolver {
         {
             return Ok(known.clone());
         }
-        let bytes = self
-            .fetch_blob(reference, config, size, creds, None)
-            .await?;
+        let bytes = self.fetch_blob(reference, config, size, creds).await?;
         let declared = format::DeclaredConfig::parse(&bytes).map_err(invalid)?;
         let mut configs = self.configs.lock().unwrap_or_else(|p| p.into_inner());
         if configs.len() >= MAX_REMEMBERED {
@@ -629,19 +626,80 @@ impl Resolver {
         Ok((manifest, actual))
     }
 
-    /// Streams a blob with a hard size cap, hashing (and, given `spool`, writing it there) as it
-    /// goes, and refuses bytes that do not match the descriptor's digest or size.
+    /// Downloads a blob into memory with a hard size cap, hashing it as it goes, and refuses
+    /// bytes that do not match the descriptor's digest or size.
     async fn fetch_blob(
         &self,
         reference: &Reference,
         layer: &OciDescriptor,
         size: u64,
         creds: &Credentials,
-        spool: Option<std::fs::File>,
     ) -> Result<Vec<u8>, Error> {
+        match self
+            .fetch_blob_into(reference, layer, size, creds, None)
+            .await?
+        {
+            Blob::Bytes(bytes) => Ok(bytes),
+            Blob::Spooled(_) => Err(Error::FetchBlob {
+                digest: layer.digest.clone(),
+                message: "the blob went to a spool file".into(),
+            }),
+        }
+    }
+
+    /// [`Resolver::fetch_blob`]; given a spool file, the blob is written there and inspected as
+    /// a module as it arrives instead of kept in memory.
+    async fn fetch_blob_into(
+        &self,
+        reference: &Reference,
+        layer: &OciDescriptor,
+        size: u64,
+        creds: &Credentials,
+        spool: Option<std::fs::File>,
+    ) -> Result<Blob, Error> {
         let fetch_err = |message: String| Error::FetchBlob {
             digest: layer.digest.clone(),
             message,
+        };
+        // Hash, write and inspect, each on a thread of its own while the download goes on: for
+        // large modules they overlap instead of adding up. A spooled module is not also kept in
+        // memory: it is inspected as it arrives. The threads start while the registry answers.
+        let (chunks, mut for_hasher) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            while let Some(chunk) = for_hasher.blocking_recv() {
+                ctx.update(&chunk);
+            }
+            hex::encode(ctx.finish())
+        });
+        // Either kept in memory, or written and inspected on threads of their own.
+        let mut side = Vec::new();
+        let mut into = match spool {
+            None => Destination::Memory(Vec::with_capacity(
+                usize::try_from(size).unwrap_or(0).min(1 << 26),
+            )),
+            Some(out) => {
+                let (tx, mut for_writer) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+                side.push(tx);
+                let written = tokio::task::spawn_blocking(move || {
+                    use std::io::Write as _;
+                    let mut out = std::io::BufWriter::new(out);
+                    while let Some(chunk) = for_writer.blocking_recv() {
+                        out.write_all(&chunk)?;
+                    }
+                    out.flush()
+                });
+                let (tx, mut for_inspector) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
+                side.push(tx);
+                let inspected = tokio::task::spawn_blocking(move || {
+                    let mut inspector = abi::stream::Inspector::new();
+                    while let Some(chunk) = for_inspector.blocking_recv() {
+                        inspector.feed(&chunk);
+                    }
+                    inspector.finish()
+                });
+                Destination::Spool { written, inspected }
+            }
         };
         let mut resp = self
             .registry
@@ -653,43 +711,21 @@ impl Resolver {
                 ),
                 other => other,
             })?;
-        let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(1 << 26));
-        // Hash, and write, each on a thread of its own while the download goes on: for large
-        // modules the three overlap instead of adding up.
-        let (chunks, mut for_hasher) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            while let Some(chunk) = for_hasher.blocking_recv() {
-                ctx.update(&chunk);
-            }
-            hex::encode(ctx.finish())
-        });
-        let (to_writer, written) = match spool {
-            Some(out) => {
-                let (tx, mut for_writer) = tokio::sync::mpsc::channel::<bytes::Bytes>(256);
-                let written = tokio::task::spawn_blocking(move || {
-                    use std::io::Write as _;
-                    let mut out = std::io::BufWriter::new(out);
-                    while let Some(chunk) = for_writer.blocking_recv() {
-                        out.write_all(&chunk)?;
-                    }
-                    out.flush()
-                });
-                (Some(tx), Some(written))
-            }
-            None => (None, None),
-        };
+        let mut received = 0u64;
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if (bytes.len() + chunk.len()) as u64 > size {
+                    received += chunk.len() as u64;
+                    if received > size {
                         return Err(fetch_err(format!(
                             "registry sent more than the {size} bytes the manifest declares"
                         )));
                     }
-                    bytes.extend_from_slice(&chunk);
-                    // A writer that stopped reports its error once the download is over.
-                    if let Some(tx) = &to_writer {
+                    if let Destination::Memory(bytes) = &mut into {
+                        bytes.extend_from_slice(&chunk);
+                    }
+                    // A writer or inspector that stopped reports why once the download is over.
+                    for tx in &side {
                         let _ = tx.send(chunk.clone()).await;
                     }
                     if chunks.send(chunk).await.is_err() {
@@ -699,25 +735,23 @@ impl Resolver {
                 Ok(None) => break,
                 Err(e) => {
                     return Err(fetch_err(format!(
-                        "after {} of {size} bytes: {}",
-                        bytes.len(),
+                        "after {received} of {size} bytes: {}",
                         error_chain(&e)
                     )));
                 }
             }
         }
         drop(chunks);
-        drop(to_writer);
-        if (bytes.len() as u64) < size {
+        drop(side);
+        if received < size {
             return Err(fetch_err(format!(
-                "truncated: got {} of {size} bytes",
-                bytes.len()
+                "truncated: got {received} of {size} bytes"
             )));
         }
         let actual = hasher
             .await
             .map_err(|e| fetch_err(format!("hashing: {e}")))?;
-        if let Some(written) = written {
+        if let Destination::Spool { written, .. } = &mut into {
             written
                 .await
                 .map_err(|e| fetch_err(format!("writing: {e}")))?
@@ -729,8 +763,34 @@ impl Resolver {
                 actual,
             });
         }
-        Ok(bytes)
+        Ok(match into {
+            Destination::Memory(bytes) => Blob::Bytes(bytes),
+            Destination::Spool { inspected, .. } => {
+                Blob::Spooled(inspected.await.unwrap_or_else(|e| {
+                    Err(abi::ModuleError::Invalid(format!(
+                        "inspecting the module failed: {e}"
+                    )))
+                }))
+            }
+        })
     }
+}
+
+/// Where [`Resolver::fetch_blob_into`] puts a blob as it arrives.
+enum Destination {
+    Memory(Vec<u8>),
+    /// A spool file's writer and a module inspector, each on a thread of its own.
+    Spool {
+        written: tokio::task::JoinHandle<std::io::Result<()>>,
+        inspected: tokio::task::JoinHandle<Result<abi::ModuleInfo, abi::ModuleError>>,
+    },
+}
+
+/// A blob [`Resolver::fetch_blob_into`] verified: its bytes, or, when they went to a spool file,
+/// what inspecting them as a module found.
+enum Blob {
+    Bytes(Vec<u8>),
+    Spooled(Result<abi::ModuleInfo, abi::ModuleError>),
 }
 
 /// An error with its sources, on one line.

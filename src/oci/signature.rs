@@ -640,9 +640,7 @@ impl Resolver {
             if size > MAX_PAYLOAD_BYTES {
                 continue;
             }
-            let payload = self
-                .fetch_blob(&reference, layer, size, creds, None)
-                .await?;
+            let payload = self.fetch_blob(&reference, layer, size, creds).await?;
             let annotation = |name: &str| layer.annotations.as_ref()?.get(name).cloned();
             found.push(Found {
                 payload,
@@ -751,7 +749,7 @@ impl Resolver {
                 ));
                 continue;
             }
-            let bytes = self.fetch_blob(&holder, layer, size, creds, None).await?;
+            let bytes = self.fetch_blob(&holder, layer, size, creds).await?;
             found.extend(parse_bundle(&bytes, &holder_digest));
         }
         Ok(found)
