@@ -16,6 +16,7 @@ mod rollout;
 pub mod status;
 pub mod verify;
 mod watch;
+mod written;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -35,7 +36,7 @@ pub use error::Error;
 pub use watch::{follow_filters, run};
 
 use crate::abi::ModuleInfo;
-use crate::api::{PullPolicy, WasmFilter, WasmFilterStatus};
+use crate::api::{PullPolicy, WasmFilter};
 use crate::cache::{FetchFailure, ModuleCache, OnDemand, Singleflight};
 use crate::error::Backoff;
 use crate::metrics::Metrics;
@@ -110,7 +111,7 @@ pub struct Context {
     /// The last status this process wrote, by object uid: only the operator writes status, so
     /// it is the truth even before the watch delivers it (a reconcile the child's creation
     /// triggers often runs first, and would resolve the tag again and flap the status).
-    written: Mutex<HashMap<String, WasmFilterStatus>>,
+    written: written::WrittenStatuses,
     /// The resourceVersion of each child as this process last applied it, by kind, namespace
     /// and name: the watch event of that very version is the operator's own write echoing
     /// back, not a reason to reconcile.
@@ -149,7 +150,7 @@ impl Context {
             pods: Arc::default(),
             reconciling: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            written: Mutex::new(HashMap::new()),
+            written: written::WrittenStatuses::default(),
             applied: Mutex::new(HashMap::new()),
         }
     }
@@ -169,45 +170,6 @@ impl Context {
     /// How many reconciles are running now.
     pub fn reconciles_in_flight(&self) -> usize {
         self.reconciling.load(Ordering::SeqCst)
-    }
-
-    /// `wf` with the last status this process wrote for it, when the store has not caught up;
-    /// once it has, the memo is dropped (the store holds the same).
-    fn with_written_status(&self, wf: &Arc<WasmFilter>) -> Arc<WasmFilter> {
-        let Some(uid) = wf.uid() else {
-            return wf.clone();
-        };
-        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        match written.get(&uid) {
-            Some(status) if wf.status.as_ref() == Some(status) => {
-                written.remove(&uid);
-                wf.clone()
-            }
-            Some(status) => {
-                let mut newer = (**wf).clone();
-                newer.status = Some(status.clone());
-                Arc::new(newer)
-            }
-            None => wf.clone(),
-        }
-    }
-
-    /// Remembers `status` as the API server stores it (condition times in whole seconds), so
-    /// that the store's copy compares equal once it catches up.
-    fn remember_status(&self, wf: &WasmFilter, status: &WasmFilterStatus) {
-        let Some(uid) = wf.uid() else { return };
-        let mut stored = status.clone();
-        for c in &mut stored.conditions {
-            let t = c.last_transition_time.0;
-            if let Ok(whole) = jiff::Timestamp::from_second(t.as_second()) {
-                c.last_transition_time.0 = whole;
-            }
-        }
-        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-        if written.len() >= 100_000 {
-            written.clear();
-        }
-        written.insert(uid, stored);
     }
 
     fn remember_applied(&self, kind: &str, child: &DynamicObject) {
@@ -405,7 +367,7 @@ async fn reconcile(wf: Arc<WasmFilter>, ctx: Arc<Context>) -> Result<Action, Err
     if ctx.stopping.load(Ordering::SeqCst) {
         return Ok(Action::await_change());
     }
-    let wf = ctx.with_written_status(&wf);
+    let wf = ctx.written.apply_to(&wf);
     let result = apply_filter(&wf, &ctx).await;
     ctx.metrics.reconciled(
         match &result {

@@ -39,7 +39,7 @@ pub(super) async fn write_status(
     )
     .await
     .map_err(Error::UpdateStatus)?;
-    ctx.remember_status(wf, status);
+    ctx.written.remember(wf, status);
     Ok(())
 }
 

@@ -129,7 +129,12 @@ pub async fn run(
         // The ECDS server and the reconcile queue learn of deletions here (no reconcile runs
         // for a deleted object), and after every full list which filters exist at all.
         .inspect(move |event| match event {
+            // The store now holds the status this process wrote: its memo can go.
+            Ok(watcher::Event::Apply(wf) | watcher::Event::InitApply(wf)) => {
+                queue.written.stored(wf);
+            }
             Ok(watcher::Event::Delete(wf)) => {
+                queue.written.deleted(wf);
                 queue
                     .metrics
                     .queue
