@@ -943,3 +943,77 @@ async fn the_queue_depth_counts_the_filters_waiting_for_their_turn() {
     })
     .await;
 }
+
+/// The filter's Warning Events as the API server holds them: (reason, note, series count).
+fn warning_event_objects(ns: &str, name: &str) -> Vec<(String, String, i64)> {
+    let out = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        ns,
+        "-o",
+        "json",
+        "--field-selector",
+        &format!("regarding.name={name},type=Warning"),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["note"].as_str().unwrap_or_default().to_string(),
+                e["series"]["count"].as_i64().unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+/// A failure that repeats (a registry that refuses connections, retried with backoff) is one
+/// Warning Event whose series counts the repeats, not an Event per attempt; a failure with
+/// other words (another registry) is an Event of its own, not a count on the old one.
+#[tokio::test]
+async fn a_repeated_warning_is_one_event_counting_its_repeats() {
+    let client = client().await;
+    let ns = TestNamespace::new("series");
+    let _op = Operator::start(&ns.name, &[]).await;
+    let closed = |port: u16| format!("127.0.0.1:{port}/filters/down:v1");
+    Filter::new(&ns.name, "down", &closed(free_port())).apply();
+    let reason = "RegistryUnavailable";
+    let first = wait_for(
+        "one RegistryUnavailable Event counting two attempts or more",
+        Duration::from_secs(60),
+        || async {
+            let events: Vec<_> = warning_event_objects(&ns.name, "down")
+                .into_iter()
+                .filter(|(r, _, _)| r == reason)
+                .collect();
+            match events.as_slice() {
+                [(_, note, count)] if *count >= 2 => Some(note.clone()),
+                [_] => None,
+                more => panic!("an Event per attempt: {more:?}"),
+            }
+        },
+    )
+    .await;
+    let other = closed(free_port());
+    Filter::new(&ns.name, "down", &other).apply();
+    wait_for(
+        "a second Event for the other registry",
+        Duration::from_secs(60),
+        || async {
+            let events = warning_event_objects(&ns.name, "down");
+            let notes: Vec<_> = events
+                .iter()
+                .filter(|(r, _, _)| r == reason)
+                .map(|(_, n, _)| n.clone())
+                .collect();
+            (notes.len() == 2 && notes.contains(&first)).then_some(())
+        },
+    )
+    .await;
+    let wf = wait_condition(&client, &ns.name, "down", "Ready", "False").await;
+    assert_eq!(condition(&wf, "Ready").unwrap().reason, reason);
+}

@@ -104,7 +104,7 @@ pub async fn report(mut bad: mpsc::UnboundedReceiver<Undecodable>, ctx: Arc<Cont
             tracing::warn!(namespace = %ns, filter = %name, error = %e, "could not write status");
         }
         super::report::publish(
-            &ctx.recorder,
+            &ctx.events,
             &object.object_ref(&resource),
             EventType::Warning,
             reason::INVALID_SPEC,

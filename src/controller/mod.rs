@@ -8,6 +8,7 @@ mod crds;
 mod decode;
 mod deploy;
 mod error;
+mod events;
 #[cfg(feature = "preflight")]
 pub mod preflight;
 mod report;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
@@ -81,7 +82,7 @@ const PINNED_RESYNC: Duration = Duration::from_secs(3600);
 /// Everything a reconcile needs, shared by all of them.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: events::Events,
     pub metrics: Arc<Metrics>,
     pub resolver: Resolver,
     pub cache: ModuleCache,
@@ -132,7 +133,7 @@ impl Context {
             instance: settings.instance.clone(),
         };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Events::new(client.clone(), reporter),
             client,
             metrics,
             resolver,
@@ -546,7 +547,7 @@ impl OnDemand for OnceLock<Arc<Context>> {
 /// Publishes an Event about `wf`; a failure to publish is logged, never fatal.
 async fn publish(ctx: &Context, wf: &WasmFilter, type_: EventType, reason: &str, note: String) {
     report::publish(
-        &ctx.recorder,
+        &ctx.events,
         &kube::Resource::object_ref(wf, &()),
         type_,
         reason,

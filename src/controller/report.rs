@@ -2,7 +2,9 @@
 //! manager) and Events for what a person would want to know happened.
 
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
+
+use super::events::{Event, Events};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -268,7 +270,7 @@ pub(super) fn announcements(
 
 /// Publishes an Event; a failure to publish is logged, never fatal.
 pub(super) async fn publish(
-    recorder: &Recorder,
+    events: &Events,
     object: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,
     reason: &str,
@@ -276,12 +278,11 @@ pub(super) async fn publish(
 ) {
     let ev = Event {
         type_,
-        reason: reason.to_string(),
+        reason,
         note: Some(truncate(note, MAX_NOTE)),
-        action: "Reconcile".to_string(),
-        secondary: None,
+        action: "Reconcile",
     };
-    if let Err(e) = recorder.publish(&ev, object).await {
+    if let Err(e) = events.publish(&ev, object).await {
         tracing::warn!(error = %e, "could not publish event");
     }
 }
