@@ -926,6 +926,19 @@ pub fn warning_events(ns: &str, name: &str) -> Vec<(String, String)> {
 
 /// (reason, note) of the Events of `type_` (Normal, Warning) about object `name`.
 pub fn events(ns: &str, name: &str, type_: &str) -> Vec<(String, String)> {
+    event_objects(ns, name, type_)
+        .iter()
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["note"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The `events.k8s.io` Events of one type about the object `name`, as the API server holds them.
+pub fn event_objects(ns: &str, name: &str, type_: &str) -> Vec<Value> {
     let out = kubectl(&[
         "get",
         "events.events.k8s.io",
@@ -936,18 +949,11 @@ pub fn events(ns: &str, name: &str, type_: &str) -> Vec<(String, String)> {
         "--field-selector",
         &format!("regarding.name={name},type={type_}"),
     ]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({"items": []}));
-    v["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            (
-                e["reason"].as_str().unwrap_or_default().to_string(),
-                e["note"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    let mut v: Value = serde_json::from_slice(&out.stdout).unwrap_or(json!({"items": []}));
+    match v["items"].take() {
+        Value::Array(items) => items,
+        _ => Vec::new(),
+    }
 }
 
 /// Replaces every string value equal to a placeholder.
