@@ -22,6 +22,8 @@ use wasmfilter::cache::ModuleCache;
 use wasmfilter::oci::{Credentials, Format, RegistryConfig, Resolver};
 
 const RUNS: usize = 7;
+/// Cold runs of each tool, alternating.
+const COLD_RUNS: usize = 21;
 const WARM_RUNS: usize = 200;
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -69,7 +71,9 @@ async fn main() {
     .unwrap();
     let tag = format!("{:08x}", fastrand::u32(..));
 
-    println!("pull benchmark: registry {registry}, {RUNS} runs each (median), release build");
+    println!(
+        "pull benchmark: registry {registry}, cold: {COLD_RUNS} runs each, alternating (median); warm oras: {RUNS} runs; release build"
+    );
     println!(
         "{:>7} | {:>12} | {:>12} | {:>6} | {:>14} | {:>20} | {:>20}",
         "module",
@@ -96,33 +100,30 @@ async fn main() {
         .unwrap();
 
         let out_file = work.path().join("ours.wasm");
-        // Both tools write into a place emptied first (renaming over an existing file makes
-        // ext4 flush it, which would time the disk, not the pull).
-        let ours_cold: Vec<_> = (0..RUNS)
-            .map(|_| {
-                let _ = std::fs::remove_file(&out_file);
-                time_cmd(
-                    Command::new(ours)
-                        .args(["pull", &image, "--plain-http", "-o"])
-                        .arg(&out_file),
-                )
-            })
-            .collect();
-        assert_eq!(std::fs::read(&out_file).unwrap(), module);
-
         let oras_out = work.path().join("oras-out");
-        let oras_cold: Vec<_> = (0..RUNS)
-            .map(|_| {
-                let _ = std::fs::remove_dir_all(&oras_out);
-                time_cmd(
-                    Command::new(&oras)
-                        .args(["pull", "--plain-http", &image, "-o"])
-                        .arg(&oras_out)
-                        .env("HOME", work.path())
-                        .env_remove("ORAS_CACHE"),
-                )
-            })
-            .collect();
+        // One of ours, then one of oras, and again: both meet the machine in the same state
+        // (this 2-core VM drifts by tens of percent over a minute). Both tools write into a
+        // place emptied first (renaming over an existing file makes ext4 flush it, which would
+        // time the disk, not the pull).
+        let mut ours_cold = Vec::new();
+        let mut oras_cold = Vec::new();
+        for _ in 0..COLD_RUNS {
+            let _ = std::fs::remove_file(&out_file);
+            ours_cold.push(time_cmd(
+                Command::new(ours)
+                    .args(["pull", &image, "--plain-http", "-o"])
+                    .arg(&out_file),
+            ));
+            let _ = std::fs::remove_dir_all(&oras_out);
+            oras_cold.push(time_cmd(
+                Command::new(&oras)
+                    .args(["pull", "--plain-http", &image, "-o"])
+                    .arg(&oras_out)
+                    .env("HOME", work.path())
+                    .env_remove("ORAS_CACHE"),
+            ));
+        }
+        assert_eq!(std::fs::read(&out_file).unwrap(), module);
         assert_eq!(std::fs::read(oras_out.join("plugin.wasm")).unwrap(), module);
 
         let oras_cache = work.path().join(format!("oras-cache-{size}"));
