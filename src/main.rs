@@ -3,12 +3,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use wasmfilter::cli::{Cli, Command, Incompatible, Unreadable};
 
-/// Threads the operator's blocking work (hashing, file I/O, validating and pre-flighting
-/// modules) may use at once; more such work waits its turn. Tokio's default, 512, let a cold
-/// start with thousands of filters run some 50 at once: no faster on a few cores, and each
-/// thread came with its own stack and malloc arena (measured: the RSS at 2,000 filters).
-const MAX_BLOCKING_THREADS: usize = 8;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The operator serves many things at once; a CLI command is one request after another,
@@ -17,7 +11,6 @@ fn main() -> ExitCode {
     let runtime = match cli.command {
         Command::Operator(_) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
-            .max_blocking_threads(MAX_BLOCKING_THREADS)
             .build(),
         _ => tokio::runtime::Builder::new_current_thread()
             .enable_all()
