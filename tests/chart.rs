@@ -13,8 +13,6 @@ use kube::Api;
 use support::*;
 use wasmfilter::api::WasmFilter;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/wasmfilter-operator");
-
 #[test]
 fn chart_lints_and_every_rendering_is_accepted_by_the_api_server() {
     let ns = TestNamespace::new("chart-render");
@@ -399,17 +397,7 @@ async fn install_upgrade_uninstall_and_the_granted_rbac_is_exactly_enough() {
     drop(op);
 
     // Upgrade with a changed value: the Deployment's arguments follow.
-    ok(helm(&[
-        "upgrade",
-        release,
-        CHART,
-        "--namespace",
-        n,
-        "--reuse-values",
-        "--set",
-        "cache.maxBytes=1000000",
-        "--wait=false",
-    ]));
+    helm_upgrade_set(release, n, "cache.maxBytes=1000000", &["--wait=false"]);
     assert!(args(&deployment()).contains(&"--cache-max-bytes=1000000".to_string()));
     // The chart put its Role back.
     let role = stdout(&kubectl(&["get", "role", fullname, "-n", n, "-o", "yaml"]));

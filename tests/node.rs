@@ -20,8 +20,6 @@ use kube::Api;
 use kube::api::ListParams;
 use support::*;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/wasmfilter-operator");
-
 fn the_node() -> TestNode {
     test_node().expect(
         "these tests need the test node: run `e2e/test.sh`, or `source $(e2e/env.sh up --node)` \
@@ -335,19 +333,12 @@ async fn the_chart_runs_the_operator_as_a_pod_that_reconciles_and_upgrade_and_un
     );
 
     // `helm upgrade` with a changed value rolls the pod; the new one takes over.
-    ok(helm(&[
-        "upgrade",
+    helm_upgrade_set(
         release,
-        CHART,
-        "--namespace",
         n,
-        "--reuse-values",
-        "--set",
         "resyncSeconds=120",
-        "--wait",
-        "--timeout",
-        "120s",
-    ]));
+        &["--wait", "--timeout", "120s"],
+    );
     let pods = wait_ready_pods(client, n, release, 1).await;
     let second = &pods[0];
     assert_ne!(

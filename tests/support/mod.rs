@@ -146,6 +146,26 @@ pub fn helm(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// The project's Helm chart.
+pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/wasmfilter-operator");
+
+/// `helm upgrade RELEASE` of the chart in `ns`, keeping its values but `set`, with `wait`'s
+/// flags; asserts it succeeded.
+pub fn helm_upgrade_set(release: &str, ns: &str, set: &str, wait: &[&str]) -> String {
+    let mut args = vec![
+        "upgrade",
+        release,
+        CHART,
+        "--namespace",
+        ns,
+        "--reuse-values",
+        "--set",
+        set,
+    ];
+    args.extend_from_slice(wait);
+    ok(helm(&args))
+}
+
 /// A command's stdout, after asserting it succeeded (its output in the failure otherwise).
 pub fn ok(out: Output) -> String {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
