@@ -57,6 +57,9 @@ pub mod reason {
     pub const NO_PROXY_CONNECTED: &str = "NoProxyConnected";
     /// `--istio-load-status`: no selected Istio proxy's metrics could be read.
     pub const PROXY_METRICS_UNREAD: &str = "ProxyMetricsUnread";
+    /// `--istio-load-status`, EnvoyFilter target: the proxies' metrics were read but cannot
+    /// say whether the filter's Wasm runs (other Wasm plugins run beside it).
+    pub const LOAD_UNDECIDED: &str = "LoadUndecided";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const RECONCILING: &str = "Reconciling";
     /// `spec.rollout`: steps remain before every selected pod has the new module.

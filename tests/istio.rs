@@ -632,3 +632,114 @@ async fn with_istio_load_status_each_pod_says_whether_its_proxy_runs_the_filter(
         refusing.logs()
     );
 }
+
+#[tokio::test]
+async fn with_istio_load_status_an_envoy_filters_pods_say_what_their_proxy_shows() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-ef-load");
+    let n = &ns.name;
+    // Envoy fetches an EnvoyFilter's module itself, through the cluster istiod makes for the
+    // cache's Service name (see an_envoy_filter_target_runs_through_istiod_from_the_cache_service).
+    let service = format!("wasmfilter-cache.{n}.svc");
+    let op =
+        Operator::start_advertising(n, &["--istio-load-status", "--preflight=false"], &|port| {
+            format!("http://{service}:{port}")
+        })
+        .await;
+    apply_ok(&loopback_service(
+        n,
+        "wasmfilter-cache",
+        &format!("{service}.cluster.local"),
+        op.cache_port,
+    ));
+    // Four gateways: one runs a good module, one cannot reach the cache, one fetches a module
+    // whose proxy_on_configure fails, and one runs a WasmPlugin's filter beside the
+    // EnvoyFilter's.
+    let (good, _b1) = gateway_resolving(n, "good", &[op.cache_port], &[&service]).await;
+    let (unreachable, _b2) = gateway_resolving(n, "unreachable", &[], &[&service]).await;
+    let (refusing, _b3) = gateway_resolving(n, "refusing", &[op.cache_port], &[&service]).await;
+    let (shared, _b4) = gateway_resolving(n, "shared", &[op.cache_port], &[&service]).await;
+    for gw in [&good, &unreachable, &refusing, &shared] {
+        register_pod(n, gw, "1.39.3");
+    }
+    let ok = format!("{}/istio/{n}:ok", env.registry);
+    push_module(&ok, wasm(&variant("ok", &format!("ok-{n}")))).await;
+    let other = format!("{}/istio/{n}:other", env.registry);
+    push_module(&other, wasm(&variant("wp", &format!("wp-{n}")))).await;
+    let bad = format!("{}/istio/{n}:bad", env.registry);
+    push_module(&bad, support::ecds::configure_fails(&format!("bad-{n}"))).await;
+    for (name, image, app) in [
+        ("good", &ok, "good"),
+        ("unreachable", &ok, "unreachable"),
+        ("refusing", &bad, "refusing"),
+        ("shared", &ok, "shared"),
+    ] {
+        Filter::new(n, name, image)
+            .app(app)
+            .target(Target::EnvoyFilter)
+            .apply();
+    }
+    Filter::new(n, "beside", &other).app("shared").apply();
+
+    let pod = |wf: &wasmfilter::api::WasmFilter| wf.status.as_ref().unwrap().workloads[0].clone();
+    let wf = wait_status(&client, n, "good", "the good proxy runs it", |wf| {
+        cond_is(wf, "Loaded", "True", "Loaded")
+    })
+    .await;
+    assert_eq!(pod(&wf).loaded, Some(true));
+    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+    wait_headers(&good, "the good module", &["ok"]).await;
+
+    // Envoy retries the fetch while the listener warms, then gives up: no Wasm VM runs.
+    for (name, gw, log) in [
+        ("unreachable", &unreachable, "Retry limit exceeded"),
+        ("refusing", &refusing, "Failed to configure"),
+    ] {
+        let wf = wait_status(&client, n, name, "the proxy's failure said", |wf| {
+            cond_is(wf, "Loaded", "False", "LoadFailed")
+        })
+        .await;
+        let w = pod(&wf);
+        assert_eq!(w.loaded, Some(false), "{name}");
+        let why = w.load_error.unwrap();
+        assert!(
+            why.contains("no Wasm VM runs in the proxy"),
+            "{name}: {why}"
+        );
+        assert!(
+            cond_is(&wf, "Ready", "False", "LoadFailed"),
+            "{:?}",
+            wf.status
+        );
+        assert!(gw.logs().contains(log), "{name}: {}", gw.logs());
+        // FailClosed (the default): the listener refuses requests without its filter.
+        let (status, _, _) = gw.get("/").await.unwrap();
+        assert_eq!(status, 503, "{name}");
+    }
+    // Only the unreachable one counted a failed fetch.
+    let wf = wait_status(&client, n, "unreachable", "", |_| true).await;
+    assert!(
+        pod(&wf)
+            .load_error
+            .unwrap()
+            .contains("1 failed module fetch"),
+        "{:?}",
+        wf.status
+    );
+
+    // Beside a WasmPlugin's filter, both run, but the proxy-wide VM count cannot say whose VMs
+    // run: the EnvoyFilter's pod keeps `loaded` absent, the WasmPlugin's says true.
+    wait_headers(&shared, "both filters", &["ok", "wp"]).await;
+    let wf = wait_status(&client, n, "beside", "the WasmPlugin's plugin runs", |wf| {
+        cond_is(wf, "Loaded", "True", "Loaded")
+    })
+    .await;
+    assert_eq!(pod(&wf).loaded, Some(true));
+    let wf = wait_status(&client, n, "shared", "undecided", |wf| {
+        cond_is(wf, "Loaded", "Unknown", "LoadUndecided")
+    })
+    .await;
+    assert_eq!(pod(&wf).loaded, None);
+    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+}

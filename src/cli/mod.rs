@@ -365,8 +365,8 @@ pub struct OperatorArgs {
     /// whatever its WasmFilter says.
     #[arg(long, value_name = "NAMESPACE/CONFIGMAP", value_parser = namespaced_name)]
     pub require_signature_keys: Option<(String, String)>,
-    /// For WasmPlugin and TrafficExtension targets, read each selected pod's istio-agent
-    /// metrics (`http://POD_IP:15020/stats/prometheus`, or the port in the pod's
+    /// For the Istio targets (WasmPlugin, TrafficExtension, EnvoyFilter), read each selected
+    /// pod's istio-agent metrics (`http://POD_IP:15020/stats/prometheus`, or the port in the pod's
     /// `status.sidecar.istio.io/port`) to tell, per pod, whether its proxy runs a Wasm plugin
     /// for the filter (`status.workloads[].loaded`, the `Loaded` condition). Needs the
     /// operator to reach the pods on that port, as Prometheus does.

@@ -74,7 +74,9 @@ pub(super) async fn deploy(
                 xds.withdraw(&name);
             }
             let loaded = match target {
-                Target::WasmPlugin | Target::TrafficExtension if ctx.settings.istio_load_status => {
+                Target::WasmPlugin | Target::TrafficExtension | Target::EnvoyFilter
+                    if ctx.settings.istio_load_status =>
+                {
                     Some(istio_loads(wf, ns, target, &module.sha256, workloads, ctx).await)
                 }
                 _ => None,
@@ -127,7 +129,12 @@ async fn istio_loads(
 ) -> (Cond, u32) {
     use crate::workloads::istio;
     use futures::StreamExt;
-    let plugin = istio::plugin_name(ns, &wf.name_any(), target == Target::TrafficExtension);
+    let plugin = istio::plugin_name(ns, &wf.name_any(), target == Target::WasmPlugin);
+    let read = if target == Target::EnvoyFilter {
+        istio::read_envoy_filter
+    } else {
+        istio::read
+    };
     // Where each selected pod's metrics are: its IP (once it has one) and status port.
     let at: std::collections::HashMap<String, (String, u16)> = ctx
         .pods
@@ -152,7 +159,7 @@ async fn istio_loads(
             async move {
                 let (ip, port) = target?;
                 let text = istio::scrape(&ip, port, ISTIO_METRICS_TIMEOUT).await?;
-                Some(istio::read(&text, &plugin))
+                Some(read(&text, &plugin))
             }
         })
         .buffered(ISTIO_METRICS_CONCURRENCY)

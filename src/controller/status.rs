@@ -291,7 +291,7 @@ pub fn ready(
             condition::READY,
             true,
             reason::READY,
-            "module verified, deployed, and running in every proxy whose metrics were read",
+            "module verified, deployed, and running in every proxy whose metrics tell (see Loaded)",
         ),
         None => Cond::new(
             condition::READY,
@@ -462,7 +462,7 @@ pub fn istio_loaded(
     loads: &[Option<ProxyLoad>],
     module: &str,
 ) -> (Cond, u32) {
-    let (mut ok, mut read, mut waiting) = (0u32, 0usize, 0usize);
+    let (mut ok, mut read, mut waiting, mut undecided) = (0u32, 0usize, 0usize, 0usize);
     let mut refused = Vec::new();
     for (w, load) in workloads.iter_mut().zip(loads) {
         let Some(load) = load else { continue };
@@ -479,12 +479,26 @@ pub fn istio_loaded(
                 w.load_error = Some(why.clone());
             }
             ProxyLoad::NotYet => waiting += 1,
+            ProxyLoad::Undecided => {
+                undecided += 1;
+                w.loaded = None;
+                w.load_error = None;
+            }
         }
     }
-    let unread = match workloads.len() - read {
+    let not_read = match workloads.len() - read {
         0 => String::new(),
         n => format!(" ({n} selected pods' metrics were not read)"),
     };
+    let mut unread = not_read.clone();
+    if undecided > 0 {
+        unread += &format!(
+            " ({undecided} proxies run other Wasm plugins beside this EnvoyFilter's, and their \
+             metrics cannot say whose Wasm VMs run)"
+        );
+    }
+    // What the undecided proxies' metrics said counts as unread.
+    let read = read - undecided;
     let cond = if !refused.is_empty() {
         let n = refused.len();
         let parts = first_three(refused);
@@ -504,6 +518,15 @@ pub fn istio_loaded(
             format!(
                 "waiting for {waiting} of {read} Istio proxies to run a Wasm plugin for this \
                  filter{unread}"
+            ),
+        )
+    } else if read == 0 && undecided > 0 {
+        Cond::unknown(
+            condition::LOADED,
+            reason::LOAD_UNDECIDED,
+            format!(
+                "the metrics of {undecided} Istio proxies cannot say whether this EnvoyFilter's \
+                 Wasm runs: other Wasm plugins run beside it{not_read}"
             ),
         )
     } else if read == 0 {
@@ -1264,5 +1287,66 @@ mod tests {
         assert_eq!(cond(&new, "Reconciling").status, "True");
         assert_eq!(cond(&new, "Ready").status, "Unknown");
         assert_eq!(new.observed_generation, None);
+    }
+
+    #[test]
+    fn istio_loads_sum_up_and_undecided_proxies_stay_absent() {
+        let pods = |n: usize| -> Vec<WorkloadStatus> {
+            (0..n)
+                .map(|i| workload(&format!("p{i}"), Some("1.39.3"), Some(true)))
+                .collect()
+        };
+        // Every proxy undecided: Loaded says so, nobody's `loaded` is set.
+        let mut w = pods(2);
+        w[0].loaded = Some(true);
+        let (c, ok) = istio_loaded(&mut w, &[Some(ProxyLoad::Undecided), None], "abc");
+        assert_eq!(
+            (c.status, c.reason.as_str(), ok),
+            ("Unknown", reason::LOAD_UNDECIDED, 0)
+        );
+        assert!(
+            c.message.contains("1 selected pods' metrics were not read"),
+            "{}",
+            c.message
+        );
+        assert_eq!((w[0].loaded, w[1].loaded), (None, None));
+        // One runs, one undecided: Loaded counts the one that told.
+        let mut w = pods(2);
+        let (c, ok) = istio_loaded(
+            &mut w,
+            &[Some(ProxyLoad::Running), Some(ProxyLoad::Undecided)],
+            "abc",
+        );
+        assert_eq!((c.status, ok), ("True", 1));
+        assert!(
+            c.message.starts_with("1 of 1 Istio proxies run"),
+            "{}",
+            c.message
+        );
+        assert!(
+            c.message.contains("1 proxies run other Wasm plugins"),
+            "{}",
+            c.message
+        );
+        assert_eq!((w[0].loaded, w[1].loaded), (Some(true), None));
+        // A refusal wins over the rest.
+        let mut w = pods(3);
+        let loads = [
+            Some(ProxyLoad::Refused("no VM".into())),
+            Some(ProxyLoad::NotYet),
+            Some(ProxyLoad::Undecided),
+        ];
+        let (c, _) = istio_loaded(&mut w, &loads, "abc");
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            ("False", reason::LOAD_FAILED)
+        );
+        assert!(
+            c.message
+                .starts_with("1 of 2 Istio proxies run no Wasm plugin"),
+            "{}",
+            c.message
+        );
+        assert_eq!(w[0].load_error.as_deref(), Some("no VM"));
     }
 }

@@ -10,6 +10,13 @@
 //!   stats matcher includes `extension_config_discovery` (Envoy refused the config: the module
 //!   would not start);
 //! - the agent's `istio_agent_wasm_remote_fetch_count` by result (failed downloads).
+//!
+//! An `EnvoyFilter` is different ([`read_envoy_filter`]): Envoy fetches the module itself and
+//! keeps the filter's `wasm.<plugin>.*` stats whether or not the module was fetched or started
+//! (measured with Envoy 1.39.3: a good module, one it cannot fetch and one whose configure
+//! fails all show them), so only proxy-wide figures speak: how many Wasm VMs run
+//! (`wasm.wasm_vm_count`) and whether a listener still waits for a fetch
+//! (`listener_manager.total_listeners_warming`), both in Istio's default stats.
 
 use std::time::Duration;
 
@@ -26,15 +33,18 @@ pub enum ProxyLoad {
     Refused(String),
     /// None runs yet, and nothing says it failed.
     NotYet,
+    /// The proxy's metrics cannot say (an `EnvoyFilter`'s plugin beside other Wasm plugins).
+    Undecided,
 }
 
-/// The name Istio gives the filter's Wasm plugin and ECDS resource, for a `WasmPlugin`
-/// (`traffic_extension: false`) or a `TrafficExtension`.
-pub fn plugin_name(namespace: &str, name: &str, traffic_extension: bool) -> String {
-    if traffic_extension {
-        format!("{namespace}.{name}")
-    } else {
+/// The name of the filter's Wasm plugin in the proxy: Istio's for a `WasmPlugin`
+/// (`translated: true`, also its ECDS resource's), and for a `TrafficExtension` or the
+/// operator's own `EnvoyFilter` (`translated: false`) the `<namespace>.<name>` they carry.
+pub fn plugin_name(namespace: &str, name: &str, translated: bool) -> String {
+    if translated {
         format!("{namespace}.{name}~istio-translated-wasmplugin")
+    } else {
+        format!("{namespace}.{name}")
     }
 }
 
@@ -64,10 +74,24 @@ fn samples<'a>(text: &'a str, metric: &str) -> Vec<(&'a str, f64)> {
         .collect()
 }
 
-/// Reads what `text` (a proxy's merged Prometheus metrics) says about the plugin `plugin`.
+/// Whether the plugin `plugin` has its `wasm.<plugin>.*` stats in `text`.
+fn has_plugin_stats(text: &str, plugin: &str) -> bool {
+    !samples(
+        text,
+        &format!("envoy_wasm_{}_vm_reload", prometheus(plugin)),
+    )
+    .is_empty()
+}
+
+/// The sum of every sample of `metric` in `text` (0 when there is none).
+fn total(text: &str, metric: &str) -> f64 {
+    samples(text, metric).iter().map(|(_, v)| v).sum()
+}
+
+/// Reads what `text` (a proxy's merged Prometheus metrics) says about the plugin `plugin` of a
+/// `WasmPlugin` or `TrafficExtension`, which the proxy gets over ECDS from the istio-agent.
 pub fn read(text: &str, plugin: &str) -> ProxyLoad {
-    let p = prometheus(plugin);
-    if !samples(text, &format!("envoy_wasm_{p}_vm_reload")).is_empty() {
+    if has_plugin_stats(text, plugin) {
         return ProxyLoad::Running;
     }
     let ecds = prometheus(&format!("extensions.istio.io/trafficextension/{plugin}"));
@@ -106,6 +130,43 @@ pub fn read(text: &str, plugin: &str) -> ProxyLoad {
             failed.join(", ")
         ))
     }
+}
+
+/// Reads what `text` says about the plugin `plugin` of the operator's `EnvoyFilter`: a Wasm
+/// filter in the proxy's listeners whose module Envoy fetches itself. Its plugin's stats exist
+/// once the listener has it, fetched or not, so:
+/// - no Wasm VM runs in the proxy: nothing of it runs, and once no listener waits for a fetch
+///   any more it never will ([`ProxyLoad::Refused`]; before that, [`ProxyLoad::NotYet`]);
+/// - VMs run and this is the proxy's only Wasm plugin: they are its ([`ProxyLoad::Running`]);
+/// - VMs run and other plugins are there too: they may be the others' ([`ProxyLoad::Undecided`]).
+pub fn read_envoy_filter(text: &str, plugin: &str) -> ProxyLoad {
+    if !has_plugin_stats(text, plugin) {
+        return ProxyLoad::NotYet;
+    }
+    if total(text, "envoy_wasm_wasm_vm_count") > 0.0 {
+        let plugins = text
+            .lines()
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .filter(|m| m.starts_with("envoy_wasm_") && m.ends_with("_vm_reload"))
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        return if plugins == 1 {
+            ProxyLoad::Running
+        } else {
+            ProxyLoad::Undecided
+        };
+    }
+    if total(text, "envoy_listener_manager_total_listeners_warming") > 0.0 {
+        return ProxyLoad::NotYet;
+    }
+    let failures = match total(text, "envoy_wasm_remote_load_fetch_failures") {
+        n if n > 0.0 => format!(", and Envoy counts {n} failed module fetch(es)"),
+        _ => String::new(),
+    };
+    ProxyLoad::Refused(format!(
+        "the filter is in the proxy's listeners but no Wasm VM runs in the proxy: its module \
+         was not fetched or did not start{failures} (the proxy's log says why)"
+    ))
 }
 
 /// One HTTP client for every proxy's metrics (plain HTTP, no proxy from the environment).
@@ -173,9 +234,70 @@ mod tests {
     #[test]
     fn names_follow_istio() {
         assert_eq!(
-            plugin_name("shop", "hdr", false),
+            plugin_name("shop", "hdr", true),
             "shop.hdr~istio-translated-wasmplugin"
         );
-        assert_eq!(plugin_name("shop", "hdr", true), "shop.hdr");
+        assert_eq!(plugin_name("shop", "hdr", false), "shop.hdr");
+    }
+
+    /// Metrics as Envoy 1.39.3 behind the istio-agent showed them for an EnvoyFilter's plugin.
+    fn envoy_filter_metrics(plugins: &[&str], vms: u32, warming: u32, failures: u32) -> String {
+        let mut text = String::new();
+        for p in plugins {
+            let p = prometheus(p);
+            text += &format!(
+                "# TYPE envoy_wasm_{p}_vm_reload counter\nenvoy_wasm_{p}_vm_reload{{}} 0\n\
+                 envoy_wasm_{p}_vm_reload_failure{{}} 0\n"
+            );
+        }
+        text += &format!(
+            "envoy_wasm_remote_load_fetch_failures{{}} {failures}\n\
+             envoy_listener_manager_total_listeners_warming{{}} {warming}\n\
+             envoy_wasm_envoy_wasm_runtime_v8_created{{}} 4\n"
+        );
+        if vms > 0 {
+            text += &format!("envoy_wasm_wasm_vm_count{{}} {vms}\n");
+        }
+        text
+    }
+
+    #[test]
+    fn an_envoy_filters_plugin_is_judged_by_the_proxys_wasm_vms() {
+        let read = read_envoy_filter;
+        // Not in the listeners yet.
+        assert_eq!(
+            read(&envoy_filter_metrics(&[], 0, 0, 0), "shop.hdr"),
+            ProxyLoad::NotYet
+        );
+        // The only plugin, VMs running: it runs.
+        let alone = envoy_filter_metrics(&["shop.hdr"], 3, 0, 0);
+        assert_eq!(read(&alone, "shop.hdr"), ProxyLoad::Running);
+        // Beside another plugin, the VMs may be the other's.
+        let two = envoy_filter_metrics(
+            &["shop.hdr", "shop.other~istio-translated-wasmplugin"],
+            3,
+            0,
+            0,
+        );
+        assert_eq!(read(&two, "shop.hdr"), ProxyLoad::Undecided);
+        // No VM: still fetching while a listener warms, then failed.
+        let warming = envoy_filter_metrics(&["shop.hdr"], 0, 1, 0);
+        assert_eq!(read(&warming, "shop.hdr"), ProxyLoad::NotYet);
+        let ProxyLoad::Refused(why) = read(
+            &envoy_filter_metrics(&["shop.hdr", "shop.x"], 0, 0, 1),
+            "shop.hdr",
+        ) else {
+            panic!()
+        };
+        assert!(
+            why.contains("no Wasm VM runs") && why.contains("1 failed module fetch"),
+            "{why}"
+        );
+        let ProxyLoad::Refused(why) =
+            read(&envoy_filter_metrics(&["shop.hdr"], 0, 0, 0), "shop.hdr")
+        else {
+            panic!()
+        };
+        assert!(!why.contains("fetch(es)"), "{why}");
     }
 }
