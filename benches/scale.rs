@@ -238,10 +238,13 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
 
     // 1. Cold: a fresh cache, every module pulled once.
     // Timed from the operator's start, not from its readiness: reconciles begin before it.
+    let env_cpu = EnvCpu::now();
     let started = Instant::now();
     let op = Operator::start("", &[]).await;
     wait_all_ready(client, &tag, size.filters).await;
     let cold = started.elapsed();
+    let cold_cpu = env_cpu.since();
+    let op_cpu = cpu_seconds(op.pid());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (steady, cold_peak) = rss_kib(op.pid());
     let reconciles = op.metric("wasmfilter_reconciles_total").await;
@@ -265,6 +268,15 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
     println!(
         "  API requests (not watches) per reconcile: {:.2} ({requests} over {reconciles} reconciles; {lists} LISTs in all)",
         requests / reconciles.max(1.0)
+    );
+    let preflights = op
+        .metric("wasmfilter_preflight_runs_total{result=\"passed\"}")
+        .await;
+    println!(
+        "  CPU during the cold start ({:.1} s on {} cores): operator {op_cpu:.1} s ({preflights} pre-flight runs), {}",
+        cold.as_secs_f64(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cold_cpu
     );
 
     // 2. Restart on the warm cache: a full resync.
@@ -305,7 +317,9 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
         minimal.as_secs_f64(),
         minimal.as_secs_f64() / cold.as_secs_f64()
     );
+    let env_cpu = EnvCpu::now();
     let same = raw_same_writes(client, &filters).await;
+    let same_cpu = env_cpu.since();
     println!(
         "  raw API server, the operator's own writes (its {} children and {} statuses as it wrote them, onto fresh copies of the filters, and its Event for each, {CONCURRENCY} in flight): {:.1} s; ours {:.1} s cold; ratio {:.2}x of raw (goal >= 0.8x)",
         size.filters,
@@ -314,6 +328,7 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
         cold.as_secs_f64(),
         same.as_secs_f64() / cold.as_secs_f64()
     );
+    println!("    CPU during those raw writes: {same_cpu}");
     // Gone before the next size starts, so its operator reconciles (and counts) only its own.
     for ns in &namespaces {
         let _ = ns_api.delete(ns, &Default::default()).await;
@@ -329,6 +344,36 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
         gone
     })
     .await;
+}
+
+/// CPU time of the test environment's API server, etcd and registry, to tell what a phase
+/// spent where.
+struct EnvCpu(Vec<(&'static str, Option<u32>, f64)>);
+
+impl EnvCpu {
+    fn now() -> Self {
+        EnvCpu(
+            ["kube-apiserver", "etcd", "registry"]
+                .into_iter()
+                .map(|name| {
+                    let pid = env_pid(name);
+                    (name, pid, pid.map_or(0.0, cpu_seconds))
+                })
+                .collect(),
+        )
+    }
+
+    /// What each used since [`EnvCpu::now`], as `name X s, ...`.
+    fn since(&self) -> String {
+        self.0
+            .iter()
+            .map(|(name, pid, before)| match pid {
+                Some(pid) => format!("{name} {:.1} s", cpu_seconds(*pid) - before),
+                None => format!("{name} unknown"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Server-side applies one WasmPlugin per filter and patches each filter's status once, as

@@ -209,12 +209,19 @@ impl Drop for TestNamespace {
 }
 
 /// A free port on 127.0.0.1, drawn below the kernel's ephemeral range (32768+) so that no
-/// outgoing connection of another test takes it between this check and its use.
+/// outgoing connection of another test takes it between this check and its use, and never
+/// handed out twice in one test process: two Envoys given one port both bind it (Envoy sets
+/// `SO_REUSEPORT`) and the kernel splits connections between them.
 pub fn free_port() -> u16 {
-    (0..1000)
+    use std::collections::BTreeSet;
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = (0..1000)
         .map(|_| fastrand::u16(10_000..30_000))
-        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
-        .expect("no free port in 10000-30000")
+        .find(|p| !given.contains(p) && std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("no free port in 10000-30000");
+    given.insert(port);
+    port
 }
 
 /// The operator binary, or, with `WASMFILTER_OPERATOR_WRAPPER` set (say `heaptrack -o FILE`
@@ -361,6 +368,42 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds; 0 when it is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    let ticks = *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces), from field 3 on: utime and
+    // stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+    field(14)
+        .zip(field(15))
+        .map_or(0.0, |(u, s)| (u + s) / ticks)
+}
+
+/// The pid of the test environment's process `name` (`kube-apiserver`, `etcd`, `registry`),
+/// from `e2e/env.sh`'s pid files.
+pub fn env_pid(name: &str) -> Option<u32> {
+    let dir = std::env::var("WASMFILTER_ENV_PIDS").ok()?;
+    std::fs::read_to_string(format!("{dir}/{name}.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// A kubeconfig for ServiceAccount `ns/name` (a TokenRequest token), written into `dir`.
