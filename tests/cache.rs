@@ -235,3 +235,30 @@ async fn eviction_keeps_the_cache_bounded_but_never_removes_a_module_in_use() {
         op.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_sharing_a_module_download_it_once() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("once");
+    let image = format!("{}/once/{}:v1", env.registry, ns.name);
+    let m = module("shared-once");
+    push_module(&image, m.clone()).await;
+    // The filters exist before the operator starts, so its first reconciles of them run at
+    // once (and would each download the module without taking turns).
+    const FILTERS: usize = 8;
+    for i in 0..FILTERS {
+        Filter::new(&ns.name, &format!("f{i}"), &image).apply();
+    }
+    let op = Operator::start(&ns.name, &[]).await;
+    for i in 0..FILTERS {
+        wait_module(&client, &ns.name, &format!("f{i}"), &sha256_hex(&m)).await;
+    }
+    assert_eq!(op.metric("wasmfilter_cache_misses_total").await, 1.0);
+    // Each still resolved the tag itself.
+    assert_eq!(
+        op.metric("wasmfilter_module_pulls_total{result=\"pulled\"}")
+            .await,
+        FILTERS as f64
+    );
+}

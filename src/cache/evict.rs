@@ -16,7 +16,7 @@ pub const EVICTION_GRACE: Duration = Duration::from_secs(600);
 pub fn evict_unused(
     cache: &ModuleCache,
     max: Option<u64>,
-    referenced: Option<HashSet<String>>,
+    referenced: impl FnOnce() -> Option<HashSet<String>>,
     metrics: &Metrics,
 ) {
     let Some(max) = max else {
@@ -27,7 +27,8 @@ pub fn evict_unused(
         }
         return;
     };
-    let Some(referenced) = referenced else {
+    // What is in use is only worked out when something may have to go.
+    let Some(referenced) = referenced() else {
         return;
     };
     match cache.evict(max, &referenced, EVICTION_GRACE) {

@@ -4,6 +4,7 @@
 mod evict;
 mod ondemand;
 mod server;
+mod turns;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -14,6 +15,7 @@ use std::time::{Duration, SystemTime};
 pub use evict::{EVICTION_GRACE, evict_unused};
 pub use ondemand::Singleflight;
 pub use server::{FetchFailure, OnDemand, router};
+pub use turns::Turns;
 
 /// What can go wrong with the cache itself (disk, not content: corrupt files are dropped and
 /// read as absent).

@@ -1,15 +1,13 @@
 //! One on-demand fetch per module at a time: proxies asking at once for a module this replica
 //! lacks wait for the same fetch.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 
-use super::{FetchFailure, ModuleCache};
+use super::{FetchFailure, ModuleCache, Turns};
 
 #[derive(Default)]
 pub struct Singleflight {
-    inflight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    turns: Turns,
 }
 
 impl Singleflight {
@@ -24,24 +22,15 @@ impl Singleflight {
     where
         F: Future<Output = Result<(), FetchFailure>>,
     {
-        let lock = {
-            let mut inflight = self.inflight.lock().await;
-            inflight.entry(sha256.to_string()).or_default().clone()
-        };
-        let result = {
-            let _turn = lock.lock().await;
-            if cache.verify_off_thread(sha256).await.unwrap_or(false) {
-                Ok(())
-            } else {
-                fetch.await
-            }
-        };
-        let mut inflight = self.inflight.lock().await;
-        // The last one out removes the entry (a later caller makes a new one).
-        if Arc::strong_count(&lock) <= 2 {
-            inflight.remove(sha256);
-        }
-        result
+        self.turns
+            .run(sha256, async {
+                if cache.verify_off_thread(sha256).await.unwrap_or(false) {
+                    Ok(())
+                } else {
+                    fetch.await
+                }
+            })
+            .await
     }
 }
 
@@ -74,6 +63,6 @@ mod tests {
         );
         assert!(a.is_ok() && b.is_ok() && c.is_ok());
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
-        assert!(flight.inflight.lock().await.is_empty());
+        assert!(flight.turns.is_empty());
     }
 }

@@ -265,7 +265,7 @@ impl Context {
         crate::cache::evict_unused(
             &self.cache,
             self.settings.cache_max_bytes,
-            self.referenced_modules(),
+            || self.referenced_modules(),
             &self.metrics,
         );
     }

@@ -42,7 +42,10 @@ pub(super) async fn resolve(wf: &WasmFilter, ns: &str, ctx: &Context) -> Result<
     if let Some(info) = fetched.info {
         ctx.remember_info(&fetched.artifact.module_sha256, info);
     }
-    ctx.evict_soon.notify_one();
+    // New bytes in the cache: time to look at its size (a cache hit adds none).
+    if fetched.downloaded > 0 {
+        ctx.evict_soon.notify_one();
+    }
     Ok(fetched.artifact)
 }
 

@@ -127,6 +127,9 @@ pub struct Resolver {
     known: Mutex<HashMap<String, Summary>>,
     /// Parsed runtime configs, by blob digest (content-addressed, so never stale).
     configs: Mutex<HashMap<String, format::DeclaredConfig>>,
+    /// Fetches of one image take turns, so filters sharing a module download it once: the
+    /// second resolves the tag itself and then finds the module the first stored.
+    fetching: crate::cache::Turns,
 }
 
 /// Bound on each in-memory table above; past it, the table starts over.
@@ -211,6 +214,7 @@ impl Resolver {
             config,
             known: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
+            fetching: crate::cache::Turns::default(),
         })
     }
 
@@ -225,34 +229,39 @@ impl Resolver {
         cache: &ModuleCache,
         creds: &Credentials,
     ) -> Result<Fetched, Error> {
-        let (artifact, module, downloaded, _) = self
-            .pull_counted(
-                image,
-                pinned_digest,
-                expected_module_sha256,
-                creds,
-                Sink {
-                    cache: Some(cache),
-                    spool: None,
-                    config: true,
-                },
-            )
-            .await?;
-        let info = match module {
-            Some((module, info)) => {
-                cache
-                    .insert_off_thread(module)
-                    .await
-                    .map_err(crate::cache::Error::Write)?;
-                Some(std::sync::Arc::new(info))
-            }
-            None => None,
-        };
-        Ok(Fetched {
-            artifact,
-            downloaded,
-            info,
-        })
+        let image_key = image.strip_prefix("oci://").unwrap_or(image);
+        self.fetching
+            .run(image_key, async {
+                let (artifact, module, downloaded, _) = self
+                    .pull_counted(
+                        image,
+                        pinned_digest,
+                        expected_module_sha256,
+                        creds,
+                        Sink {
+                            cache: Some(cache),
+                            spool: None,
+                            config: true,
+                        },
+                    )
+                    .await?;
+                let info = match module {
+                    Some((module, info)) => {
+                        cache
+                            .insert_off_thread(module)
+                            .await
+                            .map_err(crate::cache::Error::Write)?;
+                        Some(std::sync::Arc::new(info))
+                    }
+                    None => None,
+                };
+                Ok(Fetched {
+                    artifact,
+                    downloaded,
+                    info,
+                })
+            })
+            .await
     }
 
     /// Resolves `image` (or, when `pinned_digest` is given, that manifest of the same
