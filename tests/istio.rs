@@ -46,6 +46,40 @@ async fn no_child(client: &kube::Client, ns: &str, kind: &str, name: &str) -> bo
         .is_none()
 }
 
+/// The filter's first (only) pod, as its status lists it.
+fn first_pod(wf: &wasmfilter::api::WasmFilter) -> wasmfilter::api::WorkloadStatus {
+    wf.status.as_ref().unwrap().workloads[0].clone()
+}
+
+/// Waits until `--istio-load-status` says the filter `name`'s one proxy runs it: its pod
+/// `loaded`, `Loaded` and `Ready` true.
+async fn wait_pod_loaded(client: &kube::Client, ns: &str, name: &str) {
+    let wf = wait_status(client, ns, name, "its proxy runs it", |wf| {
+        cond_is(wf, "Loaded", "True", "Loaded")
+    })
+    .await;
+    assert_eq!(first_pod(&wf).loaded, Some(true), "{name}");
+    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+}
+
+/// Waits until `--istio-load-status` says the filter `name`'s one proxy does not run it: its
+/// pod `loaded: false`, `Loaded` and `Ready` false with `LoadFailed`. Returns the pod's
+/// `loadError`.
+async fn wait_pod_failed(client: &kube::Client, ns: &str, name: &str) -> String {
+    let wf = wait_status(client, ns, name, "its proxy's failure said", |wf| {
+        cond_is(wf, "Loaded", "False", "LoadFailed")
+    })
+    .await;
+    let w = first_pod(&wf);
+    assert_eq!(w.loaded, Some(false), "{name}");
+    assert!(
+        cond_is(&wf, "Ready", "False", "LoadFailed"),
+        "{:?}",
+        wf.status
+    );
+    w.load_error.unwrap()
+}
+
 #[tokio::test]
 async fn a_wasm_plugin_reaches_a_gateway_through_istiod_and_follows_config_and_image_changes() {
     let env = env();
@@ -589,42 +623,19 @@ async fn with_istio_load_status_each_pod_says_whether_its_proxy_runs_the_filter(
         .apply();
     Filter::new(n, "refusing", &bad).app("refusing").apply();
 
-    let pod = |wf: &wasmfilter::api::WasmFilter| wf.status.as_ref().unwrap().workloads[0].clone();
-    let wf = wait_status(&client, n, "good", "the good proxy runs it", |wf| {
-        cond_is(wf, "Loaded", "True", "Loaded")
-    })
-    .await;
-    assert_eq!(pod(&wf).loaded, Some(true));
-    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+    wait_pod_loaded(&client, n, "good").await;
     wait_headers(&good, "the good module", &["ok"]).await;
 
-    let wf = wait_status(&client, n, "unreachable", "the fetch failure said", |wf| {
-        cond_is(wf, "Loaded", "False", "LoadFailed")
-    })
-    .await;
-    let w = pod(&wf);
-    assert_eq!(w.loaded, Some(false));
-    let why = w.load_error.unwrap();
+    let why = wait_pod_failed(&client, n, "unreachable").await;
     assert!(
         why.contains("failed module fetches (download_failure"),
         "{why}"
-    );
-    assert!(
-        cond_is(&wf, "Ready", "False", "LoadFailed"),
-        "{:?}",
-        wf.status
     );
     // The agent's allow-all stand-in (FailOpen) passes requests without the filter.
     let (status, headers, _) = unreachable.get("/").await.unwrap();
     assert_eq!((status, filter_headers(&headers).len()), (200, 0));
 
-    let wf = wait_status(&client, n, "refusing", "Envoy's refusal said", |wf| {
-        cond_is(wf, "Loaded", "False", "LoadFailed")
-    })
-    .await;
-    let w = pod(&wf);
-    assert_eq!(w.loaded, Some(false));
-    let why = w.load_error.unwrap();
+    let why = wait_pod_failed(&client, n, "refusing").await;
     assert!(why.contains("Envoy refused its config"), "{why}");
     assert!(
         refusing.logs().contains("Unable to create Wasm"),
@@ -682,64 +693,39 @@ async fn with_istio_load_status_an_envoy_filters_pods_say_what_their_proxy_shows
     }
     Filter::new(n, "beside", &other).app("shared").apply();
 
-    let pod = |wf: &wasmfilter::api::WasmFilter| wf.status.as_ref().unwrap().workloads[0].clone();
-    let wf = wait_status(&client, n, "good", "the good proxy runs it", |wf| {
-        cond_is(wf, "Loaded", "True", "Loaded")
-    })
-    .await;
-    assert_eq!(pod(&wf).loaded, Some(true));
-    assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
+    wait_pod_loaded(&client, n, "good").await;
     wait_headers(&good, "the good module", &["ok"]).await;
 
     // Envoy retries the fetch while the listener warms, then gives up: no Wasm VM runs.
-    for (name, gw, log) in [
-        ("unreachable", &unreachable, "Retry limit exceeded"),
-        ("refusing", &refusing, "Failed to configure"),
+    // Only the unreachable one counted a failed fetch.
+    for (name, gw, log, failed_fetch) in [
+        ("unreachable", &unreachable, "Retry limit exceeded", true),
+        ("refusing", &refusing, "Failed to configure", false),
     ] {
-        let wf = wait_status(&client, n, name, "the proxy's failure said", |wf| {
-            cond_is(wf, "Loaded", "False", "LoadFailed")
-        })
-        .await;
-        let w = pod(&wf);
-        assert_eq!(w.loaded, Some(false), "{name}");
-        let why = w.load_error.unwrap();
+        let why = wait_pod_failed(&client, n, name).await;
         assert!(
             why.contains("no Wasm VM runs in the proxy"),
             "{name}: {why}"
         );
-        assert!(
-            cond_is(&wf, "Ready", "False", "LoadFailed"),
-            "{:?}",
-            wf.status
+        assert_eq!(
+            why.contains("1 failed module fetch"),
+            failed_fetch,
+            "{name}: {why}"
         );
         assert!(gw.logs().contains(log), "{name}: {}", gw.logs());
         // FailClosed (the default): the listener refuses requests without its filter.
         let (status, _, _) = gw.get("/").await.unwrap();
         assert_eq!(status, 503, "{name}");
     }
-    // Only the unreachable one counted a failed fetch.
-    let wf = wait_status(&client, n, "unreachable", "", |_| true).await;
-    assert!(
-        pod(&wf)
-            .load_error
-            .unwrap()
-            .contains("1 failed module fetch"),
-        "{:?}",
-        wf.status
-    );
 
     // Beside a WasmPlugin's filter, both run, but the proxy-wide VM count cannot say whose VMs
     // run: the EnvoyFilter's pod keeps `loaded` absent, the WasmPlugin's says true.
     wait_headers(&shared, "both filters", &["ok", "wp"]).await;
-    let wf = wait_status(&client, n, "beside", "the WasmPlugin's plugin runs", |wf| {
-        cond_is(wf, "Loaded", "True", "Loaded")
-    })
-    .await;
-    assert_eq!(pod(&wf).loaded, Some(true));
+    wait_pod_loaded(&client, n, "beside").await;
     let wf = wait_status(&client, n, "shared", "undecided", |wf| {
         cond_is(wf, "Loaded", "Unknown", "LoadUndecided")
     })
     .await;
-    assert_eq!(pod(&wf).loaded, None);
+    assert_eq!(first_pod(&wf).loaded, None);
     assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
 }
