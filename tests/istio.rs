@@ -17,6 +17,23 @@ async fn operator(ns: &str) -> Operator {
     Operator::start_advertising(ns, &[], &|port| format!("http://127.0.0.1:{port}")).await
 }
 
+/// An operator whose cache URL is a Service's `<name>.<namespace>.svc` host, as users name it
+/// (the operator derives Istio's cluster for it, `outbound|PORT||<name>.<namespace>.svc.cluster.local`),
+/// and that Service: a ServiceEntry standing in for it, since endpoints on loopback are refused
+/// in a Service. Returns the operator and the host name.
+async fn operator_behind_service(ns: &str, args: &[&str]) -> (Operator, String) {
+    let service = format!("wasmfilter-cache.{ns}.svc");
+    let op =
+        Operator::start_advertising(ns, args, &|port| format!("http://{service}:{port}")).await;
+    apply_ok(&loopback_service(
+        ns,
+        "wasmfilter-cache",
+        &format!("{service}.cluster.local"),
+        op.cache_port,
+    ));
+    (op, service)
+}
+
 /// The x-wasmfilter values of an answer, waiting until they are `expected`.
 async fn wait_headers(gw: &IstioProxy, what: &str, expected: &[&str]) {
     gw.wait_for_answer(what, |status, headers, _| {
@@ -267,18 +284,8 @@ async fn an_envoy_filter_target_runs_through_istiod_from_the_cache_service() {
     let client = client().await;
     let ns = TestNamespace::new("istio-ef");
     let n = &ns.name;
-    // The cache as users name it, a Service's `<name>.<namespace>.svc` host; the operator derives
-    // Istio's cluster for it, `outbound|PORT||<name>.<namespace>.svc.cluster.local`. (A
-    // ServiceEntry stands in for the Service: endpoints on loopback are refused in a Service.)
-    let service = format!("wasmfilter-cache.{n}.svc");
-    let op = Operator::start_advertising(n, &[], &|port| format!("http://{service}:{port}")).await;
+    let (op, service) = operator_behind_service(n, &[]).await;
     let cluster = format!("outbound|{}||{service}.cluster.local", op.cache_port);
-    apply_ok(&loopback_service(
-        n,
-        "wasmfilter-cache",
-        &format!("{service}.cluster.local"),
-        op.cache_port,
-    ));
     let (gw, _backend) = gateway_resolving(n, "gw", &[op.cache_port], &[&service]).await;
 
     // First a WasmPlugin: the agent fetches the module from the Service's URL.
@@ -651,19 +658,9 @@ async fn with_istio_load_status_an_envoy_filters_pods_say_what_their_proxy_shows
     let ns = TestNamespace::new("istio-ef-load");
     let n = &ns.name;
     // Envoy fetches an EnvoyFilter's module itself, through the cluster istiod makes for the
-    // cache's Service name (see an_envoy_filter_target_runs_through_istiod_from_the_cache_service).
-    let service = format!("wasmfilter-cache.{n}.svc");
-    let op =
-        Operator::start_advertising(n, &["--istio-load-status", "--preflight=false"], &|port| {
-            format!("http://{service}:{port}")
-        })
-        .await;
-    apply_ok(&loopback_service(
-        n,
-        "wasmfilter-cache",
-        &format!("{service}.cluster.local"),
-        op.cache_port,
-    ));
+    // cache's Service name.
+    let (op, service) =
+        operator_behind_service(n, &["--istio-load-status", "--preflight=false"]).await;
     // Four gateways: one runs a good module, one cannot reach the cache, one fetches a module
     // whose proxy_on_configure fails, and one runs a WasmPlugin's filter beside the
     // EnvoyFilter's.
