@@ -133,6 +133,28 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A `wasmfilter pull` into `file` that failed with `expected` in its error, leaving `file` as
+/// it was (`kept`) and nothing else behind in its directory.
+pub fn assert_pull_refused_and_kept(
+    out: &Output,
+    expected: &str,
+    file: &std::path::Path,
+    kept: &[u8],
+) {
+    assert!(!out.status.success(), "{}", stdout(out));
+    assert!(
+        stderr(out).contains(expected),
+        "{expected}: {}",
+        stderr(out)
+    );
+    assert_eq!(std::fs::read(file).unwrap(), kept);
+    let left: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, [file.file_name().unwrap().to_os_string()]);
+}
+
 /// The real `helm` CLI (built by e2e/setup.sh), with its own config, cache and data directories.
 pub fn helm(args: &[&str]) -> Output {
     let bin = std::env::var("WASMFILTER_HELM").expect("WASMFILTER_HELM (set by e2e/env.sh)");
