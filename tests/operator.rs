@@ -1004,3 +1004,85 @@ async fn a_repeated_warning_is_one_event_counting_its_repeats() {
     let wf = wait_condition(&client, &ns.name, "down", "Ready", "False").await;
     assert_eq!(condition(&wf, "Ready").unwrap().reason, reason);
 }
+
+/// A reconcile that finds nothing to change writes nothing: with a resync every second, a Ready
+/// filter's reconciles leave the API server alone (no status patch, no child apply, no Event).
+/// Someone else's edit of its WasmPlugin, or its deletion, is put back all the same.
+#[tokio::test]
+async fn reconciles_that_change_nothing_write_nothing_and_hand_edits_are_put_back() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("noop");
+    let op = Operator::start(&ns.name, &["--resync-seconds", "1"]).await;
+    let image = format!("{}/filters/noop-{}:v1", env.registry, ns.name);
+    push_module(&image, module("noop")).await;
+    // Always: the tag is resolved again on every resync.
+    Filter::new(&ns.name, "f", &image)
+        .pull_policy(wasmfilter::api::PullPolicy::Always)
+        .apply();
+    wait_condition(&client, &ns.name, "f", "Ready", "True").await;
+    let reconciles = || op.metric("wasmfilter_reconciles_total");
+    let writes = || async {
+        let mut n = 0.0;
+        for verb in ["create", "patch", "update", "delete"] {
+            n += op
+                .metric(&format!("wasmfilter_api_requests_total{{verb=\"{verb}\"}}"))
+                .await;
+        }
+        n
+    };
+    let more_reconciles = |n: f64| async move {
+        let from = reconciles().await;
+        wait_for(
+            &format!("{n} more reconciles"),
+            Duration::from_secs(30),
+            || async { (reconciles().await >= from + n).then_some(()) },
+        )
+        .await;
+    };
+    // Its own child's watch event may come back before the apply's answer: the reconcile that
+    // follows applies once more. Past that, nothing changes.
+    more_reconciles(2.0).await;
+    let before = writes().await;
+    more_reconciles(3.0).await;
+    assert_eq!(
+        writes().await,
+        before,
+        "reconciles that changed nothing wrote to the API server\n{}",
+        op.logs()
+    );
+
+    let children = child_api(&client, &ns.name, "WasmPlugin");
+    let plugin_name = |wp: &DynamicObject| wp.data["spec"]["pluginName"].clone();
+    let ours = plugin_name(&children.get("f").await.unwrap());
+    children
+        .patch(
+            "f",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"pluginName": "edited"}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the edited child put back",
+        Duration::from_secs(30),
+        || async {
+            let wp = children.get("f").await.ok()?;
+            (plugin_name(&wp) == ours).then_some(())
+        },
+    )
+    .await;
+    children
+        .delete("f", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deleted child created again",
+        Duration::from_secs(30),
+        || async {
+            let wp = children.get_opt("f").await.ok()??;
+            (wp.metadata.deletion_timestamp.is_none() && plugin_name(&wp) == ours).then_some(())
+        },
+    )
+    .await;
+}

@@ -58,18 +58,25 @@ pub(super) async fn deploy(
             };
             let target = render::resolve_target(wf.spec.target, ctx.settings.installed);
             let child = render::child(wf, target, &module, &ctx.settings.module_server)?;
-            let api: Api<DynamicObject> =
-                Api::namespaced_with(ctx.client.clone(), ns, &child.resource);
-            let pp = PatchParams::apply(names::FIELD_MANAGER).force();
-            let applied = api
-                .patch(&wf.name_any(), &pp, &Patch::Apply(&child.object))
-                .await
-                .map_err(|source| Error::ApplyChild {
-                    kind: child.resource.kind.clone(),
-                    name: wf.name_any(),
-                    source,
-                })?;
-            ctx.remember_applied(&child.resource.kind, &applied);
+            let kind = &child.resource.kind;
+            // Left out when the child already holds exactly this from our last apply.
+            if let Some(ticket) = ctx
+                .children
+                .needs_apply(kind, ns, &wf.name_any(), &child.object)
+            {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(ctx.client.clone(), ns, &child.resource);
+                let pp = PatchParams::apply(names::FIELD_MANAGER).force();
+                let applied = api
+                    .patch(&wf.name_any(), &pp, &Patch::Apply(&child.object))
+                    .await
+                    .map_err(|source| Error::ApplyChild {
+                        kind: kind.clone(),
+                        name: wf.name_any(),
+                        source,
+                    })?;
+                ctx.children.applied(ticket, &applied);
+            }
             if let (Some(xds), Some(name)) = (&ctx.xds, ecds_name(wf)) {
                 xds.withdraw(&name);
             }

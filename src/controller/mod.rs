@@ -3,6 +3,7 @@
 //! [`deploy`] (render and apply the child, or serve ECDS), [`report`] (status and Events).
 //! [`watch`] wires the watches that trigger it; [`crds`] waits for the CRDs it needs.
 
+mod applied;
 mod assess;
 mod crds;
 mod decode;
@@ -26,7 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -113,10 +113,9 @@ pub struct Context {
     /// it is the truth even before the watch delivers it (a reconcile the child's creation
     /// triggers often runs first, and would resolve the tag again and flap the status).
     written: written::WrittenStatuses,
-    /// The resourceVersion of each child as this process last applied it, by kind, namespace
-    /// and name: the watch event of that very version is the operator's own write echoing
-    /// back, not a reason to reconcile.
-    applied: Mutex<HashMap<(String, String, String), String>>,
+    /// What this process last applied to each child: its own applies echoing back trigger
+    /// nothing, and an apply that would change nothing is left out.
+    children: applied::AppliedChildren,
 }
 
 impl Context {
@@ -152,7 +151,7 @@ impl Context {
             reconciling: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             written: written::WrittenStatuses::default(),
-            applied: Mutex::new(HashMap::new()),
+            children: applied::AppliedChildren::default(),
         }
     }
 
@@ -171,26 +170,6 @@ impl Context {
     /// How many reconciles are running now.
     pub fn reconciles_in_flight(&self) -> usize {
         self.reconciling.load(Ordering::SeqCst)
-    }
-
-    fn remember_applied(&self, kind: &str, child: &DynamicObject) {
-        let (Some(ns), Some(rv)) = (child.namespace(), child.resource_version()) else {
-            return;
-        };
-        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        if applied.len() >= 100_000 {
-            applied.clear();
-        }
-        applied.insert((kind.to_string(), ns, child.name_any()), rv);
-    }
-
-    /// Whether `child` is exactly what this process last applied.
-    fn is_own_apply(&self, kind: &str, child: &DynamicObject) -> bool {
-        let (Some(ns), Some(rv)) = (child.namespace(), child.resource_version()) else {
-            return false;
-        };
-        let applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-        applied.get(&(kind.to_string(), ns, child.name_any())) == Some(&rv)
     }
 
     fn remember_info(&self, sha256: &str, info: Arc<ModuleInfo>) {

@@ -34,6 +34,11 @@ pub(super) async fn write_status(
     });
     let _ =
         super::STATUS_SENT.try_with(|sent| sent.store(true, std::sync::atomic::Ordering::SeqCst));
+    // The status already says exactly this (the store's copy, or the one this process wrote
+    // last): a reconcile that changes nothing writes nothing.
+    if wf.status.as_ref() == Some(&super::written::as_stored(status)) {
+        return Ok(());
+    }
     api.patch_status(
         &wf.name_any(),
         &PatchParams::apply(names::FIELD_MANAGER).force(),

@@ -101,7 +101,7 @@ pub async fn run(
                 })
             })
             .filter(move |child| {
-                let own = matches!(child, Ok(c) if ctx.is_own_apply(&kind, c));
+                let own = matches!(child, Ok(c) if ctx.children.is_own(&kind, c));
                 futures::future::ready(!own)
             })
             // The controller reconciles the filter owning the child (counted as waiting).

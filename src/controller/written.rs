@@ -14,6 +14,18 @@ use crate::api::{WasmFilter, WasmFilterStatus};
 /// watch runs: each entry goes when the watch delivers it).
 const MAX_REMEMBERED: usize = 100_000;
 
+/// `status` as the API server stores it: condition times in whole seconds.
+pub(super) fn as_stored(status: &WasmFilterStatus) -> WasmFilterStatus {
+    let mut stored = status.clone();
+    for c in &mut stored.conditions {
+        let t = c.last_transition_time.0;
+        if let Ok(whole) = jiff::Timestamp::from_second(t.as_second()) {
+            c.last_transition_time.0 = whole;
+        }
+    }
+    stored
+}
+
 /// Statuses written and not yet seen in the store, by object uid.
 #[derive(Default)]
 pub(super) struct WrittenStatuses {
@@ -25,13 +37,7 @@ impl WrittenStatuses {
     /// that the store's copy compares equal once it catches up.
     pub(super) fn remember(&self, wf: &WasmFilter, status: &WasmFilterStatus) {
         let Some(uid) = wf.uid() else { return };
-        let mut stored = status.clone();
-        for c in &mut stored.conditions {
-            let t = c.last_transition_time.0;
-            if let Ok(whole) = jiff::Timestamp::from_second(t.as_second()) {
-                c.last_transition_time.0 = whole;
-            }
-        }
+        let stored = as_stored(status);
         let mut by_uid = self.by_uid.lock().unwrap_or_else(|p| p.into_inner());
         if by_uid.len() >= MAX_REMEMBERED {
             by_uid.clear();
