@@ -1040,9 +1040,9 @@ async fn reconciles_that_change_nothing_write_nothing_and_hand_edits_are_put_bac
         )
         .await;
     };
-    // Its own child's watch event may come back before the apply's answer: the reconcile that
-    // follows applies once more. Past that, nothing changes.
-    more_reconciles(2.0).await;
+    // Ready is written before the reconcile's Events: one more reconcile, and all of the
+    // first one's writes are done.
+    more_reconciles(1.0).await;
     let before = writes().await;
     more_reconciles(3.0).await;
     assert_eq!(

@@ -116,6 +116,8 @@ pub struct Context {
     /// What this process last applied to each child: its own applies echoing back trigger
     /// nothing, and an apply that would change nothing is left out.
     children: applied::AppliedChildren,
+    /// Where [`Context::children`] sends filters to reconcile again (taken by the controller).
+    again: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ObjectRef<WasmFilter>>>>,
 }
 
 impl Context {
@@ -127,6 +129,7 @@ impl Context {
         settings: Settings,
         xds: Option<Arc<Xds>>,
     ) -> Self {
+        let (again_tx, again) = tokio::sync::mpsc::unbounded_channel();
         let reporter = Reporter {
             controller: names::CONTROLLER_NAME.to_string(),
             instance: settings.instance.clone(),
@@ -151,7 +154,8 @@ impl Context {
             reconciling: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             written: written::WrittenStatuses::default(),
-            children: applied::AppliedChildren::default(),
+            children: applied::AppliedChildren::new(again_tx),
+            again: Mutex::new(Some(again)),
         }
     }
 

@@ -236,6 +236,15 @@ pub async fn run(
     });
     // No `shutdown_on_signal`: on a signal its graceful shutdown drops reconciles in flight and
     // waits for stores that may never fill; the binary handles signals (`Context::stop`).
+    // A child touched by someone else while this process applied it.
+    if let Some(again) = ctx.again.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let queue = ctx.clone();
+        controller = controller.reconcile_on(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(again).inspect(move |filter| {
+                queue.metrics.queue.request(queue_key(filter));
+            }),
+        );
+    }
     if let Some(events) = xds_events {
         let queue = ctx.clone();
         let answered =
