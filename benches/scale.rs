@@ -6,7 +6,8 @@
 //!    restart on the warm cache;
 //! 2. the same API server's raw throughput for the same writes (server-side apply of as many
 //!    children and one status patch a filter, what the operator writes for a new filter whose
-//!    first reconcile takes under a second; no operator logic), and our ratio to it;
+//!    first reconcile takes under a second; no operator logic), and our ratio to it; the
+//!    operator's own writes are replayed three times and the fastest is the baseline;
 //! 3. the operator's RSS, steady and peak;
 //! 4. API requests per reconcile (the operator's own `api_requests` and `reconciles` metrics);
 //! 5. at the largest size, pod churn: 1,000 new pods matching existing selectors, until every
@@ -318,16 +319,28 @@ async fn run(client: &kube::Client, images: &[String], size: &Size) {
         minimal.as_secs_f64(),
         minimal.as_secs_f64() / cold.as_secs_f64()
     );
-    let (same, same_cpu) = raw_same_writes(client, &filters).await;
+    // The same API server took from 6.6 to 9.7 s for these writes from one run to the next:
+    // replayed BASELINE_ROUNDS times, and the fastest is the baseline.
+    let written = operator_writes(client, &filters).await;
+    let mut rounds = Vec::new();
+    for round in 0..BASELINE_ROUNDS {
+        rounds.push(replay(client, &written, round).await);
+    }
+    let took: Vec<String> = rounds
+        .iter()
+        .map(|(d, _)| format!("{:.1} s", d.as_secs_f64()))
+        .collect();
+    let (same, same_cpu) = rounds.into_iter().min_by_key(|(d, _)| *d).unwrap();
     println!(
-        "  raw API server, the operator's own writes (its {} children and {} statuses as it wrote them, onto fresh copies of the filters, and its Event for each, {CONCURRENCY} in flight): {:.1} s; ours {:.1} s cold; ratio {:.2}x of raw (goal >= 0.8x)",
+        "  raw API server, the operator's own writes (its {} children and {} statuses as it wrote them, onto fresh copies of the filters, and its Event for each, {CONCURRENCY} in flight; fastest of {}): {:.1} s; ours {:.1} s cold; ratio {:.2}x of raw (goal >= 0.8x)",
         size.filters,
         size.filters,
+        took.join(", "),
         same.as_secs_f64(),
         cold.as_secs_f64(),
         same.as_secs_f64() / cold.as_secs_f64()
     );
-    println!("    CPU during those raw writes: {same_cpu}");
+    println!("    CPU during the fastest: {same_cpu}");
     // Gone before the next size starts, so its operator reconciles (and counts) only its own.
     for ns in &namespaces {
         let _ = ns_api.delete(ns, &Default::default()).await;
@@ -415,47 +428,75 @@ async fn raw_writes(client: &kube::Client, filters: &[WasmFilter]) -> Duration {
     start.elapsed()
 }
 
-/// The writes the operator made for each filter, replayed with no operator logic: its child
-/// (read back from the API server, under another name), its status (read back, applied to a
-/// fresh copy of the filter, so it goes from none to all of it as the operator's did) and its
-/// `Deployed` Event (through kube's recorder, as the operator publishes it). The copies are
-/// made before the clock starts, as the operator's filters were.
-async fn raw_same_writes(client: &kube::Client, filters: &[WasmFilter]) -> (Duration, String) {
-    use kube::Resource as _;
-    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+/// What the operator wrote for one filter, read back from the API server.
+struct Written {
+    filter: WasmFilter,
+    child: DynamicObject,
+    status: wasmfilter::api::WasmFilterStatus,
+}
+
+/// Each filter's child and status as the operator wrote them.
+async fn operator_writes(client: &kube::Client, filters: &[WasmFilter]) -> Vec<Written> {
     let ar = wasmfilter::render::wasm_plugin_resource();
     let ar = &ar;
-    let writes: Vec<_> = futures::stream::iter(filters)
+    futures::stream::iter(filters)
         .map(|wf| async move {
             let ns = wf.metadata.namespace.clone().unwrap();
             let name = wf.metadata.name.clone().unwrap();
             let filters_api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns);
             let children: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, ar);
-            let written = filters_api.get(&name).await.unwrap();
-            let child = children.get(&name).await.unwrap();
-            let copy_name = format!("copy-{name}");
-            let mut copy = wf.clone();
+            Written {
+                filter: wf.clone(),
+                status: filters_api.get(&name).await.unwrap().status.unwrap(),
+                child: children.get(&name).await.unwrap(),
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .collect()
+        .await
+}
+
+/// Replays of the operator's writes that make the baseline.
+const BASELINE_ROUNDS: usize = 3;
+
+/// The writes the operator made for each filter, replayed with no operator logic: its child
+/// (under another name), its status (applied to a fresh copy of the filter, so it goes from
+/// none to all of it as the operator's did) and its `Deployed` Event (through kube's
+/// recorder, as the operator publishes it). The copies (`copy<round>-<name>`) are made before
+/// the clock starts, as the operator's filters were.
+async fn replay(client: &kube::Client, written: &[Written], round: usize) -> (Duration, String) {
+    use kube::Resource as _;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let ar = wasmfilter::render::wasm_plugin_resource();
+    let ar = &ar;
+    let writes: Vec<_> = futures::stream::iter(written)
+        .map(|w| async move {
+            let ns = w.filter.metadata.namespace.clone().unwrap();
+            let name = w.filter.metadata.name.clone().unwrap();
+            let filters_api: Api<WasmFilter> = Api::namespaced(client.clone(), &ns);
+            let copy_name = format!("copy{round}-{name}");
+            let mut copy = w.filter.clone();
             copy.metadata.name = Some(copy_name.clone());
             copy.metadata.labels = Some(BTreeMap::from([("bench".into(), "copy".into())]));
             let copy = filters_api
                 .create(&PostParams::default(), &copy)
                 .await
                 .unwrap();
+            let types = w.child.types.as_ref().unwrap();
             let child = serde_json::json!({
-                "apiVersion": child.types.as_ref().unwrap().api_version,
-                "kind": child.types.as_ref().unwrap().kind,
-                "metadata": {"name": copy_name, "namespace": ns, "labels": child.metadata.labels},
-                "spec": child.data["spec"],
+                "apiVersion": types.api_version,
+                "kind": types.kind,
+                "metadata": {"name": copy_name, "namespace": ns, "labels": w.child.metadata.labels},
+                "spec": w.child.data["spec"],
             });
-            let written = written.status.unwrap();
-            let artifact = written.artifact.clone().unwrap();
+            let artifact = w.status.artifact.clone().unwrap();
             let note = format!(
                 "WasmPlugin {copy_name} now points at module sha256:{} from {}",
                 artifact.module_sha256, artifact.manifest_digest
             );
             let status = serde_json::json!({
                 "apiVersion": "wasmfilter.dev/v1alpha1", "kind": "WasmFilter",
-                "status": written,
+                "status": w.status,
             });
             (ns, copy_name, copy, child, status, note)
         })
