@@ -924,3 +924,38 @@ async fn a_config_blob_that_is_not_json_is_refused() {
         ready.message
     );
 }
+
+/// A tag resolved before is asked for again with `If-None-Match` (its last digest): while it
+/// has not moved, the registry answers `304 Not Modified` and sends no manifest, and the
+/// resolution is the same; once the tag moves, the new manifest comes back in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmoved_tag_is_answered_not_modified_and_a_moved_one_in_full() {
+    use wasmfilter::cache::ModuleCache;
+    use wasmfilter::oci::{Credentials, RegistryConfig, Resolver};
+    let env = env();
+    let proxy = FaultProxy::start(&env.registry).await;
+    let repo = format!("conditional/m-{:08x}:v1", fastrand::u32(..));
+    let first = module("conditional-first");
+    push_module(&format!("{}/{repo}", env.registry), first.clone()).await;
+    let image = format!("{}/{repo}", proxy.addr);
+    let resolver = Resolver::new(RegistryConfig {
+        plain_http: vec![proxy.addr.clone()],
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ModuleCache::open(dir.path().join("modules")).unwrap();
+    let fetch = || resolver.fetch(&image, None, None, &cache, &Credentials::Anonymous);
+    let a = fetch().await.unwrap();
+    let b = fetch().await.unwrap();
+    assert_eq!(b.artifact.manifest_digest, a.artifact.manifest_digest);
+    assert_eq!(b.artifact.module_sha256, sha256_hex(&first));
+    assert_eq!(*proxy.manifest_statuses.lock().unwrap(), [200, 304]);
+
+    let second = module("conditional-second");
+    push_module(&format!("{}/{repo}", env.registry), second.clone()).await;
+    let c = fetch().await.unwrap();
+    assert_ne!(c.artifact.manifest_digest, a.artifact.manifest_digest);
+    assert_eq!(c.artifact.module_sha256, sha256_hex(&second));
+    assert_eq!(*proxy.manifest_statuses.lock().unwrap(), [200, 304, 200]);
+}

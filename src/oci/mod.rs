@@ -127,6 +127,9 @@ pub struct Resolver {
     known: Mutex<HashMap<String, Summary>>,
     /// Parsed runtime configs, by blob digest (content-addressed, so never stale).
     configs: Mutex<HashMap<String, format::DeclaredConfig>>,
+    /// The last manifest each tag resolved to (verified against its digest), by reference:
+    /// the next resolution asks the registry with `If-None-Match`, and a `304` reuses it.
+    tagged: Mutex<HashMap<String, (String, Vec<u8>)>>,
     /// Fetches of one image take turns, so filters sharing a module download it once: the
     /// second resolves the tag itself and then finds the module the first stored.
     fetching: crate::cache::Turns,
@@ -134,6 +137,9 @@ pub struct Resolver {
 
 /// Bound on each in-memory table above; past it, the table starts over.
 const MAX_REMEMBERED: usize = 4096;
+/// Largest manifest remembered for a conditional request (a module's is under 2 KiB; the
+/// 4 MiB a registry may send would make the table gigabytes).
+const MAX_TAGGED_MANIFEST_BYTES: usize = 64 * 1024;
 
 /// What the resolver remembers of a module it inspected.
 #[derive(Debug, Clone)]
@@ -214,6 +220,7 @@ impl Resolver {
             config,
             known: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
+            tagged: Mutex::new(HashMap::new()),
             fetching: crate::cache::Turns::default(),
         })
     }
@@ -607,10 +614,34 @@ impl Resolver {
         reference: &Reference,
         creds: &Credentials,
     ) -> Result<(OciManifest, String), Error> {
-        let (raw, claimed) = self
-            .registry
-            .manifest(reference, MANIFEST_MEDIA_TYPES, creds)
-            .await?;
+        // A tag resolved before is asked for only if it moved: a registry that still holds
+        // that digest answers 304 and sends nothing.
+        let tag = reference.digest().is_none().then(|| reference.whole());
+        let known = tag.as_ref().and_then(|t| {
+            self.tagged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(t)
+                .cloned()
+        });
+        let (raw, claimed) = match known {
+            Some((digest, raw)) => {
+                match self
+                    .registry
+                    .manifest_unless(reference, MANIFEST_MEDIA_TYPES, creds, &digest)
+                    .await?
+                {
+                    Some(fetched) => fetched,
+                    // Verified when it was stored.
+                    None => return parse_manifest(reference, &raw, digest),
+                }
+            }
+            None => {
+                self.registry
+                    .manifest(reference, MANIFEST_MEDIA_TYPES, creds)
+                    .await?
+            }
+        };
         let actual = format!("sha256:{}", sha256_hex(&raw));
         // The digest asked for, else the one the registry claims (only sha256 is checked:
         // it is the only algorithm registries use in practice).
@@ -627,12 +658,15 @@ impl Resolver {
                 actual,
             });
         }
-        let manifest: OciManifest =
-            serde_json::from_slice(&raw).map_err(|e| Error::ResolveDigest {
-                reference: reference.whole(),
-                message: format!("manifest is not a valid OCI or Docker manifest: {e}"),
-            })?;
-        Ok((manifest, actual))
+        let parsed = parse_manifest(reference, &raw, actual.clone())?;
+        if let Some(tag) = tag.filter(|_| raw.len() <= MAX_TAGGED_MANIFEST_BYTES) {
+            let mut tagged = self.tagged.lock().unwrap_or_else(|p| p.into_inner());
+            if tagged.len() >= MAX_REMEMBERED {
+                tagged.clear();
+            }
+            tagged.insert(tag, (actual, raw));
+        }
+        Ok(parsed)
     }
 
     /// Downloads a blob into memory with a hard size cap, hashing it as it goes, and refuses
@@ -862,6 +896,19 @@ impl Consumer {
 enum Blob {
     Bytes(Vec<u8>),
     Spooled(Result<abi::ModuleInfo, abi::ModuleError>),
+}
+
+/// A manifest's bytes, parsed, with its digest.
+fn parse_manifest(
+    reference: &Reference,
+    raw: &[u8],
+    digest: String,
+) -> Result<(OciManifest, String), Error> {
+    let manifest: OciManifest = serde_json::from_slice(raw).map_err(|e| Error::ResolveDigest {
+        reference: reference.whole(),
+        message: format!("manifest is not a valid OCI or Docker manifest: {e}"),
+    })?;
+    Ok((manifest, digest))
 }
 
 /// An error with its sources, on one line.

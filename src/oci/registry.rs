@@ -14,7 +14,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use oci_client::Reference;
-use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_LENGTH, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, CONTENT_LENGTH, IF_NONE_MATCH, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{Response, StatusCode, Url};
 use serde::Deserialize;
 
@@ -229,6 +231,19 @@ impl RegistryClient {
         accept: &[&str],
         creds: &Credentials,
     ) -> Result<Response, Error> {
+        self.get_unless(reference, path, accept, creds, None).await
+    }
+
+    /// [`RegistryClient::get`]; with `etag`, sent as `If-None-Match`, a `304 Not Modified`
+    /// comes back as it is instead of as an error.
+    async fn get_unless(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: &[&str],
+        creds: &Credentials,
+        etag: Option<&str>,
+    ) -> Result<Response, Error> {
         let url = self.url(reference, path);
         let key = Self::key(reference, creds);
         let mut auth_header = self.cached_auth(&key);
@@ -241,10 +256,16 @@ impl RegistryClient {
             if let Some(h) = &auth_header {
                 req = req.header(AUTHORIZATION, h);
             }
+            if let Some(etag) = etag {
+                req = req.header(IF_NONE_MATCH, format!("\"{etag}\""));
+            }
             let resp = req
                 .send()
                 .await
                 .map_err(|e| self.transport_error(reference, &e))?;
+            if etag.is_some() && resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || answered_challenge {
                 if resp.status() == StatusCode::UNAUTHORIZED {
                     self.forget(&key);
@@ -503,7 +524,30 @@ impl RegistryClient {
             "manifests/{}",
             reference.digest().or(reference.tag()).unwrap_or("latest")
         );
-        self.document(reference, &path, accept, creds).await
+        self.document(reference, &path, accept, creds, None)
+            .await?
+            .ok_or_else(|| Error::RegistryUnavailable {
+                registry: registry_of(reference),
+                message: "answered 304 Not Modified to a request that was not conditional".into(),
+            })
+    }
+
+    /// [`RegistryClient::manifest`] unless it is still the manifest with digest `known`: then
+    /// `None` (the registry answered `304 Not Modified` to `If-None-Match`; a registry that
+    /// ignores the header answers with the manifest, as without it).
+    pub async fn manifest_unless(
+        &self,
+        reference: &Reference,
+        accept: &[&str],
+        creds: &Credentials,
+        known: &str,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, Error> {
+        let path = format!(
+            "manifests/{}",
+            reference.digest().or(reference.tag()).unwrap_or("latest")
+        );
+        self.document(reference, &path, accept, creds, Some(known))
+            .await
     }
 
     /// The OCI 1.1 referrers API's index for `digest` in `reference`'s repository (raw bytes,
@@ -516,18 +560,34 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, Error> {
         let path = format!("referrers/{digest}");
         let accept = ["application/vnd.oci.image.index.v1+json"];
-        Ok(self.document(reference, &path, &accept, creds).await?.0)
+        match self
+            .document(reference, &path, &accept, creds, None)
+            .await?
+        {
+            Some((body, _)) => Ok(body),
+            None => Err(Error::RegistryUnavailable {
+                registry: registry_of(reference),
+                message: "answered 304 Not Modified to a request that was not conditional".into(),
+            }),
+        }
     }
 
-    /// A JSON document under `path`: its bytes and the digest the registry claims.
+    /// A JSON document under `path`: its bytes and the digest the registry claims; `None`
+    /// when `etag` was given and the registry says it still holds.
     async fn document(
         &self,
         reference: &Reference,
         path: &str,
         accept: &[&str],
         creds: &Credentials,
-    ) -> Result<(Vec<u8>, Option<String>), Error> {
-        let resp = self.get(reference, path, accept, creds).await?;
+        etag: Option<&str>,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, Error> {
+        let resp = self
+            .get_unless(reference, path, accept, creds, etag)
+            .await?;
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
         let too_large = |size: String| Error::ManifestTooLarge {
             reference: reference.whole(),
             size,
@@ -545,7 +605,7 @@ impl RegistryClient {
             .map(str::to_string);
         read_capped(resp, self.max_manifest_bytes)
             .await
-            .map(|body| (body, claimed))
+            .map(|body| Some((body, claimed)))
             .map_err(|message| {
                 if message.starts_with("more than") {
                     too_large(message)

@@ -468,7 +468,8 @@ pub enum Fault {
     None,
     /// Answer every request with this status (and `Retry-After: 1` for 429).
     Status(u16),
-    /// Manifests come back with one byte changed (the registry's digest header kept).
+    /// Manifests come back with one byte changed (the registry's digest header kept), sent
+    /// in full even to a conditional request.
     TamperManifest,
     /// Manifests claim and send more than the operator's manifest cap.
     HugeManifest,
@@ -492,6 +493,8 @@ pub struct FaultProxy {
     pub requests: Arc<AtomicU64>,
     /// When each manifest request arrived.
     pub manifest_requests: Arc<Mutex<Vec<std::time::Instant>>>,
+    /// The status of each manifest answer passed on from the registry, in order.
+    pub manifest_statuses: Arc<Mutex<Vec<u16>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -501,6 +504,7 @@ struct ProxyState {
     fault: Arc<Mutex<Fault>>,
     requests: Arc<AtomicU64>,
     manifest_requests: Arc<Mutex<Vec<std::time::Instant>>>,
+    manifest_statuses: Arc<Mutex<Vec<u16>>>,
     http: reqwest::Client,
 }
 
@@ -511,11 +515,13 @@ impl FaultProxy {
         let fault = Arc::new(Mutex::new(Fault::None));
         let requests = Arc::new(AtomicU64::new(0));
         let manifest_requests = Arc::new(Mutex::new(Vec::new()));
+        let manifest_statuses = Arc::new(Mutex::new(Vec::new()));
         let state = ProxyState {
             upstream: upstream.to_string(),
             fault: fault.clone(),
             requests: requests.clone(),
             manifest_requests: manifest_requests.clone(),
+            manifest_statuses: manifest_statuses.clone(),
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -532,6 +538,7 @@ impl FaultProxy {
             fault,
             requests,
             manifest_requests,
+            manifest_statuses,
             task,
         }
     }
@@ -606,8 +613,11 @@ async fn proxy(State(s): State<ProxyState>, req: Request) -> Response {
             .unwrap_or("/")
     );
     let mut up = s.http.request(req.method().clone(), &url);
+    // A registry that tampers with manifests sends one whatever the client already holds:
+    // the upstream is not asked whether the client's copy is current.
+    let tampering = matches!(fault, Fault::TamperManifest) && is_manifest;
     for (k, v) in req.headers() {
-        if k != header::HOST {
+        if k != header::HOST && !(tampering && k == header::IF_NONE_MATCH) {
             up = up.header(k, v);
         }
     }
@@ -619,6 +629,9 @@ async fn proxy(State(s): State<ProxyState>, req: Request) -> Response {
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
     let status = resp.status();
+    if is_manifest {
+        s.manifest_statuses.lock().unwrap().push(status.as_u16());
+    }
     let headers = resp.headers().clone();
     let mut bytes = resp.bytes().await.unwrap_or_default().to_vec();
     if status.is_success() {
