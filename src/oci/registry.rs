@@ -87,6 +87,14 @@ impl ClientSettings {
     }
 }
 
+/// Where a reference's manifest is: by digest when it has one, else by tag.
+fn manifest_path(reference: &Reference) -> String {
+    format!(
+        "manifests/{}",
+        reference.digest().or(reference.tag()).unwrap_or("latest")
+    )
+}
+
 /// How to name the registry in messages.
 fn registry_of(reference: &Reference) -> String {
     reference.resolve_registry().to_string()
@@ -520,16 +528,8 @@ impl RegistryClient {
         accept: &[&str],
         creds: &Credentials,
     ) -> Result<(Vec<u8>, Option<String>), Error> {
-        let path = format!(
-            "manifests/{}",
-            reference.digest().or(reference.tag()).unwrap_or("latest")
-        );
-        self.document(reference, &path, accept, creds, None)
-            .await?
-            .ok_or_else(|| Error::RegistryUnavailable {
-                registry: registry_of(reference),
-                message: "answered 304 Not Modified to a request that was not conditional".into(),
-            })
+        let path = manifest_path(reference);
+        self.whole_document(reference, &path, accept, creds).await
     }
 
     /// [`RegistryClient::manifest`] unless it is still the manifest with digest `known`: then
@@ -542,10 +542,7 @@ impl RegistryClient {
         creds: &Credentials,
         known: &str,
     ) -> Result<Option<(Vec<u8>, Option<String>)>, Error> {
-        let path = format!(
-            "manifests/{}",
-            reference.digest().or(reference.tag()).unwrap_or("latest")
-        );
+        let path = manifest_path(reference);
         self.document(reference, &path, accept, creds, Some(known))
             .await
     }
@@ -560,16 +557,26 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, Error> {
         let path = format!("referrers/{digest}");
         let accept = ["application/vnd.oci.image.index.v1+json"];
-        match self
-            .document(reference, &path, &accept, creds, None)
+        Ok(self
+            .whole_document(reference, &path, &accept, creds)
             .await?
-        {
-            Some((body, _)) => Ok(body),
-            None => Err(Error::RegistryUnavailable {
+            .0)
+    }
+
+    /// [`RegistryClient::document`] asked without a condition: always the document.
+    async fn whole_document(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: &[&str],
+        creds: &Credentials,
+    ) -> Result<(Vec<u8>, Option<String>), Error> {
+        self.document(reference, path, accept, creds, None)
+            .await?
+            .ok_or_else(|| Error::RegistryUnavailable {
                 registry: registry_of(reference),
                 message: "answered 304 Not Modified to a request that was not conditional".into(),
-            }),
-        }
+            })
     }
 
     /// A JSON document under `path`: its bytes and the digest the registry claims; `None`
