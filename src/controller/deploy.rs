@@ -91,6 +91,12 @@ pub(super) async fn deploy(
             let recheck = loaded.as_ref().and_then(|(l, _)| match l.reason.as_str() {
                 names::reason::LOAD_PENDING => Some(ISTIO_PENDING_RECHECK),
                 names::reason::LOAD_FAILED => Some(ISTIO_FAILED_RECHECK),
+                // Selected pods whose agents did not answer (yet: an agent still starting
+                // serves its metrics seconds after the pod has its IP, and nothing else would
+                // look again before the resync).
+                names::reason::PROXY_METRICS_UNREAD if !workloads.is_empty() => {
+                    Some(ISTIO_FAILED_RECHECK)
+                }
                 _ => None,
             });
             Deployed {
@@ -114,7 +120,8 @@ pub(super) async fn deploy(
 
 /// How soon an Istio proxy that does not run the filter yet is looked at again.
 const ISTIO_PENDING_RECHECK: std::time::Duration = std::time::Duration::from_secs(3);
-/// How soon one that refused it (or whose agent could not fetch it) is looked at again.
+/// How soon one that refused it (or whose agent could not fetch it), or whose metrics could
+/// not be read, is looked at again.
 const ISTIO_FAILED_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long one proxy's metrics may take.
 const ISTIO_METRICS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
