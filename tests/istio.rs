@@ -726,3 +726,33 @@ async fn with_istio_load_status_an_envoy_filters_pods_say_what_their_proxy_shows
     assert_eq!(first_pod(&wf).loaded, None);
     assert!(cond_is(&wf, "Ready", "True", "Ready"), "{:?}", wf.status);
 }
+
+#[tokio::test]
+async fn with_istio_load_status_a_pod_whose_agent_comes_up_late_is_looked_at_again() {
+    let env = env();
+    let client = client().await;
+    let ns = TestNamespace::new("istio-late");
+    let n = &ns.name;
+    let op = Operator::start_advertising(n, &["--istio-load-status"], &|port| {
+        format!("http://127.0.0.1:{port}")
+    })
+    .await;
+    // The pod exists (with its IP and the agent's status port) before its agent answers, as
+    // a new pod does while istio-agent starts.
+    let status = free_port();
+    register_pod_at(n, "late", status, "1.39.3");
+    let ok = format!("{}/istio/{n}:ok", env.registry);
+    push_module(&ok, wasm(&variant("ok", &format!("ok-{n}")))).await;
+    Filter::new(n, "late", &ok).app("late").apply();
+    let wf = wait_status(&client, n, "late", "its agent not answering", |wf| {
+        cond_is(wf, "Loaded", "Unknown", "ProxyMetricsUnread")
+    })
+    .await;
+    assert_eq!(first_pod(&wf).loaded, None);
+
+    // The agent comes up; nothing about the pod, the filter or its child changes, and the
+    // resync is minutes away (300 s): only the operator's own second look can see it.
+    let (late, _backend) = gateway_with_status_port(n, "late", &[op.cache_port], status).await;
+    wait_headers(&late, "the module", &["ok"]).await;
+    wait_pod_loaded(&client, n, "late").await;
+}

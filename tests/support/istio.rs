@@ -70,19 +70,30 @@ impl IstioProxy {
     /// besides istiod's (the operator's cache, backends), `hosts` names it resolves to
     /// 127.0.0.1. Waits until Envoy is live.
     pub async fn start(ns: &str, name: &str, reaches: &[u16], hosts: &[&str]) -> Self {
-        Self::start_as("router", ns, name, reaches, hosts, None).await
+        Self::start_as("router", ns, name, reaches, hosts, None, None).await
     }
 
     /// A sidecar instead of a gateway (`pilot-agent proxy sidecar`, no iptables): its inbound
     /// listener is the one [`sidecar_in_front_of`] declares, on [`IstioProxy::port`].
     pub async fn start_sidecar(ns: &str, name: &str, reaches: &[u16]) -> Self {
-        Self::start_as("sidecar", ns, name, reaches, &[], None).await
+        Self::start_as("sidecar", ns, name, reaches, &[], None, None).await
     }
 
     /// A gateway whose agent runs Envoy `version` (one of the suite's) instead of the one the
     /// environment pairs with its Istio.
     pub async fn start_with_envoy(ns: &str, name: &str, reaches: &[u16], version: &str) -> Self {
-        Self::start_as("router", ns, name, reaches, &[], Some(version)).await
+        Self::start_as("router", ns, name, reaches, &[], Some(version), None).await
+    }
+
+    /// A gateway whose agent serves its metrics on `status` (a port chosen before it starts,
+    /// as a pod's annotation names it before its agent is up).
+    pub async fn start_with_status_port(
+        ns: &str,
+        name: &str,
+        reaches: &[u16],
+        status: u16,
+    ) -> Self {
+        Self::start_as("router", ns, name, reaches, &[], None, Some(status)).await
     }
 
     async fn start_as(
@@ -92,10 +103,12 @@ impl IstioProxy {
         reaches: &[u16],
         hosts: &[&str],
         envoy: Option<&str>,
+        status: Option<u16>,
     ) -> Self {
         let env = istio_env();
         let envoy = envoy.map(|v| super::env().envoy_dir.join(v).join("envoy"));
-        let (admin, port, status) = (free_port(), free_port(), free_port());
+        let (admin, port) = (free_port(), free_port());
+        let status = status.unwrap_or_else(free_port);
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("proxy.log");
         let reaches: Vec<String> = reaches.iter().map(u16::to_string).collect();
@@ -331,7 +344,12 @@ pub async fn sidecar(ns: &str, name: &str, reaches: &[u16]) -> (IstioProxy, Back
 /// container, the Envoy release it runs in the `wasmfilter.dev/envoy-version` annotation, and
 /// the agent's status port in Istio's `status.sidecar.istio.io/port`.
 pub fn proxy_pod(ns: &str, proxy: &IstioProxy, envoy_version: &str) -> String {
-    let (name, status) = (&proxy.name, proxy.status);
+    pod_at(ns, &proxy.name, proxy.status, envoy_version)
+}
+
+/// Like [`proxy_pod`], for a proxy `name` whose agent serves (or will serve) its metrics on
+/// `status`.
+fn pod_at(ns: &str, name: &str, status: u16, envoy_version: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -348,13 +366,19 @@ spec: {{containers: [{{name: istio-proxy, image: \"docker.io/istio/proxyv2:1.31.
 /// Creates the proxy's pod object ([`proxy_pod`]) with the IP a kubelet would report: the
 /// proxy's metrics are at `127.0.0.1:<status>`.
 pub fn register_pod(ns: &str, proxy: &IstioProxy, envoy_version: &str) {
-    apply_ok(&proxy_pod(ns, proxy, envoy_version));
+    register_pod_at(ns, &proxy.name, proxy.status, envoy_version);
+}
+
+/// Like [`register_pod`], for a proxy `name` whose agent is to serve its metrics on `status`
+/// and may not have started yet.
+pub fn register_pod_at(ns: &str, name: &str, status: u16, envoy_version: &str) {
+    apply_ok(&pod_at(ns, name, status, envoy_version));
     let out = kubectl(&[
         "-n",
         ns,
         "patch",
         "pod",
-        &proxy.name,
+        name,
         "--subresource=status",
         "--type=merge",
         "-p",
@@ -376,9 +400,36 @@ pub async fn gateway_resolving(
     reaches: &[u16],
     hosts: &[&str],
 ) -> (IstioProxy, Backend) {
+    serving(ns, reaches, |reaches| async move {
+        IstioProxy::start(ns, name, &reaches, hosts).await
+    })
+    .await
+}
+
+/// Like [`gateway`], its agent serving its metrics on `status`
+/// ([`IstioProxy::start_with_status_port`]).
+pub async fn gateway_with_status_port(
+    ns: &str,
+    name: &str,
+    reaches: &[u16],
+    status: u16,
+) -> (IstioProxy, Backend) {
+    serving(ns, reaches, |reaches| async move {
+        IstioProxy::start_with_status_port(ns, name, &reaches, status).await
+    })
+    .await
+}
+
+/// A new backend, a proxy `start`ed reaching it besides `reaches`, and the route between them,
+/// once it answers.
+async fn serving<F: std::future::Future<Output = IstioProxy>>(
+    ns: &str,
+    reaches: &[u16],
+    start: impl FnOnce(Vec<u16>) -> F,
+) -> (IstioProxy, Backend) {
     let backend = Backend::start().await;
     let reaches: Vec<u16> = reaches.iter().copied().chain([backend.port]).collect();
-    let proxy = IstioProxy::start(ns, name, &reaches, hosts).await;
+    let proxy = start(reaches).await;
     apply_ok(&route_to_backend(ns, &proxy, &backend));
     proxy
         .wait_for_answer("the backend's answer", |status, _, body| {
