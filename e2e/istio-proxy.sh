@@ -27,6 +27,8 @@
 # ISTIO_PROXY_STATUS_PORT, if set, is the agent's status port (its merged metrics at
 # /stats/prometheus), reachable from the host at the same number; else 15020, in the proxy's
 # namespace only.
+# ISTIO_PROXY_NO_PKEYS=1 runs Envoy with memory protection keys refused (e2e/lib/no-pkeys.py:
+# Envoy 1.36's V8 crashes on CPUs that have them once a Wasm filter reaches a running proxy).
 # ISTIO_PROXY_TYPE=sidecar runs a sidecar instead of a gateway (`pilot-agent proxy sidecar`),
 # with interception mode NONE: no iptables, so its inbound listeners are the ones a `Sidecar`
 # resource's `ingress` declares, bound where it says (Istio's mode for VMs without iptables).
@@ -60,7 +62,15 @@ done
 # - drain durations of a second, so a stopped proxy goes at once;
 # - proxyStatsMatcher: Envoy's ECDS and Wasm counters, which Istio's bootstrap leaves out unless
 #   asked (as a pod asks with the proxy.istio.io/config annotation).
-export PROXY_CONFIG="{\"binaryPath\": \"$WASMFILTER_ISTIO_ENVOY\", \"configPath\": \"$dir/envoy\",
+envoy=$WASMFILTER_ISTIO_ENVOY
+if [ "${ISTIO_PROXY_NO_PKEYS:-0}" = 1 ]; then
+  # The agent runs binaryPath with Envoy's arguments.
+  envoy=$dir/envoy-no-pkeys
+  printf '#!/bin/sh\nexec /usr/bin/python3 %q %q "$@"\n' \
+    "$(cd "$(dirname "$0")" && pwd)/lib/no-pkeys.py" "$WASMFILTER_ISTIO_ENVOY" >"$envoy"
+  chmod +x "$envoy"
+fi
+export PROXY_CONFIG="{\"binaryPath\": \"$envoy\", \"configPath\": \"$dir/envoy\",
   \"discoveryAddress\": \"127.0.0.1:$istiod_port\", \"controlPlaneAuthPolicy\": \"NONE\",
   \"proxyAdminPort\": $admin, \"statusPort\": $status_port, \"proxyBootstrapTemplatePath\": \"$WASMFILTER_ISTIO_BIN/envoy_bootstrap.json\",
   \"drainDuration\": \"1s\", \"terminationDrainDuration\": \"1s\", \"concurrency\": 1,

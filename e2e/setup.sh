@@ -4,7 +4,7 @@
 # and real Envoy binaries. Each step is skipped when its cached result is already there.
 source "$(dirname "$0")/lib/common.sh"
 
-apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld lua5.1 socat iproute2
+apt_packages=(docker-registry openssl curl unzip python3 binutils clang lld lua5.1 socat python3-seccomp iproute2
   # The test node (e2e/env.sh up --node): container runtime, CNI plugins, packet filters.
   containerd runc containernetworking-plugins nftables iptables)
 missing=()

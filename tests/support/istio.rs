@@ -106,6 +106,9 @@ impl IstioProxy {
         status: Option<u16>,
     ) -> Self {
         let env = istio_env();
+        // Envoy 1.36's V8 takes SIGSEGV on CPUs with memory protection keys once a Wasm
+        // filter reaches the running proxy (e2e/lib/no-pkeys.py); later releases do not.
+        let no_pkeys = envoy.is_some_and(|v| v.starts_with("1.36."));
         let envoy = envoy.map(|v| super::env().envoy_dir.join(v).join("envoy"));
         let (admin, port) = (free_port(), free_port());
         let status = status.unwrap_or_else(free_port);
@@ -122,6 +125,7 @@ impl IstioProxy {
             .env("ISTIO_PROXY_TYPE", kind)
             .env("ISTIO_PROXY_STATUS_PORT", status.to_string())
             .envs(envoy.map(|e| ("WASMFILTER_ISTIO_ENVOY", e)))
+            .env("ISTIO_PROXY_NO_PKEYS", if no_pkeys { "1" } else { "0" })
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
             .spawn()
