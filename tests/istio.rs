@@ -14,7 +14,12 @@ use wasmfilter::api::{FailurePolicy, FilterType, Phase, TrafficMode};
 
 /// An operator whose cache URL is its own loopback port, as the agent fetches it.
 async fn operator(ns: &str) -> Operator {
-    Operator::start_advertising(ns, &[], &|port| format!("http://127.0.0.1:{port}")).await
+    operator_with(ns, &[]).await
+}
+
+/// Like [`operator`], started with `args` too.
+async fn operator_with(ns: &str, args: &[&str]) -> Operator {
+    Operator::start_advertising(ns, args, &|port| format!("http://127.0.0.1:{port}")).await
 }
 
 /// An operator whose cache URL is a Service's `<name>.<namespace>.svc` host, as users name it
@@ -355,10 +360,7 @@ async fn a_private_module_reaches_the_gateway_and_its_credential_stays_in_the_op
         &format!("--docker-password={password}"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let op = Operator::start_advertising(n, &["--insecure-registry", &reg.addr], &|port| {
-        format!("http://127.0.0.1:{port}")
-    })
-    .await;
+    let op = operator_with(n, &["--insecure-registry", &reg.addr]).await;
     let (gw, _backend) = gateway(n, "gw", &[op.cache_port]).await;
 
     Filter::new(n, "private", &image)
@@ -600,13 +602,8 @@ async fn with_istio_load_status_each_pod_says_whether_its_proxy_runs_the_filter(
     let client = client().await;
     let ns = TestNamespace::new("istio-load");
     let n = &ns.name;
-    let op = Operator::start_advertising(
-        n,
-        // Without the pre-flight, so a module whose configure fails reaches Envoy.
-        &["--istio-load-status", "--preflight=false"],
-        &|port| format!("http://127.0.0.1:{port}"),
-    )
-    .await;
+    // Without the pre-flight, so a module whose configure fails reaches Envoy.
+    let op = operator_with(n, &["--istio-load-status", "--preflight=false"]).await;
     // Three gateways: one fetches and runs a good module, one cannot reach the cache, one
     // fetches a module whose proxy_on_configure fails.
     let (good, _b1) = gateway(n, "good", &[op.cache_port]).await;
@@ -733,10 +730,7 @@ async fn with_istio_load_status_a_pod_whose_agent_comes_up_late_is_looked_at_aga
     let client = client().await;
     let ns = TestNamespace::new("istio-late");
     let n = &ns.name;
-    let op = Operator::start_advertising(n, &["--istio-load-status"], &|port| {
-        format!("http://127.0.0.1:{port}")
-    })
-    .await;
+    let op = operator_with(n, &["--istio-load-status"]).await;
     // The pod exists (with its IP and the agent's status port) before its agent answers, as
     // a new pod does while istio-agent starts.
     let status = free_port();
